@@ -1,0 +1,110 @@
+"""Config loading, dotted overrides, validation messages, and the CLI's option handling."""
+
+from __future__ import annotations
+
+import pytest
+
+from text2sql_ray import cli
+from text2sql_ray.config import (
+    STAGE_CONFIGS,
+    ConfigError,
+    EvaluateConfig,
+    SynthesizeConfig,
+    TrainConfig,
+    build_config,
+    field_docs,
+)
+
+
+def test_every_field_of_every_config_has_a_docstring():
+    import dataclasses
+
+    def walk(cls):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+                import typing
+
+                walk(typing.get_type_hints(cls)[f.name])
+
+    for cls in STAGE_CONFIGS.values():
+        walk(cls)
+
+
+def test_yaml_section_then_overrides_win(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("train:\n  lr: 0.001\n  max_steps: 7\nevaluate:\n  samples: 3\n")
+    cfg = build_config("train", str(job), [("train.lr", "1e-4"), ("max-steps", "9")])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.lr == pytest.approx(1e-4)
+    assert cfg.max_steps == 9
+
+
+def test_nested_dotted_override_reaches_engine_section():
+    cfg = build_config("synthesize", None, [("engine.model", "/m"), ("engine.temperature", "0.7"), ("samples", "2")])
+    assert isinstance(cfg, SynthesizeConfig)
+    assert cfg.engine.model == "/m" and cfg.engine.temperature == pytest.approx(0.7) and cfg.samples == 2
+
+
+def test_unknown_option_error_lists_known_options():
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) train.lrr.*known options.*lr"):
+        build_config("train", None, [("lrr", "1")])
+
+
+def test_wrong_type_error_names_the_field():
+    with pytest.raises(ConfigError, match=r"train.max_steps must be an integer"):
+        build_config("train", None, [("max_steps", "lots")])
+
+
+def test_contradiction_is_rejected_with_what_to_change():
+    with pytest.raises(ConfigError, match="--method full"):
+        TrainConfig(method="lora", deepspeed="jobs/deepspeed/zero3.json")
+    with pytest.raises(ConfigError, match="only one of"):
+        EvaluateConfig(predictions="p.json", model="m")
+    with pytest.raises(ConfigError, match="temperature > 0"):
+        build_config("synthesize", None, [("samples", "4"), ("engine.temperature", "0")])
+
+
+def test_yaml_with_unknown_section_names_the_file(tmp_path):
+    job = tmp_path / "bad.yaml"
+    job.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown section\(s\) trian"):
+        build_config("train", str(job), [])
+
+
+def test_pipeline_section_inherits_stage_sections(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("train:\n  max_steps: 3\npipeline:\n  out: /tmp/x\n  train:\n    lr: 0.5\n")
+    cfg = build_config("pipeline", str(job), [("train.method", "full")])
+    assert cfg.out == "/tmp/x"
+    assert cfg.train.max_steps == 3 and cfg.train.lr == 0.5 and cfg.train.method == "full"
+
+
+def test_cli_boolean_flag_alone_means_true_and_values_are_coerced():
+    pairs = cli.parse_overrides(["--strict", "--limit", "5", "--engine.temperature=0.5"], EvaluateConfig)
+    assert pairs == [("strict", True), ("limit", "5"), ("engine.temperature", "0.5")]
+    cfg = build_config("evaluate", None, pairs)
+    assert cfg.strict is True and cfg.limit == 5 and cfg.engine.temperature == 0.5
+
+
+def test_cli_non_boolean_flag_without_value_is_an_error(capsys):
+    rc = cli.main(["evaluate", "--out"])
+    assert rc == 2
+    assert "needs a value" in capsys.readouterr().err
+
+
+def test_cli_help_lists_stages_and_options(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for stage in cli.available():
+        assert stage in out
+    assert "evaluate" in cli.available()
+    assert cli.main(["evaluate", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--predictions" in text and "--engine.model" in text and "[default: 30.0]" in text
+
+
+def test_cli_unknown_stage_exits_2(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
