@@ -32,6 +32,7 @@ def available() -> dict[str, tuple[str, str]]:
 def _usage() -> str:
     lines = ["usage: t2s <stage> [--config FILE.yaml] [--option value ...]", "", "stages:"]
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in available().items()]
+    lines += [f"  {'data':<11} download BIRD: `t2s data download bird [--split dev|train|both] [--out DIR]`"]
     lines += ["", "`t2s <stage> --help` lists every option of a stage."]
     return "\n".join(lines)
 
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     stage, rest = argv[0], argv[1:]
+    if stage == "data":
+        from .bird import download_main
+
+        return download_main(rest)
     cmds = available()
     if stage not in cmds:
         print(f"t2s: unknown stage {stage!r}.\n\n{_usage()}", file=sys.stderr)
