@@ -61,6 +61,8 @@ class PromptConfig:
             raise ConfigError("prompt.sample_values must be >= 0.")
         if self.max_schema_tokens < 64:
             raise ConfigError("prompt.max_schema_tokens must be >= 64; a schema cannot fit in fewer.")
+        if self.max_value_chars < 1:
+            raise ConfigError("prompt.max_value_chars must be >= 1.")
 
 
 @dataclass
@@ -88,7 +90,9 @@ class EngineConfig:
     num_gpus: float = 0.0
     """GPUs per generation actor ('hf'); 0 = CPU."""
     num_cpus: float = 1.0
-    """Logical CPUs reserved per generation actor ('hf')."""
+    """Logical CPUs reserved per generation actor ('hf'; 'openai' uses one actor); fractions allowed."""
+    accelerator_type: str = ""
+    """GPU type the generation workers need ('vllm', or 'hf' with num_gpus > 0), e.g. 'H100'; empty = any."""
     dtype: str = "auto"
     """Model dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16', 'float16' or 'float32'."""
     seed: int = 0
@@ -101,9 +105,19 @@ class EngineConfig:
     """Timeout of one HTTP request ('openai')."""
     max_retries: int = 3
     """Retries with exponential backoff for a failed request ('openai')."""
+    send_n: bool = True
+    """'openai': ask for n samples in one request (`n`); False sends n requests (servers without `n`)."""
 
     def __post_init__(self):
         _check_choice("engine.backend", self.backend, ("hf", "vllm", "openai"))
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"engine.top_p={self.top_p} must be in (0, 1]; 1.0 turns nucleus sampling off.")
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ConfigError("engine.num_cpus must be > 0 (fractions allowed) and engine.num_gpus >= 0.")
+        if self.tensor_parallel_size < 1 or self.max_retries < 0 or self.request_timeout_s <= 0:
+            raise ConfigError(
+                "engine.tensor_parallel_size must be >= 1, engine.max_retries >= 0 and engine.request_timeout_s > 0."
+            )
         _check_choice("engine.dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         if self.backend == "openai" and not self.endpoint:
             raise ConfigError("engine.backend='openai' needs engine.endpoint (e.g. http://127.0.0.1:8000/v1).")
@@ -137,7 +151,11 @@ class ConvertConfig:
     tokenizer: str = ""
     """Tokenizer (dir or hub name) for prompt-token counts and the schema budget; empty = chars/4."""
     num_cpus: float = 1.0
-    """Logical CPUs per conversion task."""
+    """Logical CPUs per conversion worker."""
+    workers: int = 0
+    """Conversion workers (Ray Data actors, each with its own schema cache); 0 = CPUs available (cluster's on a cluster)."""
+    batch_size: int = 256
+    """Questions per map_batches call."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
     """Prompt template options."""
 
@@ -146,6 +164,10 @@ class ConvertConfig:
             raise ConfigError(f"convert.val_fraction={self.val_fraction} must be in [0, 1).")
         if self.limit < 0:
             raise ConfigError("convert.limit must be >= 0 (0 = all).")
+        if self.workers < 0 or self.batch_size < 1 or self.num_cpus <= 0:
+            raise ConfigError(
+                "convert.workers must be >= 0 (0 = CPU count), convert.batch_size >= 1 and convert.num_cpus > 0."
+            )
 
 
 @dataclass
@@ -251,6 +273,16 @@ class TrainConfig:
     """Seed for data order and initialisation."""
     log_every: int = 1
     """Log metrics every N steps (rank 0)."""
+    checkpoint_layers: float = 1.0
+    """Fraction of decoder layers recomputed when gradient_checkpointing is on (the first ones; lower = faster, more memory)."""
+    fused_loss: bool = True
+    """lm_head + cross-entropy in chunks over assistant tokens only: the [tokens x vocab] logits never exist in full."""
+    storage_path: str = ""
+    """Ray Train storage for checkpoints (local dir, NFS or s3://); empty = <out>/ray_train. Rerun with it to resume."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in storage (the newest ones)."""
+    max_failures: int = 0
+    """Worker-group restarts from the latest checkpoint after a failure before the run gives up."""
 
     def __post_init__(self):
         _check_choice("train.method", self.method, ("lora", "full"))
@@ -262,6 +294,16 @@ class TrainConfig:
             raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0.")
         if self.micro_batch_size < 1 or self.grad_accum < 1 or self.num_workers < 1:
             raise ConfigError("train.micro_batch_size, train.grad_accum and train.num_workers must be >= 1.")
+        if self.liger and not self.use_gpu:
+            raise ConfigError("train.liger needs GPUs (liger-kernel is Triton code); set --use-gpu or drop --liger.")
+        if not 0.0 < self.checkpoint_layers <= 1.0:
+            raise ConfigError(f"train.checkpoint_layers={self.checkpoint_layers} must be in (0, 1].")
+        if self.max_length < 16:
+            raise ConfigError("train.max_length must be >= 16 tokens.")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.max_failures < 0:
+            raise ConfigError("train.checkpoint_every and train.max_failures must be >= 0, train.keep_checkpoints >= 1.")
+        if self.log_every < 1 or self.cpus_per_worker <= 0:
+            raise ConfigError("train.log_every must be >= 1 and train.cpus_per_worker > 0.")
 
 
 @dataclass
@@ -342,6 +384,8 @@ class EvaluateConfig:
             raise ConfigError("evaluate.timeout_s must be > 0 and evaluate.max_rows >= 1.")
         if self.samples < 1:
             raise ConfigError("evaluate.samples must be >= 1.")
+        if self.limit < 0 or self.num_actors < 0:
+            raise ConfigError("evaluate.limit and evaluate.num_actors must be >= 0 (0 = all questions / available CPUs).")
         if self.compare and len(self.compare) != 2:
             raise ConfigError("evaluate.compare takes exactly two evaluation output directories.")
 
