@@ -175,7 +175,7 @@ class SynthesizeConfig:
     """`t2s synthesize`: teacher CoT samples per question, each verified by executing its SQL."""
 
     input: str = ""
-    """Output directory of `t2s convert` (or its train.parquet)."""
+    """Output dir of `t2s convert` (its train.parquet) or a Parquet file; empty = convert `data` (or the demo) into <out>/convert first."""
     out: str = "runs/synthesize"
     """Output directory."""
     data: str = ""
@@ -185,11 +185,15 @@ class SynthesizeConfig:
     mode: str = "blind"
     """'blind': the teacher does not see the gold SQL; 'hinted': the gold SQL is shown as a hint (the seed)."""
     limit: int = 0
-    """Synthesize only the first N questions (0 = all)."""
+    """Synthesize only the first N questions by question_id, after the db_ids filter (0 = all)."""
+    db_ids: list = field(default_factory=list)
+    """Synthesize only questions of these databases (comma-separated on the command line; empty = all)."""
     select: str = "shortest"
-    """Which verified sample becomes the SFT target: 'shortest', 'first' or 'random' (seeded)."""
+    """Which verified sample becomes the SFT target: 'shortest', 'first' or 'random' (seeded by engine.seed)."""
     include_unverified: bool = False
-    """Put questions without a database (unverifiable) into the SFT set (their first sample)."""
+    """Put questions without a database (unverifiable) into the SFT set (a sample with SQL, chosen by `select`)."""
+    retry_failed: bool = True
+    """On a rerun into the same out dir, generate again the questions whose samples all failed to generate."""
     timeout_s: float = 30.0
     """Execution budget for a sample's SQL plus the gold SQL."""
     exec_actors: int = 0
@@ -202,6 +206,11 @@ class SynthesizeConfig:
         _check_choice("synthesize.select", self.select, ("shortest", "first", "random"))
         if self.samples < 1:
             raise ConfigError("synthesize.samples must be >= 1.")
+        if self.limit < 0 or self.exec_actors < 0 or self.timeout_s <= 0:
+            raise ConfigError(
+                "synthesize.limit and synthesize.exec_actors must be >= 0 (0 = all / available CPUs), "
+                "synthesize.timeout_s > 0."
+            )
         if self.samples > 1 and self.engine.temperature == 0:
             raise ConfigError(
                 f"synthesize.samples={self.samples} with engine.temperature=0 draws the same chain {self.samples} "

@@ -1,0 +1,489 @@
+"""engines.py: the hf backend on the tiny Llama through real Ray Data, the openai backend against a real
+local HTTP server, and the vllm backend's config, pre/postprocessing and GPU guard.
+
+vLLM cannot exist here (it is not installed and there is no GPU), so the vllm tests build the real
+`ray.data.llm` processor config and processor without running them, and stand in for the vLLM
+engine stage with a Ray Data map that produces the engine's output columns (a mock, for that reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import threading
+import time
+from collections import Counter
+
+import pytest
+from fastapi import Request  # module level: handlers' string annotations (PEP 563) must resolve here
+
+from text2sql_ray.config import ConfigError, EngineConfig
+from text2sql_ray.engines import (
+    OUTPUT_COLUMNS,
+    GenerationError,
+    HFGenerator,
+    OpenAIGenerator,
+    _repeat_generations,
+    _vllm_pipeline,
+    build_vllm_processor,
+    generate,
+    generate_messages,
+    normalize_messages,
+    sample_seed,
+    split_total,
+    vllm_finish_row,
+    vllm_preprocess_row,
+    vllm_processor_kwargs,
+)
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "system", "content": "You write SQL."}, {"role": "user", "content": text}]
+
+
+ROWS = [
+    {"question_id": 0, "db_id": "a", "messages": chat("How many heroes?")},
+    {"question_id": 1, "db_id": "b", "messages": chat("List every member.")},
+    {"question_id": 2, "db_id": "c", "messages": [{"role": "user"}]},  # broken: no content
+    {"question_id": 3, "db_id": "d", "messages": chat("Average budget per event in 2020?")},
+    {"question_id": 4, "db_id": "e", "messages": chat("x")},
+]
+BROKEN = 2
+
+
+def by_qid(rows: list[dict]) -> dict[int, dict]:
+    return {r["question_id"]: r for r in rows}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure row logic
+# --------------------------------------------------------------------------------------------------
+
+
+def test_normalize_messages_rejects_unusable_chats_with_a_reason():
+    assert normalize_messages(chat("q")) == chat("q")
+    assert normalize_messages([{"role": "user", "content": "q", "name": "x"}]) == [
+        {"role": "user", "content": "q"}
+    ]
+    for bad, reason in [
+        ("text", "non-empty list"),
+        ([], "non-empty list"),
+        ([{"role": "user"}], "no text content"),
+        (["hi"], "not a"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            normalize_messages(bad)
+
+
+def test_sample_seeds_are_stable_and_distinct_per_row_and_sample():
+    assert sample_seed(0, "7", 0) == sample_seed(0, "7", 0)
+    seeds = {sample_seed(s, k, j) for s in (0, 1) for k in ("7", "8") for j in range(3)}
+    assert len(seeds) == 12 and all(0 <= x < 2**31 for x in seeds)
+    assert split_total(10, 3) == [4, 3, 3] and sum(split_total(7, 4)) == 7
+
+
+def test_engine_config_rejects_contradictions():
+    for kwargs in [{"top_p": 0.0}, {"num_cpus": 0}, {"tensor_parallel_size": 0}, {"backend": "openai"}]:
+        with pytest.raises(ConfigError):
+            EngineConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# hf: in process (what Serve reuses)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_sampler(tiny_llama_dir):
+    return HFGenerator(
+        EngineConfig(
+            model=str(tiny_llama_dir), temperature=1.0, top_p=0.9, max_new_tokens=6, batch_size=4, seed=5
+        )
+    )
+
+
+def test_hf_sampled_row_does_not_depend_on_its_batch_mates(hf_sampler):
+    msgs = [r["messages"] for r in ROWS if r["question_id"] != BROKEN]
+    together = hf_sampler.generate(msgs, n=3, keys=[0, 1, 3, 4])
+    alone = hf_sampler.generate([msgs[2]], n=3, keys=[3])
+    assert together[2].texts == alone[0].texts
+    assert len(set(together[2].texts)) == 3  # the 3 samples differ from each other
+    assert all(1 <= t <= 6 for g in together for t in g.tokens)
+
+
+def test_hf_in_process_records_bad_chats_and_generates_the_rest(hf_sampler):
+    out = hf_sampler.generate(["not a list", chat("q")], n=2)
+    assert out[0].texts == [] and "non-empty list" in out[0].error
+    assert len(out[1].texts) == 2 and out[1].error == ""
+    with pytest.raises(GenerationError, match="generation 0 failed"):
+        hf_sampler.generate_messages(["not a list", chat("q")])
+    texts = hf_sampler.generate_messages([chat("q"), chat("r")], n=2)
+    assert [len(t) for t in texts] == [2, 2]
+
+
+def test_generate_messages_helper_greedy_repeats_one_text(tiny_llama_dir):
+    cfg = EngineConfig(model=str(tiny_llama_dir), temperature=0.0, max_new_tokens=5)
+    texts = generate_messages([chat("q"), chat("another question")], cfg, n=3)
+    assert len(texts) == 2 and all(len(t) == 3 and len(set(t)) == 1 for t in texts)
+
+
+# --------------------------------------------------------------------------------------------------
+# hf: through Ray Data
+# --------------------------------------------------------------------------------------------------
+
+
+def run_hf(ray_local, tiny_llama_dir, n: int, **overrides) -> list[dict]:
+    cfg = EngineConfig(
+        **{"model": str(tiny_llama_dir), "max_new_tokens": 6, "batch_size": 2, "num_cpus": 0.5, **overrides}
+    )
+    ds = ray_local.data.from_items(ROWS, override_num_blocks=2)
+    return generate(ds, cfg, n=n).take_all()
+
+
+@pytest.fixture(scope="module")
+def hf_greedy_rows(ray_local, tiny_llama_dir):
+    return run_hf(ray_local, tiny_llama_dir, 3, temperature=0.0)
+
+
+def test_hf_every_row_gets_n_generations_and_keeps_its_columns(hf_greedy_rows):
+    assert len(hf_greedy_rows) == len(ROWS)
+    rows = by_qid(hf_greedy_rows)
+    for src in ROWS:
+        row = rows[src["question_id"]]
+        assert row["db_id"] == src["db_id"] and set(OUTPUT_COLUMNS) <= set(row)
+        if src["question_id"] == BROKEN:
+            continue
+        assert row["gen_error"] == ""
+        assert len(row["generations"]) == 3 and all(isinstance(t, str) for t in row["generations"])
+        assert len(row["gen_tokens"]) == 3 and all(1 <= t <= 6 for t in row["gen_tokens"])
+
+
+def test_hf_broken_row_gets_gen_error_and_others_still_generate(hf_greedy_rows):
+    rows = by_qid(hf_greedy_rows)
+    assert "no text content" in rows[BROKEN]["gen_error"]
+    assert list(rows[BROKEN]["generations"]) == [] and list(rows[BROKEN]["messages"]) == [
+        {"role": "user", "content": None}
+    ]
+    assert sum(1 for r in hf_greedy_rows if r["gen_error"] == "") == len(ROWS) - 1
+
+
+def test_hf_greedy_is_deterministic_across_runs(ray_local, tiny_llama_dir, hf_greedy_rows):
+    again = by_qid(run_hf(ray_local, tiny_llama_dir, 3, temperature=0.0))
+    for qid, row in by_qid(hf_greedy_rows).items():
+        assert list(again[qid]["generations"]) == list(row["generations"])
+
+
+def test_hf_seeded_sampling_is_reproducible_across_runs_and_batch_sizes(ray_local, tiny_llama_dir):
+    first = by_qid(run_hf(ray_local, tiny_llama_dir, 2, temperature=1.0, seed=11))
+    second = by_qid(run_hf(ray_local, tiny_llama_dir, 2, temperature=1.0, seed=11, batch_size=1))
+    ok = [q for q in first if q != BROKEN]
+    assert all(len(first[q]["generations"]) == 2 for q in ok)
+    assert all(list(first[q]["generations"]) == list(second[q]["generations"]) for q in ok)
+
+
+def test_hf_sampling_depends_on_the_seed(hf_sampler):
+    msgs = [chat("q"), chat("r")]
+    before = hf_sampler.generate(msgs, n=2, keys=[1, 2])
+    hf_sampler.cfg = dataclasses.replace(hf_sampler.cfg, seed=hf_sampler.cfg.seed + 1)
+    try:
+        after = hf_sampler.generate(msgs, n=2, keys=[1, 2])
+    finally:
+        hf_sampler.cfg = dataclasses.replace(hf_sampler.cfg, seed=hf_sampler.cfg.seed - 1)
+    assert all(a.texts != b.texts for a, b in zip(before, after))
+    assert [g.texts for g in hf_sampler.generate(msgs, n=2, keys=[1, 2])] == [g.texts for g in before]
+
+
+def test_hf_without_gpus_refuses_num_gpus_at_once(ray_local, tiny_llama_dir):
+    ds = ray_local.data.from_items(ROWS[:1])
+    start = time.time()
+    with pytest.raises(RuntimeError, match="needs 1 GPU"):
+        generate(ds, EngineConfig(model=str(tiny_llama_dir), num_gpus=1))
+    assert time.time() - start < 10
+
+
+# --------------------------------------------------------------------------------------------------
+# openai: a real local HTTP server
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeOpenAIServer:
+    """A tiny OpenAI-compatible app: /v1 honours `n`, /non/v1 ignores it (returns one choice).
+
+    The text is "<user content>|s<seed>|<choice index>". A prompt starting with "flaky" fails its first
+    request with a 500, "broken" always fails with a 500, "slow" sleeps 2 s.
+    """
+
+    def __init__(self):
+        import uvicorn
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse
+
+        self.requests: Counter = Counter()
+        app = FastAPI()
+
+        async def completions(request: Request, honour_n: bool):
+            body = await request.json()
+            prompt = body["messages"][-1]["content"]
+            self.requests[prompt] += 1
+            if prompt.startswith("broken") or (prompt.startswith("flaky") and self.requests[prompt] == 1):
+                return JSONResponse(
+                    status_code=500, content={"error": {"message": "boom", "type": "server_error"}}
+                )
+            if prompt.startswith("slow"):
+                await asyncio.sleep(2)
+            n = body.get("n", 1) if honour_n else 1
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": f"{prompt}|s{body.get('seed')}|{i}"},
+                    "finish_reason": "stop",
+                }
+                for i in range(n)
+            ]
+            return {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": choices,
+                "usage": {"prompt_tokens": 1, "completion_tokens": 5 * n, "total_tokens": 1 + 5 * n},
+            }
+
+        @app.post("/v1/chat/completions")
+        async def chat_n(request: Request):
+            return await completions(request, honour_n=True)
+
+        @app.post("/non/v1/chat/completions")
+        async def chat_no_n(request: Request):
+            return await completions(request, honour_n=False)
+
+        @app.get("/v1/models")
+        async def models():
+            return {
+                "object": "list",
+                "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "t"}],
+            }
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+def openai_cfg(server, path="/v1", **overrides) -> EngineConfig:
+    base = {
+        "backend": "openai",
+        "endpoint": f"http://127.0.0.1:{server.port}{path}",
+        "temperature": 0.7,
+        "concurrency": 4,
+        "max_retries": 2,
+        "request_timeout_s": 10,
+    }
+    return EngineConfig(**{**base, **overrides})
+
+
+def test_openai_through_ray_data_retries_then_records_failures_per_row(ray_local, fake_server):
+    rows = [
+        {"question_id": 10, "messages": chat("ok ten")},
+        {"question_id": 11, "messages": chat("flaky eleven")},
+        {"question_id": 12, "messages": chat("broken twelve")},
+        {"question_id": 13, "messages": [{"role": "user"}]},
+    ]
+    ds = ray_local.data.from_items(rows, override_num_blocks=2)
+    out = by_qid(generate(ds, openai_cfg(fake_server), n=2).take_all())  # model from GET /v1/models
+    assert len(out) == 4
+    s10 = sample_seed(0, "10", 0)
+    assert list(out[10]["generations"]) == [f"ok ten|s{s10}|0", f"ok ten|s{s10}|1"]
+    assert list(out[10]["gen_tokens"]) == [5, 5] and out[10]["gen_error"] == ""
+    assert fake_server.requests["flaky eleven"] == 2  # failed once with a 500, retried
+    assert out[11]["gen_error"] == "" and len(out[11]["generations"]) == 2
+    assert fake_server.requests["broken twelve"] == 3  # 1 + max_retries
+    assert "InternalServerError" in out[12]["gen_error"] and list(out[12]["generations"]) == []
+    assert "no text content" in out[13]["gen_error"]
+
+
+def test_openai_tops_up_when_the_server_ignores_n(fake_server):
+    gen = OpenAIGenerator(openai_cfg(fake_server, path="/non/v1", model="fake-model"))
+    [result] = gen.generate([chat("no n here")], n=3, keys=["k"])
+    seeds = [sample_seed(0, "k", j) for j in range(3)]
+    assert result.texts == [
+        f"no n here|s{seeds[0]}|0",
+        f"no n here|s{seeds[1]}|0",
+        f"no n here|s{seeds[2]}|0",
+    ]
+    assert result.tokens == [5, 5, 5] and result.error == ""
+
+
+def test_openai_without_send_n_sends_n_requests_and_greedy_sends_one(fake_server):
+    gen = OpenAIGenerator(openai_cfg(fake_server, model="fake-model", send_n=False))
+    [result] = gen.generate([chat("one each")], n=3)
+    assert fake_server.requests["one each"] == 3 and len(set(result.texts)) == 3
+    greedy = OpenAIGenerator(openai_cfg(fake_server, model="fake-model", temperature=0.0))
+    assert greedy.generate_messages([chat("greedy once")], n=3) == [["greedy once|sNone|0"] * 3]
+    assert fake_server.requests["greedy once"] == 1
+
+
+def test_openai_request_timeout_becomes_the_row_error(fake_server):
+    gen = OpenAIGenerator(openai_cfg(fake_server, model="fake-model", request_timeout_s=0.5, max_retries=0))
+    [slow, fast] = gen.generate([chat("slow one"), chat("fast one")])  # the server answers "slow" after 2 s
+    assert "Timeout" in slow.error and slow.texts == []
+    assert fast.error == "" and fast.texts[0].startswith("fast one|")
+
+
+# --------------------------------------------------------------------------------------------------
+# vllm (cannot run here: no vLLM, no GPU)
+# --------------------------------------------------------------------------------------------------
+
+
+def vllm_cfg(**overrides) -> EngineConfig:
+    base = {
+        "backend": "vllm",
+        "model": "meta-llama/Llama-3.3-70B-Instruct",
+        "tensor_parallel_size": 8,
+        "concurrency": 2,
+        "batch_size": 64,
+        "max_model_len": 16384,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "max_new_tokens": 2048,
+    }
+    return EngineConfig(**{**base, **overrides})
+
+
+def test_vllm_processor_config_carries_parallelism_batching_and_error_tolerance():
+    from ray.data.llm import vLLMEngineProcessorConfig  # importable without vllm
+
+    kwargs = vllm_processor_kwargs(vllm_cfg(accelerator_type="H100"))
+    assert kwargs["model_source"] == "meta-llama/Llama-3.3-70B-Instruct"
+    assert kwargs["engine_kwargs"] == {"tensor_parallel_size": 8, "max_model_len": 16384, "dtype": "auto"}
+    assert (kwargs["concurrency"], kwargs["batch_size"], kwargs["should_continue_on_error"]) == (2, 64, True)
+    config = vLLMEngineProcessorConfig(**kwargs)
+    assert config.engine_kwargs["tensor_parallel_size"] == 8 and config.accelerator_type == "H100"
+    assert config.get_concurrency() == {"min_size": 1, "max_size": 2} and config.batch_size == 64
+
+
+def test_vllm_lora_adapter_becomes_base_model_plus_per_row_model(tmp_path, tiny_llama_dir):
+    import json
+
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(tiny_llama_dir), "r": 12})
+    )
+    cfg = vllm_cfg(model=str(tmp_path))
+    kwargs = vllm_processor_kwargs(cfg)
+    assert kwargs["model_source"] == str(tiny_llama_dir)
+    assert kwargs["engine_kwargs"]["enable_lora"] is True and kwargs["engine_kwargs"]["max_lora_rank"] == 16
+    row = vllm_preprocess_row({"question_id": 1, "messages": chat("q")}, cfg, lora=str(tmp_path))
+    assert row["model"] == str(tmp_path)
+
+
+def test_vllm_preprocess_sets_per_row_sampling_params_and_keeps_the_row():
+    cfg = vllm_cfg(seed=3)
+    src = {"question_id": 7, "messages": chat("q"), "db_id": "x"}
+    row = vllm_preprocess_row({**src, "__t2s_sample": 2, "__t2s_uid": "u"}, cfg)
+    assert row["messages"] == chat("q") and row["__t2s_row"] == src and row["__t2s_input_error"] == ""
+    assert row["sampling_params"] == {
+        "n": 1,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "max_tokens": 2048,
+        "seed": sample_seed(3, "7", 2),
+        "detokenize": False,
+    }
+    bad = vllm_preprocess_row({"question_id": 8, "messages": []}, cfg)
+    assert "non-empty list" in bad["__t2s_input_error"] and bad["sampling_params"]["max_tokens"] == 1
+    ok = vllm_finish_row({**row, "generated_text": "SELECT 1", "num_generated_tokens": 3}, n=1)
+    assert ok == {**src, "generations": ["SELECT 1"], "gen_tokens": [3], "gen_error": ""}
+    assert _repeat_generations(ok, n=2)["generations"] == ["SELECT 1", "SELECT 1"]
+    done = vllm_finish_row(
+        {**bad, "generated_text": ".", "num_generated_tokens": 1, "__inference_error__": ""}, n=1
+    )
+    assert done == {
+        "question_id": 8,
+        "messages": [],
+        "generations": [],
+        "gen_tokens": [],
+        "gen_error": bad["__t2s_input_error"],
+    }
+
+
+def test_vllm_backend_without_gpus_raises_clearly_and_quickly(ray_local):
+    ds = ray_local.data.from_items(ROWS)
+    start = time.time()
+    with pytest.raises(RuntimeError, match=r"needs 8 GPU\(s\) but the Ray cluster has 0"):
+        generate(ds, vllm_cfg())
+    assert time.time() - start < 10
+
+
+def test_vllm_processor_builds_with_our_stages_and_settings(ray_local, tiny_llama_dir):
+    proc = build_vllm_processor(
+        vllm_cfg(model=str(tiny_llama_dir), tensor_parallel_size=1), n=2, require_gpu=False
+    )
+    assert proc.list_stage_names() == [
+        "ChatTemplateStage",
+        "TokenizeStage",
+        "vLLMEngineStage",
+        "DetokenizeStage",
+    ]
+    engine = proc.get_stage_by_name("vLLMEngineStage")
+    assert engine.fn_constructor_kwargs["engine_kwargs"]["tensor_parallel_size"] == 1
+    assert engine.fn_constructor_kwargs["should_continue_on_error"] is True
+    assert engine.fn_constructor_kwargs["batch_size"] == 64
+
+
+def fake_vllm_processor(ds):
+    """Stands in for the vLLM processor (vLLM cannot run here): runs our preprocess, answers like the
+    engine (generated_text/num_generated_tokens), and fails one row as should_continue_on_error does."""
+    from functools import partial
+
+    cfg = vllm_cfg()
+
+    def engine(row):
+        if row["__t2s_row"]["question_id"] == 3 and row["__t2s_sample"] == 1:
+            return {**row, "__inference_error__": "CUDA out of memory", "generated_text": ""}
+        p = row["sampling_params"]
+        text = f"{row['messages'][-1]['content']}|seed={p['seed']}"
+        return {
+            **row,
+            "prompt": "templated",
+            "generated_text": text,
+            "num_generated_tokens": 4,
+            "__inference_error__": "",
+        }
+
+    return ds.map(partial(vllm_preprocess_row, cfg=cfg)).map(engine)
+
+
+def test_vllm_pipeline_expands_samples_and_regroups_rows(ray_local):
+    ds = ray_local.data.from_items(ROWS, override_num_blocks=2)
+    out = by_qid(_vllm_pipeline(ds, fake_vllm_processor, n=2, num_partitions=2).take_all())
+    assert len(out) == len(ROWS)
+    row0 = out[0]
+    assert set(row0) == {"question_id", "db_id", "messages", *OUTPUT_COLUMNS}
+    seeds = [sample_seed(0, "0", j) for j in range(2)]
+    assert list(row0["generations"]) == [f"How many heroes?|seed={s}" for s in seeds]
+    assert list(row0["gen_tokens"]) == [4, 4] and row0["gen_error"] == ""
+    assert "no text content" in out[BROKEN]["gen_error"] and list(out[BROKEN]["generations"]) == []
+    assert out[3]["gen_error"] == "CUDA out of memory" and len(out[3]["generations"]) == 1
