@@ -317,39 +317,90 @@ class TrainConfig:
 
 @dataclass
 class ServeConfig:
-    """`t2s serve`: an OpenAI-compatible Ray Serve app (/v1/chat/completions, /v1/models)."""
+    """`t2s serve`: an OpenAI-compatible Ray Serve app (/v1/chat/completions, /v1/models, /health)."""
 
     model: str = ""
     """Model dir (a `t2s train` output, a base model, or an adapter dir), hub name or .gguf; empty = SmolLM2."""
     model_id: str = ""
     """Name clients pass as `model`; empty = derived from the model path."""
+    extra_models: list = field(default_factory=list)
+    """More models served beside `model` ('hf': each its own deployment; ids are their dir names), e.g. a LoRA adapter dir."""
     backend: str = "hf"
-    """'hf' (transformers deployment with dynamic batching) or 'vllm' (ray.serve.llm)."""
+    """'hf' (transformers deployment with dynamic batching) or 'vllm' (ray.serve.llm, GPU only)."""
     host: str = "127.0.0.1"
     """Address the HTTP proxy binds."""
     port: int = 8000
     """HTTP port."""
+    name: str = "t2s"
+    """Serve application name (apps with different names and route prefixes run side by side)."""
+    route_prefix: str = "/"
+    """URL prefix of the app: the API is at <prefix>/v1/... ."""
     num_replicas: int = 1
-    """Replicas of the model deployment."""
+    """Replicas of each model deployment (the minimum when max_replicas > num_replicas)."""
+    max_replicas: int = 0
+    """> num_replicas: autoscale each model deployment between num_replicas and this; 0 = fixed num_replicas."""
     num_gpus: float = 0.0
-    """GPUs per replica."""
+    """GPUs per replica ('hf'; 0 = CPU)."""
     num_cpus: float = 1.0
-    """Logical CPUs per replica."""
+    """Logical CPUs per replica; fractions allowed (on a 2-core machine give Serve beside Ray Data < 1)."""
+    dtype: str = "auto"
+    """Model dtype ('hf'): 'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16', 'float16' or 'float32'."""
     max_batch_size: int = 8
-    """Requests batched into one generate call."""
+    """Requests batched into one generate call (@serve.batch)."""
     batch_wait_timeout_s: float = 0.05
     """How long a batch waits to fill."""
     max_ongoing_requests: int = 32
-    """Requests in flight per replica before new ones are rejected (503)."""
+    """Requests a replica holds at once (batched in turn); more wait in the caller's queue."""
+    max_queued_requests: int = 64
+    """Requests waiting for a replica beyond those; more get HTTP 503 at once (-1 = unbounded queue)."""
     max_tokens_limit: int = 1024
-    """Upper bound on a request's max_tokens."""
+    """Upper bound on a request's max_tokens; a request asking for more gets HTTP 400 (not clamped)."""
+    default_max_tokens: int = 256
+    """max_tokens of a request that gives none."""
+    tensor_parallel_size: int = 1
+    """'vllm': tensor parallel degree per replica."""
+    max_model_len: int = 8192
+    """'vllm': maximum context length."""
+    accelerator_type: str = ""
+    """'vllm': GPU type of the replicas, e.g. 'H100'; empty = any."""
+    lora_path: str = ""
+    """'vllm': cloud folder (s3://, gs://, abfss://) holding LoRA adapter dirs; request one as model '<model_id>:<dir name>'."""
+    max_loras: int = 4
+    """'vllm': LoRA adapters held per replica (LRU)."""
     blocking: bool = True
     """Keep running until interrupted (False: start and return, for scripts and tests)."""
 
     def __post_init__(self):
         _check_choice("serve.backend", self.backend, ("hf", "vllm"))
+        _check_choice("serve.dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         if not 0 < self.port < 65536:
             raise ConfigError(f"serve.port={self.port} is not a TCP port.")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"serve.route_prefix={self.route_prefix!r} must start with '/'.")
+        if self.num_replicas < 1 or (self.max_replicas and self.max_replicas < self.num_replicas):
+            raise ConfigError(
+                "serve.num_replicas must be >= 1 and serve.max_replicas 0 (fixed) or >= num_replicas (autoscaling)."
+            )
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ConfigError("serve.num_cpus must be > 0 (fractions allowed) and serve.num_gpus >= 0.")
+        if self.max_batch_size < 1 or self.max_ongoing_requests < 1 or self.batch_wait_timeout_s < 0:
+            raise ConfigError(
+                "serve.max_batch_size and serve.max_ongoing_requests must be >= 1, serve.batch_wait_timeout_s >= 0."
+            )
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            raise ConfigError("serve.max_queued_requests must be >= 1, or -1 for an unbounded queue.")
+        if self.max_tokens_limit < 1 or not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise ConfigError(
+                f"serve.default_max_tokens={self.default_max_tokens} must be in [1, max_tokens_limit="
+                f"{self.max_tokens_limit}]; raise max_tokens_limit or lower default_max_tokens."
+            )
+        if self.lora_path and not self.lora_path.startswith(("s3://", "gs://", "abfss://", "azure://")):
+            raise ConfigError(
+                f"serve.lora_path={self.lora_path!r}: ray.serve.llm loads adapters only from s3://, gs://, abfss:// "
+                "or azure:// (Ray 2.60); upload the adapter dirs there, or serve a merged model (t2s train --merge)."
+            )
+        if self.tensor_parallel_size < 1 or self.max_loras < 1:
+            raise ConfigError("serve.tensor_parallel_size and serve.max_loras must be >= 1.")
 
 
 @dataclass
@@ -367,7 +418,7 @@ class EvaluateConfig:
     out: str = "runs/evaluate"
     """Output directory."""
     samples: int = 1
-    """Samples per question; > 1 adds maj@k by execution-result vote beside greedy EX."""
+    """Samples per question (k); > 1 adds maj@k (execution-result vote over k samples at engine.temperature > 0) beside greedy EX."""
     limit: int = 0
     """Evaluate only the first N questions (0 = all)."""
     num_actors: int = 0
@@ -382,6 +433,8 @@ class EvaluateConfig:
     """Generation engine for --model / --endpoint."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
     """Prompt template for --model / --endpoint (use the one the model was trained with)."""
+    tokenizer: str = ""
+    """Tokenizer for the schema budget, as given to `t2s convert --tokenizer` (empty = chars/4): same prompts as training."""
     compare: list = field(default_factory=list)
     """Two evaluation output dirs to compare side by side instead of evaluating."""
 
@@ -397,6 +450,23 @@ class EvaluateConfig:
             raise ConfigError("evaluate.limit and evaluate.num_actors must be >= 0 (0 = all questions / available CPUs).")
         if self.compare and len(self.compare) != 2:
             raise ConfigError("evaluate.compare takes exactly two evaluation output directories.")
+        if self.compare and given:
+            raise ConfigError(f"evaluate --compare reads two finished runs; drop --{given[0]}.")
+        if self.samples > 1 and self.engine.temperature == 0:
+            raise ConfigError(
+                f"evaluate.samples={self.samples} with engine.temperature=0 draws the same answer {self.samples} "
+                "times; set engine.temperature > 0 (e.g. --engine.temperature 0.8) or samples=1. (Greedy EX is "
+                "always reported: it comes from a separate temperature-0 generation.)"
+            )
+        if self.model and self.engine.backend == "openai":
+            raise ConfigError(
+                "evaluate --model generates in this cluster (engine.backend 'hf' or 'vllm'); "
+                "for a server use --endpoint URL instead."
+            )
+        if self.model and self.engine.model and self.engine.model != self.model:
+            raise ConfigError(
+                f"evaluate --model {self.model!r} and engine.model {self.engine.model!r} differ; give only one."
+            )
 
 
 @dataclass
@@ -404,9 +474,11 @@ class PipelineConfig:
     """`t2s pipeline`: convert -> synthesize -> train -> evaluate (base and fine-tuned) -> report."""
 
     out: str = "runs/pipeline"
-    """Run directory; each stage writes under it."""
+    """Run directory; each stage writes under it (the stages' own out/input/model paths are set from it)."""
     serve: bool = False
     """Finish by serving the fine-tuned model."""
+    sft_source: str = "synthesize"
+    """Train on verified CoT ('synthesize') or on gold SQL without CoT ('convert', the no-CoT baseline)."""
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     """Convert stage options."""
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
@@ -415,6 +487,9 @@ class PipelineConfig:
     """Train stage options."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Evaluate stage options."""
+
+    def __post_init__(self):
+        _check_choice("pipeline.sft_source", self.sft_source, ("synthesize", "convert"))
 
 
 STAGE_CONFIGS: dict[str, type] = {
