@@ -275,7 +275,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     """Logical CPUs per worker."""
     checkpoint_every: int = 50
-    """Report a checkpoint every N optimizer steps (and at the end)."""
+    """Report a checkpoint every N optimizer steps, and always at the end (0 = only at the end)."""
     dtype: str = "auto"
     """'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16' or 'float32'."""
     seed: int = 0

@@ -1,0 +1,324 @@
+"""`t2s train`: assistant-only labels, packing, the fused loss, LoRA and DeepSpeed ZeRO-2/3 on Ray Train
+(2 CPU workers, gloo), resume after a failure, the output directory, the CLI.
+
+Real parts only: the tiny 2-layer Llama with SmolLM2's tokenizer and chat template (`tiny_llama_dir`),
+an SFT Parquet built here from real BIRD dev questions with their gold SQL as the answer, real Ray.
+Three Ray runs are shared between tests through module fixtures (each asserts one property of them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from text2sql_ray import train as T
+from text2sql_ray.config import ConfigError, TrainConfig
+
+MAX_LENGTH = 192
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+RUN_FILES = {"manifest.json", "loss_curve.png", "ray_train"}
+
+
+def _conversation(q: dict) -> list[dict]:
+    return [
+        {"role": "system", "content": "You are a SQLite expert. Answer with one SQL query."},
+        {"role": "user", "content": f"Question: {q['question']}\nEvidence: {q['evidence']}"},
+        {"role": "assistant", "content": q["SQL"]},
+    ]
+
+
+@pytest.fixture(scope="module")
+def sft_rows(bird_dev) -> list[dict]:
+    qs = json.loads((bird_dev / "dev.json").read_text())[:24]
+    return [{"question_id": q["question_id"], "messages": _conversation(q)} for q in qs]
+
+
+@pytest.fixture(scope="module")
+def sft_parquet(tmp_path_factory, sft_rows) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path_factory.mktemp("sft") / "sft.parquet"
+    pq.write_table(pa.Table.from_pylist(sft_rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def _safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _cfg(tmp: Path, model: Path, data: Path, **kw) -> TrainConfig:
+    base = dict(input=str(data), model=str(model), out=str(tmp), max_steps=4, checkpoint_every=2,
+                max_length=MAX_LENGTH, micro_batch_size=2, num_workers=2, cpus_per_worker=0.5, lr=1e-2,
+                warmup_ratio=0.0, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions (no Ray)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_system", [True, False])
+def test_labels_are_ignore_exactly_on_non_assistant_tokens(tokenizer, with_system):
+    messages = [
+        {"role": "user", "content": "How many schools are in Alameda?"},
+        {"role": "assistant", "content": "SELECT COUNT(*) FROM schools WHERE County = 'Alameda'"},
+        {"role": "user", "content": "And charter schools?"},
+        {"role": "assistant", "content": "SELECT COUNT(*) FROM schools WHERE Charter = 1"},
+    ]
+    if with_system:
+        messages = [{"role": "system", "content": "You write SQLite."}] + messages
+    ex = T.tokenize_conversation(messages, tokenizer, max_length=4096)
+    eos = tokenizer.eos_token
+    trained = [i for i, lab in enumerate(ex.labels) if lab != T.IGNORE]
+    # labels equal the ids where trained; the trained tokens are the two answers with their <|im_end|>
+    assert all(ex.labels[i] == ex.input_ids[i] for i in trained)
+    assert tokenizer.decode([ex.input_ids[i] for i in trained]) == (
+        messages[-3]["content"] + eos + messages[-1]["content"] + eos
+    )
+    # everything else (system prompt - SmolLM2's default one when none is given -, user turns,
+    # "<|im_start|>assistant\n" headers, the newline after <|im_end|>) is IGNORE
+    prompt_text = tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab == T.IGNORE])
+    assert ("You write SQLite." in prompt_text) == with_system
+    assert ("named SmolLM" in prompt_text) == (not with_system)
+    assert prompt_text.count("<|im_start|>assistant\n") == 2 and "SELECT" not in prompt_text
+    # same ids as tokenising the whole rendered conversation
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert ex.input_ids == tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert ex.truncated is False
+
+
+def test_conversation_without_assistant_turn_is_rejected(tokenizer):
+    with pytest.raises(ValueError, match="no assistant turn"):
+        T.tokenize_conversation([{"role": "user", "content": "hi"}], tokenizer, 64)
+
+
+def test_truncation_cuts_at_max_length_and_is_flagged(tokenizer, sft_rows):
+    full = T.tokenize_conversation(sft_rows[0]["messages"], tokenizer, 4096)
+    cut = T.tokenize_conversation(sft_rows[0]["messages"], tokenizer, len(full.input_ids) - 5)
+    assert cut.truncated and not full.truncated
+    assert cut.input_ids == full.input_ids[:-5] and cut.labels == full.labels[:-5]
+
+
+def test_packing_keeps_examples_separate(tiny_llama_dir, tokenizer, sft_rows):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    examples = []
+    for row in sft_rows[:5]:
+        ex = T.tokenize_conversation(row["messages"], tokenizer, 4096)
+        examples.append((ex.input_ids, ex.labels))
+    limit = max(len(e[0]) for e in examples) * 2
+    packed = T.pack_examples(examples, limit)
+    assert sum(p["n_examples"] for p in packed) == 5 and len(packed) < 5  # some sequences hold several
+    assert all(len(p["input_ids"]) <= limit for p in packed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        alone = {tuple(ids): model(torch.tensor([ids])).logits[0] for ids, _ in examples}
+    batch = T.collate({k: [p[k] for p in packed] for k in ("input_ids", "labels", "position_ids")},
+                      pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        # use_cache=False as in training: with a KV cache transformers does not look for packed sequences
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    seen = 0
+    for row, p in enumerate(packed):
+        starts = [i for i, pos in enumerate(p["position_ids"]) if pos == 0] + [len(p["input_ids"])]
+        assert len(starts) - 1 == p["n_examples"]
+        for a, b in itertools.pairwise(starts):
+            ids = tuple(p["input_ids"][a:b])
+            # the packed example's logits are those it gets alone: no attention across the boundary
+            torch.testing.assert_close(logits[row, a:b], alone[ids], atol=2e-4, rtol=1e-4)
+            assert p["labels"][a] == T.IGNORE  # nothing learned across a boundary
+            seen += 1
+    assert seen == 5
+
+
+def test_fused_loss_matches_full_logits_loss_and_gradients():
+    import torch
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 500, bias=False)
+    hidden = torch.randn(45, 32, requires_grad=True)
+    target = torch.randint(0, 500, (45,))
+    fused = T.linear_cross_entropy_sum(hidden, head, target, "fused", chunk=8)
+    fused.backward()
+    g_hidden, g_weight = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    plain = T.linear_cross_entropy_sum(hidden, head, target, "logits")
+    plain.backward()
+    torch.testing.assert_close(fused.detach(), plain.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_hidden, hidden.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_weight, head.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_deepspeed_presets_get_batch_sizes_from_the_config():
+    cfg = TrainConfig(method="full", deepspeed="zero3", micro_batch_size=3, grad_accum=5, max_grad_norm=0.5)
+    for name, stage in (("zero2", 2), ("zero3", 3), ("zero3_offload", 3)):
+        ds = T.deepspeed_config(T.load_deepspeed_preset(name), cfg, bf16=True)
+        assert ds["zero_optimization"]["stage"] == stage
+        assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 5)
+        assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    with pytest.raises(ValueError, match="'auto'"):
+        T.deepspeed_config({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, cfg, bf16=False)
+    with pytest.raises(ConfigError, match="method='full'"):
+        TrainConfig(method="lora", deepspeed="zero2")
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [T.lr_multiplier(s, 10, 2, "cosine") for s in range(1, 11)]
+    assert lrs[:2] == [0.5, 1.0] and all(a > b for a, b in itertools.pairwise(lrs[1:])) and lrs[-1] > 0
+    assert [T.lr_multiplier(s, 10, 2, "constant") for s in (1, 5, 10)] == [0.5, 1.0, 1.0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray Train runs (shared by the tests below)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(ray_local, tmp_path_factory, tiny_llama_dir, sft_parquet):
+    """`t2s train` through the CLI: LoRA, packing, 4 steps, a checkpoint every 2, and a worker failure
+    injected after step 3 that Ray Train recovers from (max_failures=1) by restarting from step 2."""
+    from text2sql_ray.cli import main
+
+    out = tmp_path_factory.mktemp("lora") / "out"
+    os.environ[T.FAIL_ENV] = "3"
+    try:
+        rc = main(["train", "--input", str(sft_parquet), "--model", str(tiny_llama_dir), "--out", str(out),
+                   "--max-steps", "4", "--checkpoint-every", "2", "--max-length", str(MAX_LENGTH), "--packing",
+                   "--micro-batch-size", "2", "--cpus-per-worker", "0.5", "--lr", "1e-2", "--warmup-ratio", "0",
+                   "--max-failures", "1"])
+    finally:
+        os.environ.pop(T.FAIL_ENV, None)
+    return rc, out
+
+
+@pytest.fixture(scope="module")
+def zero3_run(ray_local, tmp_path_factory, tiny_llama_dir, sft_parquet):
+    """DeepSpeed ZeRO-3 full fine-tuning that crashes after step 3 (checkpoint at 2), then is rerun with
+    the same --out and resumes from the checkpoint."""
+    out = tmp_path_factory.mktemp("zero3") / "out"
+    cfg = _cfg(out, tiny_llama_dir, sft_parquet, method="full", deepspeed="zero3", lr=1e-3)
+    os.environ[T.FAIL_ENV] = "3"
+    try:
+        with pytest.raises(Exception, match="injected failure"):
+            T.run(cfg)
+    finally:
+        os.environ.pop(T.FAIL_ENV, None)
+    return T.run(cfg)
+
+
+@pytest.mark.timeout(900)
+def test_cli_train_writes_adapter_dir(lora_run):
+    rc, out = lora_run
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "train" and manifest["config"]["method"] == "lora"
+    assert manifest["config"]["packing"] is True
+    assert manifest["training"]["total_steps"] == 4
+
+
+@pytest.mark.timeout(900)
+def test_lora_output_dir_holds_exactly_the_expected_files_and_reloads(lora_run, tiny_llama_dir):
+    from text2sql_ray.models import load_causal_lm
+
+    _, out = lora_run
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"} | TOKENIZER_FILES | RUN_FILES
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_llama_dir)
+    model = load_causal_lm(str(out))
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(900)
+def test_lora_changes_only_adapter_weights(lora_run, tiny_llama_dir):
+    import torch
+
+    from text2sql_ray.models import load_causal_lm
+
+    _, out = lora_run
+    adapter = _safetensors(out / "adapter_model.safetensors")
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
+    cfg = TrainConfig(model=str(tiny_llama_dir), lora_dropout=0.05)
+    init, _ = T.build_training_model(cfg, str(tiny_llama_dir), torch.float32, "cpu")
+    init_lora = {k: v for k, v in init.lm.state_dict().items() if "lora_" in k}
+    assert len(init_lora) == len(adapter) == 2 * 7 * 2  # A and B, 7 linear layers, 2 decoder layers
+    for name, trained in adapter.items():
+        before = next(v for k, v in init_lora.items() if k.replace(".default", "") == name)
+        assert not torch.equal(before, trained), f"{name} did not change"
+    # the base weights under the adapter are byte-identical to the base model's
+    base = _safetensors(tiny_llama_dir / "model.safetensors")
+    loaded = load_causal_lm(str(out)).get_base_model().state_dict()
+    for name, tensor in base.items():
+        key = name.replace("proj.weight", "proj.base_layer.weight") if "_proj" in name else name
+        assert torch.equal(loaded[key], tensor), name
+
+
+@pytest.mark.timeout(900)
+def test_failed_worker_restarts_at_the_step_after_the_checkpoint(lora_run):
+    _, out = lora_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["resumed_from_step"] == [2]
+    assert [h["step"] for h in manifest["loss_history"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.timeout(900)
+def test_manifest_counts_truncated_examples(lora_run, tokenizer, sft_rows):
+    _, out = lora_run
+    data = json.loads((out / "manifest.json").read_text())["data"]
+    tokenized = [T.tokenize_conversation(r["messages"], tokenizer, MAX_LENGTH) for r in sft_rows]
+    usable = [t for t in tokenized if t.n_label_tokens > 0]
+    assert data["rows"] == len(sft_rows) and data["examples"] == len(usable)
+    assert data["truncated"] == sum(t.truncated for t in usable) > 0
+    assert data["no_assistant_tokens"] == len(tokenized) - len(usable)
+    assert data["sequences"] < data["examples"]  # packed
+
+
+@pytest.mark.timeout(900)
+def test_rerun_with_same_out_resumes_from_latest_checkpoint(zero3_run):
+    manifest = json.loads((zero3_run / "manifest.json").read_text())
+    assert manifest["training"]["resumed_from_step"] == [2]
+    assert manifest["training"]["steps_run"] == 2  # steps 3 and 4; 1 and 2 were not repeated
+    assert [h["step"] for h in manifest["loss_history"]] == [1, 2, 3, 4]
+
+
+def _assert_every_weight_changed(out: Path, base_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    trained, base = _safetensors(out / "model.safetensors"), _safetensors(base_dir / "model.safetensors")
+    assert set(trained) == set(base)
+    unchanged = [k for k in base if torch.equal(trained[k], base[k])]
+    assert unchanged == []
+    assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors"} | TOKENIZER_FILES | RUN_FILES
+    model = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(model.state_dict()["model.norm.weight"], trained["model.norm.weight"])
+
+
+@pytest.mark.timeout(900)
+def test_deepspeed_zero3_changes_every_weight(zero3_run, tiny_llama_dir):
+    _assert_every_weight_changed(zero3_run, tiny_llama_dir)
+
+
+@pytest.mark.timeout(900)
+def test_deepspeed_zero2_changes_every_weight(ray_local, tmp_path, tiny_llama_dir, sft_parquet):
+    out = T.run(_cfg(tmp_path / "out", tiny_llama_dir, sft_parquet, method="full", deepspeed="zero2", lr=1e-3,
+                     max_steps=2, checkpoint_every=0))
+    _assert_every_weight_changed(out, tiny_llama_dir)
+    assert json.loads((out / "manifest.json").read_text())["training"]["steps_run"] == 2

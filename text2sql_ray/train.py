@@ -1,0 +1,1012 @@
+"""`t2s train`: LoRA or full fine-tuning (DeepSpeed ZeRO-2/3) of a causal LM on Ray Train.
+
+The file reads top to bottom:
+1. Pure helpers, tested without Ray: a conversation through the model's chat template with labels on
+   the assistant tokens only; packing; collation; the learning-rate schedule; the DeepSpeed config; an
+   lm_head + cross-entropy that never materialises the [tokens x vocab] logits.
+2. `train_loop_per_worker`: what every Ray Train worker runs (model, optimizer, loop, checkpoints, resume).
+3. `run(cfg)`: the SFT Parquet through Ray Data, the `TorchTrainer`, and the output directory.
+
+Output (`cfg.out`): a Hugging Face dir (`lora`: adapter files whose `base_model_name_or_path` loads;
+`full`: config + safetensors), the tokenizer, optionally `merged/`, `manifest.json`, `loss_curve.png`,
+and `ray_train/` (Ray Train storage with the checkpoints; rerunning with the same --out resumes from it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import models
+from .common import atomic_path, log, setup_logging, write_manifest
+from .config import TrainConfig, from_dict, to_dict
+
+IGNORE = -100
+"""Label of a token that is not trained on (the ignore_index of cross-entropy)."""
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "jobs" / "deepspeed"
+PACK_BUFFER = 1024
+"""Examples considered together when packing (first-fit decreasing inside each such group)."""
+REPORT_EVERY_S = 10.0
+"""Metrics-only ray.train.report calls at most this often. Ray Train V2's controller takes reports from a
+one-slot queue on its ~2 s poll, so a report per step throttles training to one step per ~2 s (measured on
+an H200: 0.08 s steps spaced 2 s apart). Checkpoint steps always report; every step is logged on rank 0."""
+FAIL_ENV = "T2S_TRAIN_FAIL_AT_STEP"
+"""Test hook: a worker raises after finishing this step, on a run that did not resume from a checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Pure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedExample:
+    """One conversation as token ids with labels (IGNORE on every token that is not the assistant's)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+    """The conversation was longer than max_length and lost its tail."""
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def assistant_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_assistant) pieces, in order.
+
+    Every assistant turn's span is found by rendering the conversation up to that turn through the
+    chat template twice: the messages before it with the generation prompt (where the assistant's
+    text starts) and the messages through it (where it ends). So whatever the template adds (a
+    default system prompt such as SmolLM2's, a date line such as Llama 3.1's) lands on the prompt
+    side. The span ends with the end-of-turn token (the tokenizer's eos, e.g. <|im_end|>); what the
+    template puts after it (a newline) is not trained on.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages is empty or not a list of {role, content}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i} has no role system/user/assistant: {str(m)[:80]!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} ({m.get('role')}) has no text content")  # noqa: TRY004 (a bad input row)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("the conversation has no assistant turn to train on")
+
+    def render(msgs, gen_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=gen_prompt)
+
+    full = render(messages, False)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ValueError("the conversation starts with an assistant turn; put a user turn before it")
+        prefix, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (full.startswith(prefix) and full.startswith(through) and len(through) >= len(prefix)):
+            raise ValueError(
+                "the chat template does not render the beginning of a conversation as a prefix of the whole "
+                "(e.g. it rewrites earlier turns), so assistant tokens cannot be located; use a model whose "
+                "template appends turns"
+            )
+        start, end = len(prefix), len(through)
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos:
+            k = full.rfind(eos, start, end)
+            if k >= 0:
+                end = k + len(eos)
+        spans.append((start, end))
+    pieces, pos = [], 0
+    for start, end in spans:
+        if start > pos:
+            pieces.append((full[pos:start], False))
+        pieces.append((full[start:end], True))
+        pos = end
+    if pos < len(full):
+        pieces.append((full[pos:], False))
+    return pieces
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> TokenizedExample:
+    """Token ids of a conversation with labels on the assistant tokens only, cut at max_length.
+
+    Each piece from `assistant_segments` is tokenised on its own and the ids concatenated. At the
+    start of an answer this is exactly what the model sees when it generates (the prompt ending in
+    "<|im_start|>assistant\\n" is tokenised alone, then the answer follows), and no token straddles a
+    prompt/answer boundary.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, is_assistant in assistant_segments(messages, tokenizer):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if is_assistant else [IGNORE] * len(piece)
+    truncated = len(ids) > max_length
+    return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
+
+
+def pack_examples(examples: list[tuple[list[int], list[int]]], max_length: int) -> list[dict]:
+    """Pack (input_ids, labels) examples into sequences of at most max_length tokens.
+
+    First-fit decreasing (deterministic). Every sequence carries `position_ids` that restart at 0 for
+    each example. Why position ids and no explicit mask: transformers (>= 4.53) turns position ids that
+    restart, with `attention_mask=None`, into a block-diagonal causal mask for the sdpa/eager/flex paths
+    (`masking_utils.find_packed_sequence_indices`) and into `cu_seqlens` for flash-attention, so no
+    token attends across examples on any of them, and RoPE positions are the ones each example would
+    have alone. (Only without a KV cache: the training forward passes use_cache=False.) The first label of each example is IGNORE, so nothing is learned across a boundary.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    bins: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        n = len(examples[i][0])
+        if n > max_length:
+            raise ValueError(f"example {i} has {n} tokens > max_length {max_length}; truncate before packing")
+        for b in range(len(bins)):
+            if used[b] + n <= max_length:
+                bins[b].append(i)
+                used[b] += n
+                break
+        else:
+            bins.append([i])
+            used.append(n)
+    out = []
+    for members in bins:
+        ids, labels, pos = [], [], []
+        for i in sorted(members):  # keep the original order inside a sequence
+            e_ids, e_labels = examples[i]
+            ids += e_ids
+            labels += [IGNORE] + list(e_labels[1:])
+            pos += list(range(len(e_ids)))
+        out.append({"input_ids": ids, "labels": labels, "position_ids": pos, "n_examples": len(members)})
+    return out
+
+
+def collate(rows: dict, pad_id: int) -> dict:
+    """A micro-batch (dict of columns, one list per row) as right-padded int64 tensors.
+
+    Padding continues the last example's positions, so an unpacked batch has no position restart and
+    runs with the plain causal mask (the fastest sdpa path); causal attention keeps real tokens from
+    seeing the padding after them, and padding has IGNORE labels.
+    """
+    import numpy as np
+    import torch
+
+    def as_rows(col):
+        return [torch.from_numpy(np.array(r, dtype=np.int64)) for r in col]  # a copy: Arrow buffers are read-only
+
+    ids_rows, label_rows = as_rows(rows["input_ids"]), as_rows(rows["labels"])
+    pos_rows = as_rows(rows["position_ids"]) if "position_ids" in rows else [torch.arange(len(r)) for r in ids_rows]
+    width = max(len(r) for r in ids_rows)
+    input_ids = torch.full((len(ids_rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(ids_rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(ids_rows), width), dtype=torch.long)
+    for i, (ids, lab, pos) in enumerate(zip(ids_rows, label_rows, pos_rows)):
+        n = len(ids)
+        input_ids[i, :n], labels[i, :n], position_ids[i, :n] = ids, lab, pos
+        last = int(pos[-1]) if n else -1
+        position_ids[i, n:] = torch.arange(last + 1, last + 1 + width - n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "n_tokens": int(sum(len(r) for r in ids_rows))}
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Learning-rate factor for optimizer step `step` (1-based): linear warmup, then cosine to 0 or constant."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps + 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
+    return math.ceil(total_steps * warmup_ratio) if warmup_ratio > 0 else 0
+
+
+def find_sft_files(input_path: str) -> list[Path]:
+    """The SFT Parquet file(s): a file, or a dir holding sft.parquet (synthesize) or train.parquet (convert)."""
+    if not input_path:
+        raise ValueError(
+            "train.input is empty: pass --input <SFT Parquet file, or the output dir of `t2s synthesize` "
+            "(sft.parquet) or `t2s convert` (train.parquet)>."
+        )
+    p = Path(input_path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        for name in ("sft.parquet", "train.parquet"):
+            if (p / name).is_file():
+                return [p / name]
+            if (p / name).is_dir():  # a Parquet dataset written as a folder of parts
+                parts = sorted((p / name).glob("*.parquet"))
+                if parts:
+                    return parts
+        raise FileNotFoundError(f"{p} holds neither sft.parquet nor train.parquet; point --input at the SFT file.")
+    raise FileNotFoundError(f"train input {p} does not exist.")
+
+
+def check_sft_schema(files: list[Path]) -> None:
+    """Fail early, naming the file, when the Parquet has no `messages` column."""
+    import pyarrow.parquet as pq
+
+    for f in files:
+        names = pq.read_schema(f).names
+        if "messages" not in names:
+            raise ValueError(
+                f"{f} has no 'messages' column (columns: {', '.join(names)}); the SFT set needs rows with "
+                "messages = [{role, content}, ...], as written by `t2s synthesize` or `t2s convert`."
+            )
+
+
+def load_deepspeed_preset(spec: str) -> dict:
+    """A DeepSpeed JSON: a path, or a preset name from jobs/deepspeed (zero2, zero3, zero3_offload)."""
+    p = Path(spec)
+    if not p.is_file():
+        named = PRESETS_DIR / (spec if spec.endswith(".json") else f"{spec}.json")
+        if not named.is_file():
+            presets = ", ".join(sorted(x.stem for x in PRESETS_DIR.glob("*.json")))
+            raise FileNotFoundError(f"DeepSpeed config {spec} does not exist; give a JSON path or a preset ({presets}).")
+        p = named
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
+
+
+def deepspeed_config(preset: dict, cfg: TrainConfig, bf16: bool) -> dict:
+    """The preset with the batch sizes, clipping and precision filled from the TrainConfig.
+
+    The optimizer and schedule always come from the TrainConfig (a torch AdamW handed to
+    deepspeed.initialize, DeepSpeedCPUAdam with optimizer offload), so a preset may not set them.
+    """
+    ds = json.loads(json.dumps(preset))
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ValueError(f"DeepSpeed config sets '{key}'; remove it: the optimizer and schedule come from train.*")
+    ds.pop("train_batch_size", None)
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["gradient_clipping"] = float(cfg.max_grad_norm)
+    ds.pop("fp16", None)
+    ds["bf16"] = {"enabled": bool(bf16)}
+    ds["zero_allow_untested_optimizer"] = True
+
+    def find_auto(node, path):
+        if node == "auto":
+            raise ValueError(f"DeepSpeed config has 'auto' at {path}; give a concrete value.")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                find_auto(v, f"{path}.{k}" if path else k)
+
+    find_auto(ds, "")
+    return ds
+
+
+def zero_stage(ds_config: dict | None) -> int:
+    return int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0))
+
+
+def default_loss_chunk(vocab_size: int) -> int:
+    """Tokens per chunk of the fused loss: about 512 MiB of fp32 logits per chunk."""
+    return int(min(8192, max(64, (1 << 27) // max(1, vocab_size))))
+
+
+# --- lm_head + cross-entropy without the full logits ----------------------------------------------
+
+
+def _chunked_linear_ce_cls():
+    import torch
+
+    class ChunkedLinearCrossEntropy(torch.autograd.Function):
+        """sum_i CE(hidden_i @ W^T, target_i), computed chunk by chunk.
+
+        The gradients with respect to hidden and W are computed in the forward pass (softmax - onehot
+        per chunk) and kept, so backward only scales them: peak memory is one chunk of logits instead
+        of [tokens x vocab] logits, their fp32 copy and their gradient (for a 128k vocabulary and 8k
+        tokens that is ~8 GB). The same idea as liger-kernel's fused linear cross-entropy, in torch.
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, target, chunk, compute_dtype):
+            w = weight.to(compute_dtype)
+            need_h, need_w = hidden.requires_grad, weight.requires_grad
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s : s + chunk].to(compute_dtype)
+                y = target[s : s + chunk]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if need_h or need_w:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0  # d loss / d logits
+                    g = probs.to(compute_dtype)
+                    if need_h:
+                        grad_h[s : s + chunk] = (g @ w).to(hidden.dtype)
+                    if need_w:
+                        grad_w += (g.t() @ h).float()
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.weight_dtype = weight.dtype
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_loss):
+            grad_h, grad_w = ctx.saved_tensors
+            gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+            gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+            return gh, gw, None, None, None
+
+    return ChunkedLinearCrossEntropy
+
+
+_CHUNKED_CE = None
+
+
+def linear_cross_entropy_sum(hidden, head, target, impl: str = "fused", chunk: int = 0):
+    """Sum of token cross-entropies of `head(hidden)` against `target` (rows already filtered to labelled ones).
+
+    impl: 'fused' (chunked, no full logits; needs a bias-free nn.Linear head whose weight is a real
+    tensor, i.e. not a ZeRO-3 partition), 'liger' (liger-kernel's Triton version, GPU), or 'logits'
+    (head(hidden) then cross-entropy: works everywhere, ZeRO-3 gathers the head in its hook).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    global _CHUNKED_CE
+    if impl == "logits" or hidden.shape[0] == 0:
+        logits = head(hidden).float()
+        return F.cross_entropy(logits, target, reduction="sum")
+    weight = head.weight
+    if impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, target)
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    if _CHUNKED_CE is None:
+        _CHUNKED_CE = _chunked_linear_ce_cls()
+    return _CHUNKED_CE.apply(hidden, weight, target, chunk or default_loss_chunk(weight.shape[0]), compute_dtype)
+
+
+def choose_loss_impl(head, fused: bool, liger: bool) -> str:
+    """'liger' or 'fused' where the head is a plain bias-free Linear with a whole weight, else 'logits'."""
+    import torch
+
+    plain = type(head) is torch.nn.Linear and head.bias is None and getattr(head.weight, "ds_id", None) is None
+    if not (fused and plain):
+        return "logits"
+    return "liger" if liger else "fused"
+
+
+def _lm_with_loss_cls():
+    import torch
+
+    class CausalLMWithLoss(torch.nn.Module):
+        """Wraps a causal LM (or PeftModel) so forward returns the summed loss over assistant tokens.
+
+        The decoder gives hidden states; only the rows whose next-token label is trained on go
+        through lm_head + cross-entropy. With a long schema prompt and a short answer that skips
+        most of the lm_head work as well as the logits' memory. DDP and DeepSpeed wrap this module.
+        """
+
+        def __init__(self, lm, loss_impl: str, chunk: int = 0):
+            super().__init__()
+            self.lm = lm
+            self.loss_impl = loss_impl
+            self.chunk = chunk
+
+        def hf_model(self):
+            return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+        def forward(self, input_ids, position_ids, labels):
+            hf = self.hf_model()
+            hidden = hf.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            target = labels[:, 1:]
+            keep = target != IGNORE
+            return linear_cross_entropy_sum(
+                hidden[:, :-1][keep], hf.get_output_embeddings(), target[keep], self.loss_impl, self.chunk
+            )
+
+    return CausalLMWithLoss
+
+
+def build_training_model(cfg: TrainConfig, model_path: str, dtype, device_type: str, restore: Path | None = None,
+                         ds_config: dict | None = None):
+    """Load the base model (LoRA: in `dtype`; full: fp32 master weights) and `prepare_for_training` it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    use_ds = cfg.method == "full" and ds_config is not None
+    load_dtype = dtype if cfg.method == "lora" else torch.float32
+    src = model_path
+    if cfg.method == "full" and not use_ds and restore is not None:
+        src = str(restore / "hf")  # plain-DDP full fine-tuning resumes from its saved weights
+    keep_alive = None
+    if use_ds and zero_stage(ds_config) == 3:
+        # ZeRO-3: from_pretrained builds the model already partitioned (deepspeed.zero.Init) instead of
+        # every worker holding all weights first; the object must stay alive while the model loads.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=load_dtype)
+    del keep_alive
+    return prepare_for_training(model, cfg, dtype, device_type, restore, zero_stage(ds_config) if use_ds else None)
+
+
+def prepare_for_training(model, cfg: TrainConfig, dtype, device_type: str, restore: Path | None = None,
+                         deepspeed_stage: int | None = None):
+    """The model ready to train: liger, gradient checkpointing, LoRA adapters, precision, loss wrapper.
+
+    Returns (wrapper, autocast_dtype or None). `lora` on GPU: base in bf16, adapters in fp32 (PEFT's
+    default) and bf16 autocast with PEFT's input casting off, so LoRA matmuls run in bf16 on the
+    activation the base layer already keeps (PEFT's default casts every LoRA input to an fp32 copy
+    that backward keeps: 4 bytes x hidden per token per adapted layer). `full` keeps fp32 weights:
+    DeepSpeed's bf16 mode or bf16 autocast (plain DDP) computes in bf16.
+    """
+    import torch
+
+    model.config.use_cache = False
+    if cfg.liger:
+        _apply_liger(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointed_layers(model, cfg.checkpoint_layers)
+    if cfg.method == "lora":
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if restore is not None:
+            model = PeftModel.from_pretrained(model, str(restore / "hf"), is_trainable=True)
+        else:
+            targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [
+                t.strip() for t in cfg.lora_targets.split(",") if t.strip()
+            ]
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+    autocast = None
+    if dtype == torch.bfloat16 and deepspeed_stage is None and device_type == "cuda":
+        autocast = torch.bfloat16
+        for m in model.modules():  # LoRA layers: keep bf16 inputs, autocast runs the adapter matmuls in bf16
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = False
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = choose_loss_impl(hf.get_output_embeddings(), cfg.fused_loss, cfg.liger)
+    if deepspeed_stage == 3:
+        impl = "logits"  # the head's weight is a partition outside its module hook
+    return _lm_with_loss_cls()(model, impl), autocast
+
+
+def forward_backward(model, micro: list[dict], scale: float, autocast, device, engine=None):
+    """Forward and backward of one optimizer step's micro-batches; returns the summed loss (detached).
+
+    `scale` turns the summed token loss into the step's mean (1 / assistant tokens of the step, times
+    the number of workers whose gradients DDP/DeepSpeed average). With DDP, gradients are synchronised
+    on the last micro-batch only; with DeepSpeed, `engine.step()` acts at the accumulation boundary.
+    """
+    import torch
+
+    autocast_ctx = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else contextlib.nullcontext
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for k, b in enumerate(micro):
+        inputs = {key: b[key].to(device, non_blocking=True) for key in ("input_ids", "position_ids", "labels")}
+        if engine is not None:
+            with autocast_ctx():
+                loss = engine(**inputs)
+            engine.backward(loss * scale, scale_wrt_gas=False)
+            engine.step()
+        else:
+            sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast_ctx():
+                    loss = model(**inputs)
+                (loss * scale).backward()
+        loss_sum += loss.detach().double()
+    return loss_sum
+
+
+def set_checkpointed_layers(model, fraction: float) -> int:
+    """Keep gradient checkpointing on the first ceil(fraction * L) decoder layers only; returns that count.
+
+    Recomputing a layer costs one more forward of it (~1/3 of its step time); checkpoint just enough
+    layers for the activations to fit.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = math.ceil(fraction * len(layers))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < keep
+    return keep
+
+
+def _apply_liger(model) -> None:
+    """liger-kernel's RMSNorm / SwiGLU / RoPE kernels on this model (the loss uses its fused linear CE)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise RuntimeError(
+            "train.liger needs the liger-kernel package on the GPU workers (pip install liger-kernel), "
+            "or drop --liger (the fused chunked loss works without it)."
+        ) from None
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The Ray Train worker loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _full_state_dict(hf_model, zero3: bool, rank: int, dtype) -> dict:
+    """All weights of a full model on CPU (rank 0; empty elsewhere), gathering ZeRO-3 partitions one at a time."""
+
+    sd: dict[str, Any] = {}
+    for name, p in hf_model.named_parameters():
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank == 0:
+                    sd[name] = p.detach().to("cpu", dtype=dtype, copy=True).contiguous()
+        elif rank == 0:  # a copy: ZeRO-2 params are views into one flat buffer
+            sd[name] = p.detach().to("cpu", dtype=dtype, copy=True).contiguous()
+    if rank == 0:
+        keys = set(hf_model.state_dict().keys())
+        for name, b in hf_model.named_buffers():
+            if name in keys and name not in sd:
+                sd[name] = b.detach().to("cpu", copy=True).contiguous()
+    return sd if rank == 0 else {}
+
+
+def _save_full(hf_model, out: Path, sd: dict, dtype) -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(sd, out, max_shard_size="5GB")
+    config = copy.deepcopy(hf_model.config)  # the live model keeps its own (use_cache off while training)
+    config.dtype = dtype
+    config.use_cache = True
+    config.save_pretrained(out)
+    if getattr(hf_model, "generation_config", None) is not None:
+        hf_model.generation_config.save_pretrained(out)
+
+
+def train_loop_per_worker(loop: dict) -> None:
+    """One Ray Train worker: build the model, restore the latest checkpoint if any, train, checkpoint."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    cfg: TrainConfig = from_dict(TrainConfig, loop["cfg"], "train")
+    setup_logging()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
+    dtype = models.torch_dtype(cfg.dtype, device.type)
+    ds_config = deepspeed_config(loop["ds_preset"], cfg, bf16=dtype == torch.bfloat16) if loop["ds_preset"] else None
+    use_ds = ds_config is not None
+    zero3 = use_ds and zero_stage(ds_config) == 3
+    save_dtype = dtype  # fp32 on CPU, bf16 on GPU ('auto')
+
+    # Restore ------------------------------------------------------------------------------------
+    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": [], "resumed_from": [],
+             "method": cfg.method, "model": loop["model_spec"]}
+    ckpt = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        restore = Path(stack.enter_context(ckpt.as_directory())) if ckpt else None
+        if restore is not None:
+            state.update(json.loads((restore / "state.json").read_text()))
+            state["resumed_from"].append(state["step"])
+            if rank == 0:
+                log.info("resuming from the checkpoint of step %d (%s)", state["step"], restore)
+
+        # Model and optimizer --------------------------------------------------------------------
+        wrapper, autocast = build_training_model(cfg, loop["model_path"], dtype, device.type, restore, ds_config)
+        trainable = [p for p in wrapper.parameters() if p.requires_grad]
+        if use_ds:
+            import deepspeed
+
+            offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
+            if offload in ("cpu", "nvme"):
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                opt = DeepSpeedCPUAdam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, adamw_mode=True)
+            else:
+                opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            engine, optimizer, _, _ = deepspeed.initialize(model=wrapper, optimizer=opt, config=ds_config)
+            model = engine
+            if restore is not None:
+                engine.load_checkpoint(str(restore / "ds"), tag="state", load_module_strict=True)
+        else:
+            engine = None
+            model = ray.train.torch.prepare_model(wrapper)
+            optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=on_gpu)
+            if restore is not None and (restore / "optimizer.pt").is_file():
+                optimizer.load_state_dict(torch.load(restore / "optimizer.pt", map_location=device))
+    inner = engine.module if use_ds else (model.module if hasattr(model, "module") else model)
+    hf_model = inner.hf_model()
+    if rank == 0:
+        n_train = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)  # ZeRO-3 holds partitions
+        log.info("method=%s loss=%s autocast=%s trainable params=%d workers=%d device=%s",
+                 cfg.method, inner.loss_impl, autocast, n_train, world, device)
+
+    def save_checkpoint(final: bool, metrics: dict) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="t2s_ckpt_"))
+        try:
+            hf_dir = tmp / "hf"
+            if use_ds:
+                engine.save_checkpoint(str(tmp / "ds"), tag="state")  # every rank writes its shard
+                if final:
+                    sd = _full_state_dict(hf_model, zero3, rank, save_dtype)
+                    if rank == 0:
+                        _save_full(hf_model, hf_dir, sd, save_dtype)
+            elif rank == 0:
+                if cfg.method == "lora":
+                    inner.lm.save_pretrained(str(hf_dir))
+                else:  # fp32 while training (exact resume); the final export in the run's dtype
+                    dt = save_dtype if final else torch.float32
+                    _save_full(hf_model, hf_dir, _full_state_dict(hf_model, False, 0, dt), dt)
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if rank == 0:
+                (tmp / "state.json").write_text(json.dumps({**state, "final": final}))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)) if (rank == 0 or use_ds) else None)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # Loop -----------------------------------------------------------------------------------------
+    shard = ray.train.get_dataset_shard("train")
+    total, steps_per_epoch = loop["total_steps"], loop["steps_per_epoch"]
+    micro_per_epoch = steps_per_epoch * cfg.grad_accum
+    warmup = warmup_steps_for(total, cfg.warmup_ratio)
+    pad_id = loop["pad_id"]
+    step = state["step"]
+    fail_at = int(loop.get("fail_at_step") or 0)
+    metrics: dict = {"step": step}
+    last_report = time.monotonic()
+    model.train()
+    while step < total:
+        epoch, skip = state["epoch"], state["micro_in_epoch"]
+        batches = iter(shard.iter_batches(batch_size=cfg.micro_batch_size, drop_last=True, batch_format="numpy",
+                                          local_shuffle_buffer_size=256, local_shuffle_seed=cfg.seed + epoch))
+        consumed = 0
+        for _ in range(skip):  # resume inside an epoch: skip what the checkpointed steps used
+            next(batches)
+            consumed += 1
+        while step < total and consumed + cfg.grad_accum <= micro_per_epoch:
+            t0 = time.perf_counter()
+            micro = [collate(next(batches), pad_id) for _ in range(cfg.grad_accum)]
+            consumed += cfg.grad_accum
+            step += 1
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout: same stream after a resume
+            lr = cfg.lr * lr_multiplier(step, total, warmup, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Loss = sum over the step's assistant tokens on all workers / their count: every token weighs
+            # the same whatever micro-batch or worker it falls in. DDP and DeepSpeed average gradients over
+            # workers (hence * world); DeepSpeed's own division by grad_accum is turned off.
+            counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
+                                   sum(b["n_tokens"] for b in micro)], dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(counts)
+            n_label, n_tokens = max(1.0, float(counts[0])), float(counts[1])
+            scale = world / n_label
+            loss_sum = forward_backward(model, micro, scale, autocast, device, engine)
+            if use_ds:
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else None
+            else:
+                grad_norm = (float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                             if cfg.max_grad_norm > 0 else None)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            # Rank 0 decides whether this step reports metrics to Ray Train; the flag rides on the loss
+            # all-reduce so every worker calls ray.train.report the same number of times.
+            due = rank == 0 and time.monotonic() - last_report >= REPORT_EVERY_S
+            reduced = torch.stack([loss_sum, torch.tensor(float(due), dtype=torch.float64, device=device)])
+            if world > 1:
+                dist.all_reduce(reduced)
+            loss_sum, report_due = reduced[0], bool(reduced[1] > 0)
+            if on_gpu:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            entry = {"step": step, "loss": float(loss_sum) / n_label, "lr": lr, "tokens": int(n_tokens),
+                     "label_tokens": int(n_label), "step_time_s": round(dt, 4), "tokens_per_s": round(n_tokens / dt, 1),
+                     "grad_norm": grad_norm, "epoch": epoch}
+            state["history"].append(entry)
+            state.update(step=step, epoch=epoch, micro_in_epoch=consumed)
+            metrics = dict(entry)
+            if consumed + cfg.grad_accum > micro_per_epoch:  # the epoch is used up: the next step starts a new one
+                state.update(epoch=epoch + 1, micro_in_epoch=0)
+            if rank == 0 and (step % cfg.log_every == 0 or step == total):
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s %.3fs/step", step, total, entry["loss"], lr,
+                         entry["tokens_per_s"], dt)
+            is_ckpt = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < total
+            if is_ckpt:
+                save_checkpoint(False, metrics)
+                last_report = time.monotonic()
+            elif report_due and step < total:
+                ray.train.report(metrics)
+                last_report = time.monotonic()
+            if fail_at and step == fail_at and not state["resumed_from"]:
+                raise RuntimeError(f"injected failure after step {step} ({FAIL_ENV})")
+        for _ in batches:  # finish the epoch's iterator so the next epoch starts cleanly
+            pass
+    save_checkpoint(True, metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. run(): data, trainer, outputs
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def tokenize_batch(batch, model_path: str, max_length: int) -> dict:
+    """Ray Data map_batches: messages -> input_ids/labels (assistant only) + per-row counts and errors.
+
+    A task function rather than an actor class on purpose: the tokenizer loads in 0.1-1 s and is cached
+    per worker process, and Ray reuses its pooled task workers across datasets and runs, while an
+    actor pool starts (and imports transformers in) a fresh process every time (~10-20 s on 2 cores).
+    """
+    tokenizer = _cached_tokenizer(model_path)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "n_label_tokens": [],
+                            "truncated": [], "error": []}
+    for messages in batch.column("messages").to_pylist():
+        try:
+            ex = tokenize_conversation(messages, tokenizer, max_length)
+            ids, labels, trunc, err = ex.input_ids, ex.labels, ex.truncated, ""
+        except Exception as e:  # noqa: BLE001 - template errors too; recorded per row and counted in the manifest, never dropped silently
+            ids, labels, trunc, err = [], [], False, f"{type(e).__name__}: {e}"
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["n_tokens"].append(len(ids))
+        out["n_label_tokens"].append(sum(1 for x in labels if x != IGNORE))
+        out["truncated"].append(trunc)
+        out["error"].append(err)
+    return out
+
+
+def to_training_rows(batch: dict, packing: bool, max_length: int) -> dict:
+    """Keep rows with at least one assistant token; pack them when asked (Ray Data map_batches)."""
+    keep = [i for i, n in enumerate(batch["n_label_tokens"]) if n > 0]
+    examples = [(list(map(int, batch["input_ids"][i])), list(map(int, batch["labels"][i]))) for i in keep]
+    if packing:
+        seqs = pack_examples(examples, max_length)
+        return {k: [s[k] for s in seqs] for k in ("input_ids", "labels", "position_ids", "n_examples")}
+    return {"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples],
+            "position_ids": [list(range(len(e[0]))) for e in examples], "n_examples": [1] * len(examples)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def latest_checkpoint_state(storage: str) -> dict | None:
+    """state.json of the newest checkpoint in a local Ray Train storage dir (None when there is none)."""
+    run_dir = Path(storage) / "train"
+    best = None
+    for f in run_dir.glob("checkpoint_*/state.json"):
+        try:
+            s = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if best is None or s.get("step", 0) > best.get("step", 0):
+            best = s
+    return best
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # a declared dependency, but a bare GPU image may lack it: the manifest has the numbers
+        log.warning("matplotlib is not installed: %s not drawn (loss_history in manifest.json)", path.name)
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="." if len(history) < 50 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _copy_into(src_dir: Path, out: Path, skip: tuple = ("README.md",)) -> list[str]:
+    names = []
+    for f in sorted(src_dir.iterdir()):
+        if f.name in skip or not f.is_file():
+            continue
+        with atomic_path(out / f.name) as tmp:
+            shutil.copyfile(f, tmp)
+        names.append(f.name)
+    return names
+
+
+def run(cfg: TrainConfig) -> Path:
+    """Fine-tune cfg.model on the SFT set with Ray Train and write the model dir, manifest and loss curve."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    from .common import ensure_ray
+
+    started = time.time()
+    out = Path(cfg.out).resolve()
+    files = find_sft_files(cfg.input)
+    check_sft_schema(files)
+    model_path = models.resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer of {model_path} has no chat template; train needs one to find assistant turns.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ds_preset = load_deepspeed_preset(cfg.deepspeed) if cfg.method == "full" and cfg.deepspeed else None
+    storage = cfg.storage_path or str(out / "ray_train")
+    previous = latest_checkpoint_state(storage) if "://" not in storage else None
+    if previous and (previous.get("method"), previous.get("model")) != (cfg.method, cfg.model):
+        raise ValueError(
+            f"{storage} holds checkpoints of another run (method={previous.get('method')}, model="
+            f"{previous.get('model')!r}); use a new --out (or --storage-path) or delete that folder."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+
+    # Data: Parquet -> tokens with assistant-only labels -> (packed) sequences, materialised once so the
+    # step count is known before training and every worker gets an equal shard.
+    ds = ray.data.read_parquet([str(f) for f in files]).select_columns(["messages"])
+    tokenized = ds.map_batches(
+        tokenize_batch, fn_kwargs={"model_path": model_path, "max_length": cfg.max_length},
+        batch_format="pyarrow", batch_size=256,
+    ).materialize()
+    stats = tokenized.select_columns(["n_tokens", "n_label_tokens", "truncated", "error"]).to_pandas()
+    usable = stats["n_label_tokens"] > 0
+    failed = stats["error"] != ""
+    if not usable.any():
+        first = stats["error"][failed].iloc[0] if failed.any() else "no assistant tokens within max_length"
+        raise ValueError(f"no trainable rows in {files[0]} ({len(stats)} rows); first problem: {first}")
+    sequences = (
+        tokenized.random_shuffle(seed=cfg.seed)
+        .map_batches(to_training_rows, fn_kwargs={"packing": cfg.packing, "max_length": cfg.max_length},
+                     batch_size=PACK_BUFFER, batch_format="numpy")
+        .materialize()
+    )
+    n_seq = sequences.count()
+    per_step = cfg.num_workers * cfg.micro_batch_size * cfg.grad_accum
+    steps_per_epoch = (n_seq // cfg.num_workers) // (cfg.micro_batch_size * cfg.grad_accum)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{n_seq} training sequences cannot fill one step of {per_step} (num_workers x micro_batch_size x "
+            "grad_accum); lower those or give more data."
+        )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    start_step = previous["step"] if previous else 0
+    log.info("train: %d rows, %d usable, %d truncated, %d sequences, %d steps/epoch, %d steps (from step %d)",
+             len(stats), int(usable.sum()), int(stats["truncated"][usable].sum()), n_seq, steps_per_epoch,
+             total_steps, start_step)
+
+    loop = {
+        "cfg": to_dict(cfg), "model_path": model_path, "model_spec": cfg.model, "ds_preset": ds_preset,
+        "pad_id": int(pad_id), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+        "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name="train", storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": sequences},
+    )
+    result = trainer.fit()
+
+    # Outputs: the final checkpoint's Hugging Face dir, the tokenizer, merged model, manifest, loss curve.
+    with result.checkpoint.as_directory() as d:
+        ck = Path(d)
+        state = json.loads((ck / "state.json").read_text())
+        files_written = _copy_into(ck / "hf", out)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files_written += _copy_into(Path(tmp), out)
+    if cfg.method == "lora":
+        adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+        adapter_cfg["base_model_name_or_path"] = model_path  # a path or hub name from_pretrained loads
+        from .common import write_json
+
+        write_json(out / "adapter_config.json", adapter_cfg)
+    if cfg.merge and cfg.method == "lora":
+        _write_merged(out, model_path)
+    history = state["history"]
+    plot_loss(history, out / "loss_curve.png")
+    run_now = [h for h in history if h["step"] > start_step]
+    tok_s = (sum(h["tokens"] for h in run_now) / sum(h["step_time_s"] for h in run_now)) if run_now else None
+    step_times = sorted(h["step_time_s"] for h in run_now)
+    used = stats[usable]
+    write_manifest(
+        out, "train", cfg, started,
+        model={"spec": cfg.model, "resolved": model_path, "method": cfg.method,
+               "loss": "assistant tokens only", "deepspeed": ds_preset},
+        data={
+            "files": [str(f) for f in files], "sha256": {str(f): _sha256(f) for f in files},
+            "rows": len(stats), "examples": int(usable.sum()), "failed_rows": int(failed.sum()),
+            "errors": sorted(set(stats["error"][failed]))[:5],
+            "no_assistant_tokens": int((~usable & ~failed).sum()),
+            "truncated": int(used["truncated"].sum()), "max_length": cfg.max_length, "packing": cfg.packing,
+            "sequences": int(n_seq), "tokens": int(used["n_tokens"].sum()),
+            "label_tokens": int(used["n_label_tokens"].sum()),
+        },
+        training={
+            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "steps_run": len(run_now),
+            "resumed_from_step": state.get("resumed_from", []), "sequences_per_step": per_step,
+            "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
+        },
+        metrics={
+            "first_loss": history[0]["loss"] if history else None,
+            "final_loss": history[-1]["loss"] if history else None,
+            "tokens_per_s": round(tok_s, 1) if tok_s else None,
+            "median_step_time_s": step_times[len(step_times) // 2] if step_times else None,
+        },
+        loss_history=[{k: h[k] for k in ("step", "loss", "lr", "tokens_per_s", "step_time_s")} for h in history],
+        files=sorted(set(files_written) | {"manifest.json", "loss_curve.png"}),
+        checkpoint=str(result.checkpoint.path), storage=storage,
+    )
+    log.info("train: %d steps (%d this run), final loss %s -> %s", state["step"], len(run_now),
+             history[-1]["loss"] if history else None, out)
+    return out
+
+
+def _write_merged(out: Path, model_path: str) -> None:
+    """LoRA merged into the base weights under out/merged (a plain model dir)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(prefix=".merged.", dir=out))
+    try:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
+        if (out / "merged").exists():
+            shutil.rmtree(out / "merged")
+        os.replace(tmp, out / "merged")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
