@@ -14,7 +14,7 @@ import pytest
 
 from text2sql_ray import bird, cli, evaluate
 from text2sql_ray.common import log, read_jsonl
-from text2sql_ray.config import ConfigError, EvaluateConfig
+from text2sql_ray.config import ConfigError, EngineConfig, EvaluateConfig
 
 BIRD_MISSING = {
     "california_schools": 89,
@@ -218,9 +218,13 @@ def test_missing_predictions_file_gives_a_clear_error(split_dir, tmp_path):
         evaluate.run(cfg)
 
 
-def test_model_mode_is_not_available_yet(split_dir, tmp_path):
-    with pytest.raises(ConfigError, match="--model is not available yet"):
-        evaluate.run(EvaluateConfig(data=str(split_dir), model="some/model", out=str(tmp_path / "out")))
+def test_samples_need_a_model_or_endpoint_not_a_predictions_file(split_dir, tmp_path):
+    # (--model / --endpoint modes are tested in test_evaluate_model.py)
+    preds = write_preds(tmp_path / "preds.jsonl", GOOD)
+    cfg = EvaluateConfig(data=str(split_dir), predictions=str(preds), out=str(tmp_path / "out"), samples=2,
+                         engine=EngineConfig(temperature=0.8))
+    with pytest.raises(ConfigError, match="--samples > 1 .* needs --model or --endpoint"):
+        evaluate.run(cfg)
 
 
 def test_gold_sql_scores_432_of_432_on_real_bird_dev_through_the_cli(ray_local, bird_dev, tmp_path):

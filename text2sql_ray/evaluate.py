@@ -1,6 +1,9 @@
-"""`t2s evaluate`: BIRD execution accuracy (EX) of predictions, on a pool of SQLite executor actors.
+"""`t2s evaluate`: BIRD execution accuracy (EX) of predictions, a model or an endpoint, on a pool of SQLite executor actors.
 
     t2s evaluate --data <BIRD split dir> --predictions <file> --out <dir> [--limit N] [--strict]
+    t2s evaluate --data <dir> --model <dir or name> --out <dir> [--samples K --engine.temperature T]
+    t2s evaluate --data <dir> --endpoint http://host:8000/v1 --out <dir> [--engine.concurrency C] [--samples K ...]
+    t2s evaluate --compare <run dir A> <run dir B> --out <dir>
 
 Predictions: the official ``predict_dev.json`` (``{"0": "SQL\\t----- bird -----\\tdb_id"}``) or JSONL
 rows ``{"question_id": N, "sql": "..."}``. Scoring follows the official BIRD rule (see sqlexec.py):
@@ -14,19 +17,57 @@ difficulty, correct, pred_error, gold_error, timed_out, seconds, skipped, missin
 error_kind, pred_rows, gold_rows, attempts, pred_sql), ``report.json``,
 ``report.md``, ``ex_by_difficulty.png``, ``predict_dev.json`` (official format) and ``manifest.json``.
 
-Scoring is ``score(split, sql_by_qid, cfg, out_dir)``; the ``--model``/``--endpoint`` modes generate
-predictions first and then call it.
+Scoring is ``score(split, sql_by_qid, cfg, out_dir)``; every mode ends in it.
+
+Model mode (``--model``: ``engines.generate`` on Ray Data with ``cfg.engine``, backend 'hf' or 'vllm')
+and endpoint mode (``--endpoint``: the engines' 'openai' backend against any OpenAI-compatible
+server, e.g. ``t2s serve``; ``engine.model`` names the served model, empty = the first it lists)
+build each question's prompt exactly as ``t2s convert`` builds the training prompt
+(``prompts.build_messages`` with the ``schema.SchemaCache`` text for ``cfg.prompt`` and
+``cfg.tokenizer``; pass the same prompt options and tokenizer as convert), take ``prompts.extract_sql``
+of each answer and score it. Questions whose database file is missing are not generated (they are
+skipped in scoring anyway). A failed generation is a missing prediction (0). Extra output:
+``generations.jsonl`` (question order: question_id, db_id, text, sql, tokens, error, samples, vote):
+``t2s evaluate --predictions <out>/generations.jsonl`` re-scores the greedy answers (a failed
+generation then reads as an empty prediction: 0 either way).
+
+``--samples k`` (k > 1, ``engine.temperature`` > 0): self-consistency. Greedy EX comes from a
+separate temperature-0 generation, so it equals a plain run's EX; then k samples per question at
+``engine.temperature``, each sample's SQL executed on the question's database, and the answer whose
+execution result (``sqlexec.result_digest``) is most frequent wins (`majority_vote`: failed
+executions do not vote; a tie goes to the result whose first sample came earliest; when no sample
+executes, sample 0 stands). The winners are scored like predictions into ``<out>/maj_at_k/`` and
+reported beside greedy EX in report.json/report.md (``maj_at_k``: EX, per difficulty, and the
+share of questions where any sample was correct).
+
+``--compare A B``: a side-by-side report of two evaluation runs (``compare_runs``): EX overall and per
+difficulty on the questions both scored, the questions B fixed (wrong in A, right in B) and broke,
+by id; ``compare.md``, ``compare.json``, ``compare.png`` and ``manifest.json`` in ``--out``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 from . import bird
-from .common import atomic_path, ensure_ray, log, write_json, write_jsonl, write_manifest, write_text
-from .config import ConfigError, EvaluateConfig
+from .common import (
+    atomic_path,
+    ensure_ray,
+    log,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+    write_manifest,
+    write_text,
+)
+from .config import ConfigError, EngineConfig, EvaluateConfig
 from .sqlexec import PairResult, error_kind, run_pairs
 
 DIFFICULTIES = ("simple", "moderate", "challenging")
@@ -35,22 +76,16 @@ OUTPUT_FILES = ("results.jsonl", "report.json", "report.md", "ex_by_difficulty.p
 
 
 def run(cfg: EvaluateConfig) -> Path:
-    """Evaluate a predictions file against a BIRD split; returns the output directory."""
+    """Evaluate predictions, a model or an endpoint against a BIRD split (or compare two runs); returns --out."""
     started = time.time()
     if cfg.compare:
-        raise ConfigError(
-            "evaluate --compare is not available yet; evaluate each run and read their report.json."
-        )
+        return run_compare(cfg, started)
     if cfg.model or cfg.endpoint:
-        mode = "--model" if cfg.model else "--endpoint"
-        raise ConfigError(
-            f"evaluate {mode} is not available yet; generate predictions elsewhere and pass them with "
-            '--predictions FILE (official predict_dev.json or JSONL {"question_id", "sql"}).'
-        )
+        return run_generation(cfg, started)
     if not cfg.predictions:
         raise ConfigError(
             "evaluate needs --predictions FILE "
-            '(official predict_dev.json or JSONL rows {"question_id", "sql"}).'
+            '(official predict_dev.json or JSONL rows {"question_id", "sql"}), --model M or --endpoint URL.'
         )
     if cfg.samples != 1:
         raise ConfigError(
@@ -273,8 +308,8 @@ def report_markdown(report: dict) -> str:
     if report["n_skipped_missing_db"]:
         skipped = ", ".join(f"{d} ({n})" for d, n in report["skipped_db_ids"].items())
         lines += [
-            f"**Skipped {report['n_skipped_missing_db']} question(s): database file missing** for "
-            f"{len(report['skipped_db_ids'])} db_id(s): {skipped}.",
+            (f"**Skipped {report['n_skipped_missing_db']} question(s): database file missing** for "
+             f"{len(report['skipped_db_ids'])} db_id(s): {skipped}."),
             "",
         ]
     lines += [
@@ -332,3 +367,488 @@ def plot_ex_by_difficulty(report: dict, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and endpoint modes: prompts -> generations -> SQL -> score (and maj@k)
+# --------------------------------------------------------------------------------------------------
+
+GENERATION_FILES = ("generations.jsonl",)
+MAJ_DIR = "maj_at_k"
+
+
+def normalize_endpoint(url: str) -> str:
+    """The OpenAI base URL: trailing '/' dropped, '/v1' added when the URL has no path."""
+    url = url.strip().rstrip("/")
+    if urlparse(url).path in ("", "/"):
+        url += "/v1"
+    return url
+
+
+def engine_config(cfg: EvaluateConfig) -> EngineConfig:
+    """The engine of a --model / --endpoint run: --model as engine.model ('hf' unless 'vllm' was asked for),
+    or --endpoint as an 'openai' engine."""
+    if cfg.endpoint:
+        return dataclasses.replace(cfg.engine, backend="openai", endpoint=normalize_endpoint(cfg.endpoint))
+    backend = cfg.engine.backend if cfg.engine.backend in ("hf", "vllm") else "hf"
+    return dataclasses.replace(cfg.engine, backend=backend, model=cfg.model)
+
+
+def question_prompts(split: bird.BirdSplit, questions: list[dict], cfg: EvaluateConfig) -> tuple[list[dict], dict[int, str]]:
+    """Chat messages of each question whose database is on disk, exactly as `t2s convert` builds the
+    training prompt (without the assistant turn). Returns (rows {question_id, messages}, {question_id: error}
+    for questions whose schema cannot be read)."""
+    from .prompts import build_messages
+    from .schema import NoSchemaError, SchemaCache
+
+    tokenizer = None
+    if cfg.tokenizer:
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    cache = SchemaCache.from_split(split, cfg.prompt, tokenizer)
+    rows, errors = [], {}
+    for q in questions:
+        if split.db_path(q["db_id"]) is None:
+            continue
+        try:
+            schema = cache.get(str(q["db_id"]))
+        except NoSchemaError as e:
+            errors[q["question_id"]] = f"no schema: {e}"
+            continue
+        messages = build_messages(schema, str(q.get("question") or ""), str(q.get("evidence") or ""), cfg.prompt)
+        rows.append({"question_id": int(q["question_id"]), "messages": messages})
+    return rows, errors
+
+
+def generate_rows(rows: list[dict], engine: EngineConfig, n: int) -> dict[int, dict]:
+    """{question_id: {texts, tokens, error}} for the rows, through `engines.generate` on Ray Data."""
+    import ray
+
+    from .engines import generate
+
+    if not rows:
+        return {}
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        blocks = max(1, min(len(rows), math.ceil(len(rows) / engine.batch_size)))
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)
+        out = generate(ds, engine, n=n).select_columns(["question_id", "generations", "gen_tokens", "gen_error"])
+        got = out.take_all()
+    finally:
+        ctx.enable_progress_bars = bars
+    return {
+        int(r["question_id"]): {
+            "texts": [str(t) for t in r["generations"]],
+            "tokens": [int(t) for t in r["gen_tokens"]],
+            "error": r["gen_error"] or "",
+        }
+        for r in got
+    }
+
+
+def majority_vote(digests: Sequence[str | None]) -> int | None:
+    """Index of the maj@k winner among k samples, given each sample's execution-result digest (None = failed).
+
+    The most frequent result wins; failed executions do not vote; a tie between results goes to the
+    one whose first sample came earliest. Returns the index of that result's first sample, or None
+    when no sample executed.
+
+    >>> majority_vote(["a", "b", "b", None])
+    1
+    >>> majority_vote(["a", "b", "a", "b"])
+    0
+    >>> majority_vote([None, None]) is None
+    True
+    """
+    counts = Counter(d for d in digests if d is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(i for i, d in enumerate(digests) if d is not None and counts[d] == best)
+
+
+def vote_questions(
+    split: bird.BirdSplit, questions: list[dict], samples_sql: dict[int, list[str]], cfg: EvaluateConfig
+) -> dict[int, dict]:
+    """Execute every sample's SQL on its question's database (with the gold, under one budget per pair) and vote.
+
+    Returns {question_id: {winner, sql, votes, executed, distinct, correct: [per sample]}} for the
+    questions with samples and a database on disk.
+    """
+    items, owners = [], []
+    for q in questions:
+        qid = q["question_id"]
+        db = split.db_path(q["db_id"])
+        if db is None or not samples_sql.get(qid):
+            continue
+        for j, sql in enumerate(samples_sql[qid]):
+            items.append((str(db), sql, q["SQL"]))
+            owners.append((qid, j))
+    results = run_pairs(items, num_actors=cfg.num_actors, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows) if items else []
+    per_q: dict[int, list[PairResult]] = {}
+    for (qid, _), r in zip(owners, results):
+        per_q.setdefault(qid, []).append(r)
+    out = {}
+    for qid, rs in per_q.items():
+        digests = [r.pred_digest if not r.pred_error and not r.timed_out else None for r in rs]
+        winner = majority_vote(digests)
+        pick = 0 if winner is None else winner
+        votes = Counter(d for d in digests if d is not None)
+        out[qid] = {
+            "winner": winner,
+            "sql": samples_sql[qid][pick],
+            "votes": votes[digests[pick]] if winner is not None else 0,
+            "executed": sum(1 for d in digests if d is not None),
+            "distinct": len(votes),
+            "correct": [bool(r.correct) for r in rs],
+        }
+    return out
+
+
+def _token_stats(counts: list[int]) -> dict:
+    counts = [c for c in counts if c >= 0]
+    if not counts:
+        return {"n": 0}
+    return {"n": len(counts), "total": sum(counts), "mean": round(sum(counts) / len(counts), 1), "max": max(counts)}
+
+
+def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
+    """--model / --endpoint: generate (greedy, plus k samples with --samples k), extract SQL, score, vote."""
+    from .prompts import extract_sql
+
+    started = started or time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = bird.load_split(bird.resolve_data(cfg.data, "dev"))
+    questions = select_questions(split, cfg.limit)
+    engine = engine_config(cfg)
+    served_model = ""
+    if engine.backend == "openai":
+        from .engines import resolve_openai_model
+
+        served_model = resolve_openai_model(engine)  # fails fast when the endpoint is down
+        engine = dataclasses.replace(engine, model=served_model)
+    k = cfg.samples
+    greedy_engine = dataclasses.replace(engine, temperature=0.0) if k > 1 else engine
+
+    t0 = time.time()
+    rows, schema_errors = question_prompts(split, questions, cfg)
+    prompt_s = time.time() - t0
+    log.info(
+        "evaluate: generating for %d of %d questions with %s (%s)%s",
+        len(rows), len(questions), cfg.endpoint or cfg.model, engine.backend,
+        f", then {k} samples each at temperature {engine.temperature}" if k > 1 else "",
+    )
+    t0 = time.time()
+    greedy = generate_rows(rows, greedy_engine, 1)
+    greedy_s = time.time() - t0
+    t0 = time.time()
+    sampled = generate_rows(rows, engine, k) if k > 1 else {}
+    sampling_s = time.time() - t0
+
+    gen_rows, sql_by_qid, samples_sql = [], {}, {}
+    for q in questions:
+        qid = q["question_id"]
+        g = greedy.get(qid)
+        row = {"question_id": qid, "db_id": q["db_id"], "text": None, "sql": None, "tokens": None, "error": "",
+               "samples": []}
+        if qid in schema_errors:
+            row["error"] = schema_errors[qid]
+        elif g is None:
+            row["error"] = "not generated: database file missing" if split.db_path(q["db_id"]) is None else "no output"
+        elif g["error"] or not g["texts"]:
+            row["error"] = g["error"] or "no text generated"
+        else:
+            row.update(text=g["texts"][0], sql=extract_sql(g["texts"][0]), tokens=g["tokens"][0])
+            sql_by_qid[qid] = row["sql"]
+        s = sampled.get(qid)
+        if s is not None:
+            if s["error"] and not s["texts"]:
+                row["samples_error"] = s["error"]
+            row["samples"] = [
+                {"text": t, "sql": extract_sql(t), "tokens": c} for t, c in zip(s["texts"], s["tokens"])
+            ]
+            if row["samples"]:
+                samples_sql[qid] = [x["sql"] for x in row["samples"]]
+        gen_rows.append(row)
+    n_gen_errors = sum(1 for r in gen_rows if r["error"] and not r["error"].startswith("not generated"))
+    if n_gen_errors:
+        log.warning("evaluate: %d question(s) failed to generate (scored 0); see generations.jsonl.", n_gen_errors)
+
+    write_jsonl(out / "generations.jsonl", gen_rows)  # before scoring: a run that fails later can be re-scored
+    t0 = time.time()
+    report = score(split, sql_by_qid, cfg, out)
+    maj = None
+    if k > 1:
+        votes = vote_questions(split, questions, samples_sql, cfg)
+        for row in gen_rows:
+            v = votes.get(row["question_id"])
+            row["vote"] = None if v is None else {key: v[key] for key in ("winner", "votes", "executed", "distinct")}
+            if v is not None:
+                row["maj_sql"] = v["sql"]
+        maj_report = score(split, {qid: v["sql"] for qid, v in votes.items()}, cfg, out / MAJ_DIR)
+        scored_ids = {q["question_id"] for q in questions if split.db_path(q["db_id"]) is not None}
+        any_correct = sum(1 for qid, v in votes.items() if qid in scored_ids and any(v["correct"]))
+        sample_hits = [c for qid, v in votes.items() if qid in scored_ids for c in v["correct"]]
+        maj = {
+            "k": k,
+            "temperature": engine.temperature,
+            "ex": maj_report["ex"],
+            "n_correct": maj_report["n_correct"],
+            "n_scored": maj_report["n_scored"],
+            "by_difficulty": {d: v["ex"] for d, v in maj_report["by_difficulty"].items()},
+            "any_sample_correct_ex": _ex(any_correct, maj_report["n_scored"]),
+            "mean_sample_ex": _ex(sum(sample_hits), len(sample_hits)) if sample_hits else None,
+            "n_no_sample_executed": sum(1 for v in votes.values() if v["winner"] is None),
+            "dir": MAJ_DIR,
+        }
+    scoring_s = time.time() - t0
+    if maj is not None:
+        write_jsonl(out / "generations.jsonl", gen_rows)  # now with each question's vote
+
+    generation = {
+        "mode": "endpoint" if cfg.endpoint else "model",
+        "source": cfg.endpoint or cfg.model,
+        "backend": engine.backend,
+        "served_model": served_model or None,
+        "greedy": "a separate temperature-0 generation" if k > 1 else f"temperature {engine.temperature}",
+        "samples": k,
+        "n_generated": len(greedy),
+        "n_generation_errors": n_gen_errors,
+        "n_no_sql": sum(1 for r in gen_rows if r["text"] is not None and not r["sql"]),
+        "tokens": _token_stats([r["tokens"] for r in gen_rows if r["tokens"] is not None]),
+        "wall_time_s": {"prompts": round(prompt_s, 3), "greedy": round(greedy_s, 3),
+                        "sampling": round(sampling_s, 3), "scoring": round(scoring_s, 3)},
+    }
+    report["generation"] = generation
+    if maj is not None:
+        report["maj_at_k"] = maj
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", report_markdown(report) + generation_markdown(report))
+    outputs = list(OUTPUT_FILES) + list(GENERATION_FILES) + ([f"{MAJ_DIR}/"] if maj else [])
+    write_manifest(
+        out,
+        "evaluate",
+        cfg,
+        started,
+        inputs={"data": str(split.root), "split": split.name, generation["mode"]: generation["source"],
+                "served_model": served_model or None},
+        counts={**{key: report[key] for key in ("n_questions", "n_skipped_missing_db", "n_scored", "n_correct")},
+                "n_generated": generation["n_generated"], "n_generation_errors": n_gen_errors},
+        metrics={
+            "ex": report["ex"],
+            "by_difficulty": {d: v["ex"] for d, v in report["by_difficulty"].items()},
+            **({"maj_at_k_ex": maj["ex"], "k": k} if maj else {}),
+        },
+        generation=generation,
+        outputs=outputs,
+    )
+    log.info("evaluate: EX %s%% (%d/%d scored)%s -> %s", report["ex"], report["n_correct"], report["n_scored"],
+             f", maj@{k} {maj['ex']}%" if maj else "", out)
+    return out
+
+
+def generation_markdown(report: dict) -> str:
+    """The report.md section of a --model / --endpoint run: generation facts and maj@k beside greedy."""
+    g = report.get("generation")
+    if not g:
+        return ""
+
+    def pct(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    lines = [
+        "",
+        "## Generation",
+        "",
+        f"{g['mode']} `{g['source']}` (backend {g['backend']}"
+        + (f", served model `{g['served_model']}`" if g.get("served_model") else "") + f"); greedy: {g['greedy']}.",
+        (f"Generated {g['n_generated']} question(s); {g['n_generation_errors']} failed (scored 0); "
+         f"{g['n_no_sql']} answer(s) held no SQL. Tokens: {g['tokens']}."),
+        "",
+    ]
+    maj = report.get("maj_at_k")
+    if maj:
+        lines += [
+            f"## Self-consistency (maj@{maj['k']}, execution-result vote, temperature {maj['temperature']})",
+            "",
+            "| difficulty | greedy EX % | maj@k EX % |",
+            "|---|---:|---:|",
+        ]
+        for d, v in report["by_difficulty"].items():
+            lines.append(f"| {d} | {pct(v['ex'])} | {pct(maj['by_difficulty'].get(d))} |")
+        lines += [
+            f"| **all** | **{pct(report['ex'])}** | **{pct(maj['ex'])}** |",
+            "",
+            (f"Any of the {maj['k']} samples correct: {pct(maj['any_sample_correct_ex'])} %; mean sample EX: "
+             f"{pct(maj['mean_sample_ex'])} %; questions where no sample executed (sample 0 stands): "
+             f"{maj['n_no_sample_executed']}. Per-question results: `{maj['dir']}/results.jsonl`."),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# --compare A B
+# --------------------------------------------------------------------------------------------------
+
+COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
+
+
+def _load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
+    d = Path(run_dir)
+    for name in ("report.json", "results.jsonl"):
+        if not (d / name).is_file():
+            raise FileNotFoundError(
+                f"{d / name} does not exist: --compare takes two `t2s evaluate` output dirs (with report.json and results.jsonl)."
+            )
+    return json.loads((d / "report.json").read_text()), read_jsonl(d / "results.jsonl")
+
+
+def compare_runs(dir_a: str | Path, dir_b: str | Path) -> dict:
+    """Side-by-side comparison of two evaluation runs (A = before, B = after), on the questions both scored.
+
+    fixed: wrong in A, right in B; broken: right in A, wrong in B (question ids, ascending).
+    """
+    report_a, rows_a = _load_run(dir_a)
+    report_b, rows_b = _load_run(dir_b)
+    a = {r["question_id"]: r for r in rows_a}
+    b = {r["question_id"]: r for r in rows_b}
+    common = sorted(set(a) & set(b))
+    both = [q for q in common if not a[q]["skipped"] and not b[q]["skipped"]]
+    fixed = [q for q in both if not a[q]["correct"] and b[q]["correct"]]
+    broken = [q for q in both if a[q]["correct"] and not b[q]["correct"]]
+
+    def stats(qids):
+        ca = sum(1 for q in qids if a[q]["correct"])
+        cb = sum(1 for q in qids if b[q]["correct"])
+        ex_a, ex_b = _ex(ca, len(qids)), _ex(cb, len(qids))
+        delta = round(ex_b - ex_a, 2) if ex_a is not None and ex_b is not None else None
+        return {"n_scored": len(qids), "a_correct": ca, "b_correct": cb, "a_ex": ex_a, "b_ex": ex_b, "delta": delta}
+
+    by_diff = {
+        d: stats([q for q in both if a[q]["difficulty"] == d])
+        for d in difficulty_order(a[q]["difficulty"] for q in both)
+    }
+
+    def detail(q):
+        return {"question_id": q, "db_id": a[q]["db_id"], "difficulty": a[q]["difficulty"],
+                "a_sql": a[q].get("pred_sql"), "b_sql": b[q].get("pred_sql"),
+                "a_error": a[q].get("pred_error"), "b_error": b[q].get("pred_error")}
+
+    result = {
+        "a": {"dir": str(dir_a), "ex": report_a.get("ex"), "n_scored": report_a.get("n_scored"),
+              "maj_at_k_ex": (report_a.get("maj_at_k") or {}).get("ex"), "source": (report_a.get("generation") or {}).get("source")},
+        "b": {"dir": str(dir_b), "ex": report_b.get("ex"), "n_scored": report_b.get("n_scored"),
+              "maj_at_k_ex": (report_b.get("maj_at_k") or {}).get("ex"), "source": (report_b.get("generation") or {}).get("source")},
+        "n_common": len(common),
+        "only_in_a": sorted(set(a) - set(b)),
+        "only_in_b": sorted(set(b) - set(a)),
+        "overall": stats(both),
+        "by_difficulty": by_diff,
+        "fixed": fixed,
+        "broken": broken,
+        "n_fixed": len(fixed),
+        "n_broken": len(broken),
+        "n_both_correct": sum(1 for q in both if a[q]["correct"] and b[q]["correct"]),
+        "n_both_wrong": sum(1 for q in both if not a[q]["correct"] and not b[q]["correct"]),
+        "fixed_detail": [detail(q) for q in fixed],
+        "broken_detail": [detail(q) for q in broken],
+    }
+    return result
+
+
+def compare_markdown(c: dict) -> str:
+    def pct(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    def signed(x):
+        return "-" if x is None else f"{x:+.2f}"
+
+    lines = [
+        "# Evaluation runs compared",
+        "",
+        f"A: `{c['a']['dir']}`" + (f" ({c['a']['source']})" if c["a"]["source"] else ""),
+        f"B: `{c['b']['dir']}`" + (f" ({c['b']['source']})" if c["b"]["source"] else ""),
+        "",
+        f"On the {c['overall']['n_scored']} questions both runs scored:",
+        "",
+        "| difficulty | scored | A correct | B correct | A EX % | B EX % | delta |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for d, v in c["by_difficulty"].items():
+        lines.append(f"| {d} | {v['n_scored']} | {v['a_correct']} | {v['b_correct']} | {pct(v['a_ex'])} | "
+                     f"{pct(v['b_ex'])} | {signed(v['delta'])} |")
+    o = c["overall"]
+    lines += [
+        (f"| **all** | {o['n_scored']} | {o['a_correct']} | {o['b_correct']} | **{pct(o['a_ex'])}** | "
+         f"**{pct(o['b_ex'])}** | **{signed(o['delta'])}** |"),
+        "",
+        f"Each run's own report: A EX {pct(c['a']['ex'])} % of {c['a']['n_scored']} scored, "
+        f"B EX {pct(c['b']['ex'])} % of {c['b']['n_scored']} scored."
+        + (f" maj@k: A {pct(c['a']['maj_at_k_ex'])} %, B {pct(c['b']['maj_at_k_ex'])} %."
+           if c["a"]["maj_at_k_ex"] is not None or c["b"]["maj_at_k_ex"] is not None else ""),
+        "",
+        f"Fixed by B ({c['n_fixed']}): {', '.join(map(str, c['fixed'])) or 'none'}",
+        "",
+        f"Broken by B ({c['n_broken']}): {', '.join(map(str, c['broken'])) or 'none'}",
+        "",
+        f"Both right: {c['n_both_correct']}; both wrong: {c['n_both_wrong']}.",
+    ]
+    if c["only_in_a"] or c["only_in_b"]:
+        lines += ["", f"Questions in only one run (not compared): A {len(c['only_in_a'])}, B {len(c['only_in_b'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(c: dict, path: str | Path) -> Path:
+    """Grouped bars: EX of A and B per difficulty and overall, on the questions both scored."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(c["by_difficulty"]) + ["all"]
+    stats = list(c["by_difficulty"].values()) + [c["overall"]]
+    xs = list(range(len(names)))
+    fig = Figure(figsize=(7, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    w = 0.38
+    for offset, key, label, color in ((-w / 2, "a_ex", "A", "#4c72b0"), (w / 2, "b_ex", "B", "#dd8452")):
+        bars = ax.bar([x + offset for x in xs], [s[key] or 0.0 for s in stats], w, label=label, color=color)
+        for bar, s in zip(bars, stats):
+            ax.annotate("n/a" if s[key] is None else f"{s[key]:.1f}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names)
+    ax.set_ylim(0, 115)
+    ax.set_ylabel("execution accuracy (%)")
+    ax.set_title(f"A vs B on {c['overall']['n_scored']} questions: {c['n_fixed']} fixed, {c['n_broken']} broken")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+def run_compare(cfg: EvaluateConfig, started: float | None = None) -> Path:
+    """--compare A B: compare.md, compare.json, compare.png and manifest.json in --out."""
+    started = started or time.time()
+    dir_a, dir_b = cfg.compare
+    c = compare_runs(dir_a, dir_b)
+    out = Path(cfg.out)
+    write_json(out / "compare.json", c)
+    write_text(out / "compare.md", compare_markdown(c))
+    plot_compare(c, out / "compare.png")
+    write_manifest(
+        out, "evaluate", cfg, started,
+        inputs={"compare": [str(dir_a), str(dir_b)]},
+        counts={"n_common": c["n_common"], "n_scored_both": c["overall"]["n_scored"], "n_fixed": c["n_fixed"],
+                "n_broken": c["n_broken"]},
+        metrics={"a_ex": c["overall"]["a_ex"], "b_ex": c["overall"]["b_ex"], "delta": c["overall"]["delta"]},
+        outputs=list(COMPARE_FILES),
+    )
+    log.info("evaluate --compare: A %s%% -> B %s%% on %d questions (%d fixed, %d broken) -> %s",
+             c["overall"]["a_ex"], c["overall"]["b_ex"], c["overall"]["n_scored"], c["n_fixed"], c["n_broken"], out)
+    return out

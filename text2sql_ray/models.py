@@ -90,6 +90,9 @@ def resolve_model(name_or_path: str = "") -> str:
     return name_or_path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
@@ -107,6 +110,10 @@ def load_tokenizer(name_or_path: str = ""):
     from transformers import AutoTokenizer
 
     path = resolve_model(name_or_path)
+    if is_adapter_dir(path) and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        # A bare PEFT adapter dir (save_pretrained of a PeftModel) holds no tokenizer: use its base model's.
+        base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        path = resolve_model(base)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
