@@ -108,3 +108,12 @@ def test_cli_help_lists_stages_and_options(capsys):
 def test_cli_unknown_stage_exits_2(capsys):
     assert cli.main(["frobnicate"]) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_nested_override_keeps_the_parents_default_for_other_fields():
+    # SynthesizeConfig's teacher defaults to temperature 0.8; overriding only the model must keep it
+    cfg = build_config("synthesize", None, [("engine.model", "/m")])
+    assert cfg.engine.model == "/m" and cfg.engine.temperature == pytest.approx(0.8)
+    # and in a pipeline's nested synthesize section too
+    cfg = build_config("pipeline", None, [("synthesize.engine.max_new_tokens", "8")])
+    assert cfg.synthesize.engine.temperature == pytest.approx(0.8) and cfg.synthesize.engine.max_new_tokens == 8

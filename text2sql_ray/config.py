@@ -581,7 +581,15 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
             f"unknown option(s) {', '.join(prefix + u for u in unknown)}; known options of {where or cls.__name__}: "
             f"{', '.join(names)}."
         )
-    kwargs = {k: _coerce(v, types[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        f = fields[k]
+        if dataclasses.is_dataclass(types[k]) and isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
+            # A nested section overrides the parent's default for it (e.g. synthesize's teacher samples at
+            # temperature 0.8), not the nested class's own defaults.
+            v = {**dataclasses.asdict(f.default_factory()), **v}
+        kwargs[k] = _coerce(v, types[k], f"{where}.{k}" if where else k)
     try:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - defensive: dataclass signature mismatch

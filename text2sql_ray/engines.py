@@ -214,6 +214,11 @@ class HFGenerator:
                 f"engine.num_gpus={cfg.num_gpus} but this worker sees no CUDA device; set engine.num_gpus=0 for CPU."
             )
         self.device = "cuda" if cfg.num_gpus > 0 else "cpu"
+        if self.device == "cpu":
+            # One torch thread per reserved CPU. More threads than cores (several actors, or Serve beside Ray
+            # Data, each with torch's default) thrash: a 200-token SmolLM2 forward took 4.6 s with 2 threads
+            # beside other work on 2 cores, and 0.5 s with 1 thread (measured).
+            torch.set_num_threads(max(1, round(cfg.num_cpus)))
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=self.device)
         gc = self.model.generation_config

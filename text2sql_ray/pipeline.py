@@ -46,7 +46,7 @@ def stage_configs(cfg: PipelineConfig) -> dict:
     # exported directory so that --model is set.
     base_model = cfg.train.model or resolve_model("")
     # Evaluation uses the prompt template the student was trained with (the convert stage's).
-    common_eval = dict(predictions="", endpoint="", compare=[], prompt=convert.prompt)
+    common_eval = dict(predictions="", endpoint="", compare=[], prompt=convert.prompt, tokenizer=convert.tokenizer)
     eval_base = rep(cfg.evaluate, model=base_model, out=str(run_dir / "eval_base"), **common_eval)
     eval_ft = rep(cfg.evaluate, model=str(run_dir / "train"), out=str(run_dir / "eval_finetuned"), **common_eval)
     report = EvaluateConfig(

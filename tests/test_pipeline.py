@@ -1,0 +1,97 @@
+"""`t2s pipeline`: stage wiring under one run directory, skip-when-done, and rerun after a change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from text2sql_ray import pipeline
+from text2sql_ray.config import build_config
+
+
+def _tiny_overrides(run_dir, model) -> list[tuple[str, str]]:
+    return [
+        ("out", str(run_dir)),
+        ("sft_source", "convert"),
+        ("convert.limit", "12"), ("convert.workers", "1"),
+        ("convert.prompt.sample_values", "1"), ("convert.prompt.descriptions", "false"),
+        ("convert.prompt.max_schema_tokens", "400"),
+        ("synthesize.limit", "3"), ("synthesize.samples", "2"), ("synthesize.exec_actors", "1"),
+        ("synthesize.engine.model", str(model)), ("synthesize.engine.max_new_tokens", "8"),
+        ("synthesize.engine.num_cpus", "0.5"),
+        ("train.model", str(model)), ("train.max_steps", "2"), ("train.num_workers", "1"),
+        ("train.cpus_per_worker", "0.5"), ("train.max_length", "768"), ("train.checkpoint_every", "1"),
+        ("evaluate.limit", "4"), ("evaluate.num_actors", "1"), ("evaluate.engine.max_new_tokens", "8"),
+        ("evaluate.engine.num_cpus", "0.5"),
+    ]
+
+
+def test_stage_configs_place_every_path_under_the_run_dir(tmp_path):
+    cfg = build_config("pipeline", None, [("out", str(tmp_path)), ("train.model", "/m"), ("convert.prompt.cot", "false")])
+    cfgs = pipeline.stage_configs(cfg)
+    assert cfgs["convert"].out == str(tmp_path / "convert")
+    assert cfgs["synthesize"].input == str(tmp_path / "convert")
+    assert cfgs["train"].input == str(tmp_path / "synthesize") and cfgs["train"].out == str(tmp_path / "train")
+    assert cfgs["eval_base"].model == "/m" and cfgs["eval_finetuned"].model == str(tmp_path / "train")
+    assert cfgs["report"].compare == [str(tmp_path / "eval_base"), str(tmp_path / "eval_finetuned")]
+    # evaluation prompts repeat the training template
+    assert cfgs["eval_finetuned"].prompt == cfgs["convert"].prompt and cfgs["eval_base"].prompt.cot is False
+
+
+def test_fingerprint_changes_downstream_of_a_changed_stage(tmp_path):
+    a = pipeline.stage_configs(build_config("pipeline", None, [("out", str(tmp_path)), ("train.model", "/m")]))
+    b = pipeline.stage_configs(
+        build_config("pipeline", None, [("out", str(tmp_path)), ("train.model", "/m"), ("train.lr", "0.5")])
+    )
+
+    def chain(cfgs):
+        prev, out = "", {}
+        for s in pipeline.STAGES:
+            prev = out[s] = pipeline.fingerprint(cfgs[s], prev)
+        return out
+
+    fa, fb = chain(a), chain(b)
+    assert fa["convert"] == fb["convert"] and fa["synthesize"] == fb["synthesize"]
+    assert all(fa[s] != fb[s] for s in ("train", "eval_base", "eval_finetuned", "report"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_llama_dir, ray_local):
+    run_dir = tmp_path_factory.mktemp("pipeline")
+    cfg = build_config("pipeline", None, _tiny_overrides(run_dir, tiny_llama_dir))
+    pipeline.run(cfg)
+    return run_dir, cfg
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_writes_every_stage_and_a_comparison_report(finished_run):
+    run_dir, _ = finished_run
+    for stage in ("convert", "synthesize", "train", "eval_base", "eval_finetuned"):
+        assert (run_dir / stage / "manifest.json").is_file(), stage
+    assert (run_dir / "train" / "adapter_config.json").is_file()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["ran"] == list(pipeline.STAGES)
+    base = json.loads((run_dir / "eval_base" / "report.json").read_text())
+    assert base["n_questions"] == 4 and base["n_scored"] == 4
+    assert manifest["metrics"]["ex_base"] == base["ex"]
+    assert (run_dir / "report" / "compare.md").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_rerun_after_finishing_redoes_nothing(finished_run):
+    run_dir, cfg = finished_run
+    pipeline.run(cfg)
+    assert json.loads((run_dir / "manifest.json").read_text())["ran"] == []
+
+
+@pytest.mark.timeout(600)
+def test_changed_eval_option_reruns_only_evaluation(finished_run):
+    run_dir, cfg = finished_run
+    import dataclasses
+
+    changed = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, limit=3))
+    pipeline.run(changed)
+    ran = json.loads((run_dir / "manifest.json").read_text())["ran"]
+    assert ran == ["eval_base", "eval_finetuned", "report"]
+    assert json.loads((run_dir / "eval_base" / "report.json").read_text())["n_questions"] == 3
