@@ -95,3 +95,15 @@ def test_changed_eval_option_reruns_only_evaluation(finished_run):
     ran = json.loads((run_dir / "manifest.json").read_text())["ran"]
     assert ran == ["eval_base", "eval_finetuned", "report"]
     assert json.loads((run_dir / "eval_base" / "report.json").read_text())["n_questions"] == 3
+
+
+def test_pipeline_without_config_uses_the_embedded_laptop_profile(monkeypatch, tmp_path):
+    from text2sql_ray import cli
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda cfg: seen.setdefault("cfg", cfg))
+    assert cli.main(["pipeline", "--out", str(tmp_path)]) == 0
+    cfg = seen["cfg"]
+    assert cfg.out == str(tmp_path)
+    assert cfg.synthesize.mode == "hinted" and cfg.synthesize.engine.temperature == 0.8
+    assert cfg.train.max_steps == 60 and cfg.convert.prompt.max_schema_tokens == 700

@@ -11,8 +11,12 @@ import importlib
 import importlib.util
 import sys
 import typing
+from pathlib import Path
 
 from .config import STAGE_CONFIGS, ConfigError, build_config, field_docs
+
+# `t2s pipeline` without --config: the bundled demo, SmolLM2, LoRA, sized for a 2-core laptop.
+LAPTOP_PIPELINE = Path(__file__).parent / "demo" / "pipeline_laptop.yaml"
 
 # subcommand -> (module whose run(cfg) executes it, one-line help)
 SUBCOMMANDS = {
@@ -108,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     cls = STAGE_CONFIGS[stage]
     if "-h" in rest or "--help" in rest:
         print(f"usage: t2s {stage} [--config FILE.yaml] [--option value ...]\n\n{cls.__doc__}\n\noptions:")
-        print("  --config FILE.yaml             job YAML; its `%s:` section is read" % stage)
+        print(f"  --config FILE.yaml             job YAML; its `{stage}:` section is read")
+        if stage == "pipeline":
+            print(f"                                 (default: {LAPTOP_PIPELINE}, the embedded laptop run)")
         print("\n".join(_options_help(cls)))
         return 0
     config_path = None
@@ -119,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         config_path = rest[i + 1]
         rest = rest[:i] + rest[i + 2 :]
+    if stage == "pipeline" and config_path is None:
+        config_path = str(LAPTOP_PIPELINE)  # the embedded laptop run
     try:
         cfg = build_config(stage, config_path, parse_overrides(rest, cls))
     except ConfigError as e:

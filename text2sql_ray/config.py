@@ -480,7 +480,7 @@ class PipelineConfig:
     sft_source: str = "synthesize"
     """Train on verified CoT ('synthesize') or on gold SQL without CoT ('convert', the no-CoT baseline)."""
     convert: ConvertConfig = field(default_factory=ConvertConfig)
-    """Convert stage options."""
+    """Convert stage options (its prompt template is also the one evaluation uses)."""
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     """Synthesize stage options."""
     train: TrainConfig = field(default_factory=TrainConfig)
