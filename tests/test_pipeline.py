@@ -106,4 +106,4 @@ def test_pipeline_without_config_uses_the_embedded_laptop_profile(monkeypatch, t
     cfg = seen["cfg"]
     assert cfg.out == str(tmp_path)
     assert cfg.synthesize.mode == "hinted" and cfg.synthesize.engine.temperature == 0.8
-    assert cfg.train.max_steps == 60 and cfg.convert.prompt.max_schema_tokens == 700
+    assert cfg.train.max_steps == 30 and cfg.convert.prompt.max_schema_tokens == 700

@@ -1,0 +1,442 @@
+"""`t2s synthesize`: every sample gets a row and an execution verdict, only verified chains reach the SFT set,
+the yield report counts them exactly, a killed run resumes without regenerating, failures stay on their rows.
+
+The verified path needs a teacher that writes correct SQL: a random tiny model almost never does, so most
+tests talk to a real local HTTP server (FastAPI under uvicorn) speaking the OpenAI chat API, whose answers
+are canned per question (the gold SQL, a wrong one, a syntax error, a runaway query, no SQL, a 500).
+The hf path runs the tiny random Llama on CPU through Ray Data.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from fastapi import Request  # module level: the handler's annotation is resolved by name (postponed annotations)
+
+from text2sql_ray import bird
+from text2sql_ray.config import ConvertConfig, EngineConfig, PromptConfig, SynthesizeConfig
+from text2sql_ray.sqlexec import PairResult
+from text2sql_ray.synthesize import (
+    SAMPLE_COLUMNS,
+    STATUSES,
+    done_questions,
+    read_parts,
+    run,
+    sample_rows,
+    select_sample,
+    sft_answer,
+    verdict,
+)
+
+K = 2
+RUNAWAY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+# question_id -> what the fake teacher answers (one entry per sample, or "500")
+PLAN = {
+    0: ["gold", "wrong"],
+    1: ["wrong", "wrong"],
+    3: ["syntax", "runaway"],
+    5: ["prose", "prose"],
+    18: "500",
+    27: ["gold_long", "gold_short"],
+    30: ["gold", "gold"],      # clinic: database absent in the verification split -> unverified
+    31: ["prose", "gold"],
+}
+
+
+def cot(sql: str) -> str:
+    return f"Let me think step by step.\n1. Find the table.\n2. Apply the filters.\n\n```sql\n{sql}\n```"
+
+
+def canned(kind: str, gold: str) -> str:
+    if kind == "gold":
+        return cot(gold)
+    if kind == "gold_long":  # a draft block, the final block, then prose after it
+        return (f"First attempt:\n```sql\nSELECT 'draft'\n```\nThat is wrong; checking each join and filter again "
+                f"in much more detail than needed.\n```sql\n{gold};\n```\nThis query returns the answer.")
+    if kind == "gold_short":
+        return f"Short.\n```sql\nSELECT * FROM ({gold})\n```"
+    if kind == "wrong":
+        return cot("SELECT 'no such answer'")
+    if kind == "syntax":
+        return cot("SELEC title FROM book WHERE")
+    if kind == "runaway":
+        return cot(RUNAWAY)
+    if kind == "prose":
+        return "I am not sure which table holds this, so I cannot write the query."
+    raise ValueError(kind)
+
+
+class FakeTeacher:
+    """An OpenAI-compatible /v1/chat/completions that answers from PLAN by the question in the prompt."""
+
+    def __init__(self, questions: dict[str, dict]):
+        import uvicorn
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse
+
+        self.requests: Counter = Counter()  # question_id -> requests received
+        self.hinted: dict[int, bool] = {}
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            user = body["messages"][-1]["content"]
+            question = re.search(r"^Question: (.*)$", user, re.M).group(1).strip()
+            q = questions[question]
+            qid = q["question_id"]
+            self.requests[qid] += 1
+            self.hinted[qid] = "A reference query, which may be wrong" in user
+            plan = PLAN[qid]
+            if plan == "500":
+                return JSONResponse(status_code=500, content={"error": {"message": "boom", "type": "server_error"}})
+            n = body.get("n", 1)
+            choices = [{"index": i, "message": {"role": "assistant", "content": canned(plan[i], q["gold_sql"])},
+                        "finish_reason": "stop"} for i in range(n)]
+            return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices,
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 7 * n, "total_tokens": 1 + 7 * n}}
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("fake teacher did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures: the demo converted once; a verification split with only bookstore's database on disk
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_convert(ray_local, tmp_path_factory) -> Path:
+    """The first 36 demo train questions (bookstore 0-29, clinic 30-35), all in train.parquet, short prompts."""
+    out = tmp_path_factory.mktemp("convert")
+    prompt = PromptConfig(sample_values=1, descriptions=False, max_schema_tokens=512)
+    from text2sql_ray import convert
+
+    convert.run(ConvertConfig(out=str(out), limit=36, val_fraction=0.0, workers=1, batch_size=36, prompt=prompt))
+    return out
+
+
+@pytest.fixture(scope="module")
+def conv_rows(demo_convert) -> dict[int, dict]:
+    return {r["question_id"]: r for r in pq.read_table(demo_convert / "train.parquet").to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def bookstore_only(tmp_path_factory) -> Path:
+    """The demo train split with bookstore's SQLite file only (clinic and airline are absent)."""
+    demo = Path(bird.resolve_data("", "train"))
+    root = tmp_path_factory.mktemp("verify") / "train"
+    (root / "train_databases").mkdir(parents=True)
+    for name in ("train.json", "train_tables.json"):
+        shutil.copy(demo / name, root / name)
+    shutil.copytree(demo / "train_databases" / "bookstore", root / "train_databases" / "bookstore")
+    return root
+
+
+@pytest.fixture(scope="module")
+def plan_input(tmp_path_factory, demo_convert) -> Path:
+    """train.parquet rows of the PLAN questions, as a lone Parquet file (no manifest beside it)."""
+    import pyarrow.compute as pc
+
+    table = pq.read_table(demo_convert / "train.parquet")
+    table = table.filter(pc.is_in(table.column("question_id"), value_set=__import__("pyarrow").array(list(PLAN))))
+    path = tmp_path_factory.mktemp("plan") / "plan.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(conv_rows):
+    with FakeTeacher({r["question"]: r for r in conv_rows.values()}) as server:
+        yield server
+
+
+def fake_cfg(teacher, out, input_path, data, **kw) -> SynthesizeConfig:
+    engine = EngineConfig(backend="openai", endpoint=teacher.endpoint, model="fake-teacher", temperature=0.8,
+                          concurrency=2, batch_size=2, max_retries=0, request_timeout_s=30)
+    base = dict(input=str(input_path), out=str(out), data=str(data), samples=K, timeout_s=1.0, exec_actors=1,
+                engine=engine)
+    return SynthesizeConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def resumed(ray_local, tmp_path_factory, teacher, plan_input, bookstore_only):
+    """Run 1 is killed after its first part; run 2 resumes and finishes; run 3 reruns (retrying the 500 question)."""
+    out = tmp_path_factory.mktemp("synth")
+    cfg = fake_cfg(teacher, out, plan_input, bookstore_only)
+    run(cfg, _stop_after_parts=1)
+    state = {"parts_after_kill": sorted(p.name for p in (out / "samples").glob("part-*.parquet")),
+             "final_after_kill": (out / "samples.parquet").exists(),
+             "first_part_qids": set(pq.read_table(out / "samples" / "part-00000.parquet").column("question_id").to_pylist())}
+    run(cfg)
+    state["requests_after_resume"] = Counter(teacher.requests)
+    state["samples_after_resume"] = pq.read_table(out / "samples.parquet").to_pylist()
+    run(cfg)
+    state["requests_after_rerun"] = Counter(teacher.requests)
+    state["out"] = out
+    return state
+
+
+def rows_of(out: Path, name: str) -> list[dict]:
+    return pq.read_table(out / name).to_pylist()
+
+
+def same_result(db: Path, sql: str, gold: str) -> bool:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return set(conn.execute(sql).fetchall()) == set(conn.execute(gold).fetchall())
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Row logic without Ray
+# --------------------------------------------------------------------------------------------------
+
+
+def test_verdict_precedence_and_statuses():
+    ok = PairResult(True)
+    assert verdict("SELECT 1", None, True, ok).status == "verified"
+    assert verdict("SELECT 1", None, True, PairResult(False)).status == "wrong"
+    assert verdict("SELECT 1", None, True, PairResult(False, pred_error="OperationalError: x")).status == "exec_error"
+    assert verdict("SELECT 1", None, True, PairResult(False, gold_error="bad gold")).status == "exec_error"
+    assert verdict("SELECT 1", None, True, PairResult(False, pred_error="timeout", timed_out=True)).timed_out
+    assert verdict("", None, True).status == "no_sql"
+    assert verdict("", "boom", True).status == "gen_error"
+    assert verdict("SELECT 1", None, False).status == "unverified" and verdict("SELECT 1", None, False).correct is None
+    assert verdict("", "boom", False).status == "unverified"
+
+
+def test_sample_rows_executes_identical_sql_once_and_fills_missing_samples():
+    calls = []
+
+    def compare(db, sql, gold, timeout_s):
+        calls.append(sql)
+        if sql == "SELECT boom":
+            raise RuntimeError("executor died")
+        return PairResult(sql == gold)
+
+    row = {"question_id": 7, "db_id": "d", "difficulty": "simple", "db_path": "/x.sqlite", "gold_sql": "SELECT 1",
+           "generations": [cot("SELECT 1"), cot("SELECT 1"), cot("SELECT boom")], "gen_tokens": [5, 6, 7],
+           "gen_error": ""}
+    rows = sample_rows(row, 4, compare, 1.0)
+    assert [r["status"] for r in rows] == ["verified", "verified", "exec_error", "gen_error"]
+    assert calls == ["SELECT 1", "SELECT boom"]
+    assert "executor died" in rows[2]["exec_error"] and rows[3]["gen_error"] == "the engine returned 3 of 4 samples"
+    assert [r["gen_tokens"] for r in rows] == [5, 6, 7, None] and [r["sample_index"] for r in rows] == [0, 1, 2, 3]
+    assert list(rows[0]) == list(SAMPLE_COLUMNS)
+
+
+def test_sft_answer_ends_with_exactly_one_sql_block():
+    answer = sft_answer(canned("gold_long", "SELECT a FROM t"), "SELECT a FROM t")
+    assert answer.endswith("```sql\nSELECT a FROM t\n```")
+    assert answer.count("```sql") == 1 and answer.count("```") == 2
+    assert "    SELECT 'draft'" in answer and "This query returns" not in answer
+    assert sft_answer("The answer is SELECT a FROM t; done.", "SELECT a FROM t").endswith("done.\n\n```sql\nSELECT a FROM t\n```")
+
+
+def test_select_sample_rules():
+    def s(j, text, status="verified"):
+        return {"question_id": 4, "sample_index": j, "text": text, "sql": "SELECT 1", "status": status}
+
+    samples = [s(0, "A much longer chain of thought. " + cot("SELECT 1")), s(1, "wrong", "wrong"), s(2, cot("SELECT 1"))]
+    assert select_sample(samples, "first", 0)["sample_index"] == 0
+    assert select_sample(samples, "shortest", 0)["sample_index"] == 2
+    picks = {select_sample(samples, "random", seed)["sample_index"] for seed in range(20)}
+    assert picks == {0, 2} and select_sample(samples, "random", 3) == select_sample(samples[::-1], "random", 3)
+    unverified = [s(0, "x", "unverified") | {"sql": ""}, s(1, cot("SELECT 1"), "unverified")]
+    assert select_sample(unverified, "first", 0) is None
+    assert select_sample(unverified, "first", 0, include_unverified=True)["sample_index"] == 1
+
+
+def test_done_questions_retries_only_fully_failed_generations():
+    samples = [{"question_id": 1, "gen_error": None}, {"question_id": 1, "gen_error": "x"},
+               {"question_id": 2, "gen_error": "x"}, {"question_id": 2, "gen_error": "y"}]
+    assert done_questions(samples, retry_failed=True) == {1}
+    assert done_questions(samples, retry_failed=False) == {1, 2}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage against a canned teacher over real HTTP, real Ray, real SQLite
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_sample_has_a_row_with_the_exact_status(resumed):
+    rows = rows_of(resumed["out"], "samples.parquet")
+    status = {(r["question_id"], r["sample_index"]): r["status"] for r in rows}
+    assert len(rows) == len(status) == len(PLAN) * K
+    assert status == {
+        (0, 0): "verified", (0, 1): "wrong", (1, 0): "wrong", (1, 1): "wrong",
+        (3, 0): "exec_error", (3, 1): "exec_error", (5, 0): "no_sql", (5, 1): "no_sql",
+        (18, 0): "gen_error", (18, 1): "gen_error", (27, 0): "verified", (27, 1): "verified",
+        (30, 0): "unverified", (30, 1): "unverified", (31, 0): "unverified", (31, 1): "unverified",
+    }
+    assert all(r["correct"] is None for r in rows if r["status"] == "unverified")
+    assert all(r["correct"] is False for r in rows if r["status"] not in ("verified", "unverified"))
+
+
+def test_verified_rows_really_match_the_gold_result(resumed, conv_rows, bookstore_only):
+    db = bookstore_only / "train_databases" / "bookstore" / "bookstore.sqlite"
+    rows = rows_of(resumed["out"], "samples.parquet")
+    for r in rows:
+        if r["status"] == "verified":
+            assert same_result(db, r["sql"], conv_rows[r["question_id"]]["gold_sql"]), r
+        if r["status"] == "wrong":
+            assert not same_result(db, r["sql"], conv_rows[r["question_id"]]["gold_sql"]), r
+
+
+def test_generation_and_execution_failures_stay_on_their_rows(resumed):
+    rows = {(r["question_id"], r["sample_index"]): r for r in rows_of(resumed["out"], "samples.parquet")}
+    for j in range(K):
+        assert "InternalServerError" in rows[(18, j)]["gen_error"] and rows[(18, j)]["text"] == ""
+        assert rows[(18, j)]["gen_tokens"] is None
+    assert "syntax error" in rows[(3, 0)]["exec_error"] and not rows[(3, 0)]["timed_out"]
+    assert rows[(3, 1)]["timed_out"] and "timeout" in rows[(3, 1)]["exec_error"]
+    assert rows[(5, 0)]["sql"] == "" and rows[(5, 0)]["exec_error"] is None
+    assert all(r["gold_error"] is None for r in rows.values())
+
+
+def test_yield_report_counts_exactly(resumed):
+    import json
+
+    report = json.loads((resumed["out"] / "manifest.json").read_text())["report"]
+    assert report["questions"] == {"total": 8, "verifiable": 6, "unverified": 2, "with_verified_sample": 2,
+                                   "yield": 0.3333, "yield_of_all": 0.25, "gold_error": 0, "generation_failed": 1}
+    assert report["by_difficulty"] == {
+        "simple": {"questions": 6, "verifiable": 4, "verified": 1, "yield": 0.25},
+        "moderate": {"questions": 1, "verifiable": 1, "verified": 0, "yield": 0.0},
+        "challenging": {"questions": 1, "verifiable": 1, "verified": 1, "yield": 1.0},
+    }
+    s = report["samples"]
+    assert s["by_status"] == {"verified": 3, "wrong": 3, "exec_error": 2, "no_sql": 2, "gen_error": 2, "unverified": 4}
+    assert (s["total"], s["verified_fraction"], s["verified_fraction_of_verifiable"]) == (16, 0.1875, 0.25)
+    assert s["tokens_generated"] == 14 * 7  # usage.completion_tokens 7 per sample; the 500 question has none
+    assert report["sft"] == {"rows": 2, "verified": 2, "unverified": 0}
+    md = (resumed["out"] / "report.md").read_text()
+    assert "| 8 | 6 | 2 | 33.3% | 25.0% |" in md and "| challenging | 1 | 1 | 1 | 100.0% |" in md
+
+
+def test_sft_holds_one_verified_chain_per_question_in_the_student_prompt(resumed, conv_rows, bookstore_only):
+    db = bookstore_only / "train_databases" / "bookstore" / "bookstore.sqlite"
+    sft = rows_of(resumed["out"], "sft.parquet")
+    assert [(r["question_id"], r["sample_index"], r["status"]) for r in sft] == [(0, 0, "verified"), (27, 1, "verified")]
+    for r in sft:
+        conv = conv_rows[r["question_id"]]
+        assert r["messages"][:2] == conv["messages"][:2]  # the student's system + user turns, not the teacher's
+        assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+        answer = r["messages"][2]["content"]
+        assert answer.count("```sql") == 1 and answer.rstrip().endswith("```")
+        final = re.search(r"```sql\n(.*)\n```$", answer, re.S).group(1)
+        assert same_result(db, final, conv["gold_sql"])
+        assert {k: r[k] for k in ("db_id", "question", "gold_sql", "prompt_tokens")} == \
+            {k: conv[k] for k in ("db_id", "question", "gold_sql", "prompt_tokens")}
+    assert "unverified" not in {r["status"] for r in sft}  # include_unverified is off by default
+
+
+def test_a_killed_run_resumes_without_regenerating_or_duplicating(resumed):
+    assert resumed["parts_after_kill"] == ["part-00000.parquet"] and not resumed["final_after_kill"]
+    first = resumed["first_part_qids"]
+    assert first and first < set(PLAN)
+    after = resumed["requests_after_resume"]
+    assert all(after[q] == 1 for q in first if q != 18)  # done before the kill: never asked again
+    assert set(after) == set(PLAN)
+    keys = [(r["question_id"], r["sample_index"]) for r in resumed["samples_after_resume"]]
+    assert len(keys) == len(set(keys)) == len(PLAN) * K
+
+
+def test_a_rerun_retries_only_failed_generations(resumed):
+    before, after = resumed["requests_after_resume"], resumed["requests_after_rerun"]
+    assert after - before == Counter({18: 1})
+    assert len(rows_of(resumed["out"], "samples.parquet")) == len(PLAN) * K
+
+
+def test_throughput_counts_every_run_that_generated(resumed):
+    import json
+
+    manifest = json.loads((resumed["out"] / "manifest.json").read_text())
+    runs = json.loads((resumed["out"] / "samples" / "runs.json").read_text())
+    assert [r["samples"] for r in runs] == [4, 12, 2]  # killed after 1 part of 2 questions; the other 6; the retry
+    total = manifest["report"]["generation_all_runs"]
+    assert total["runs"] == 3 and total["samples"] == 18 and total["seconds"] > 0
+    last = manifest["report"]["generation"]
+    assert (last["questions"], last["samples"], last["questions_done_before"], last["questions_retried"]) == (1, 2, 7, 1)
+
+
+def test_resume_refuses_a_different_teacher_config(resumed, teacher, plan_input, bookstore_only):
+    cfg = fake_cfg(teacher, resumed["out"], plan_input, bookstore_only, mode="hinted")
+    with pytest.raises(ValueError, match="mode: 'blind' -> 'hinted'"):
+        run(cfg)
+
+
+def test_cli_hinted_with_unverified_questions_in_the_sft_set(ray_local, tmp_path, teacher, plan_input, bookstore_only):
+    from text2sql_ray.cli import main
+
+    out = tmp_path / "synth_cli"
+    rc = main(["synthesize", "--input", str(plan_input), "--data", str(bookstore_only), "--out", str(out),
+               "--samples", str(K), "--mode", "hinted", "--db-ids", "clinic", "--include-unverified",
+               "--exec-actors", "1", "--engine.backend", "openai", "--engine.endpoint", teacher.endpoint,
+               "--engine.model", "fake-teacher", "--engine.temperature", "0.8", "--engine.max-retries", "0"])
+    assert rc == 0
+    assert teacher.hinted[30] and teacher.hinted[31]
+    assert {r["status"] for r in rows_of(out, "samples.parquet")} == {"unverified"}
+    sft = rows_of(out, "sft.parquet")
+    assert [(r["question_id"], r["sample_index"], r["status"]) for r in sft] == [(30, 0, "unverified"), (31, 1, "unverified")]
+    assert all("A reference query" not in m["content"] for r in sft for m in r["messages"])
+    import json
+
+    report = json.loads((out / "manifest.json").read_text())["report"]
+    assert report["questions"]["unverified"] == 2 and report["questions"]["yield"] is None
+    assert report["sft"] == {"rows": 2, "verified": 0, "unverified": 2}
+
+
+# --------------------------------------------------------------------------------------------------
+# The hf engine: tiny random Llama on CPU through Ray Data
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hf_engine_gives_every_sample_a_checked_verdict(ray_local, tmp_path, demo_convert, tiny_llama_dir):
+    cfg = SynthesizeConfig(input=str(demo_convert), out=str(tmp_path / "hf"), samples=K, limit=4, exec_actors=1,
+                           engine=EngineConfig(model=str(tiny_llama_dir), temperature=0.8, max_new_tokens=12,
+                                               batch_size=4))
+    out = run(cfg)
+    rows = rows_of(out, "samples.parquet")
+    conv = {r["question_id"]: r for r in pq.read_table(demo_convert / "train.parquet").to_pylist()}
+    assert sorted((r["question_id"], r["sample_index"]) for r in rows) == [(q, j) for q in range(4) for j in range(K)]
+    assert all(r["status"] in STATUSES and r["gen_error"] is None and r["gen_tokens"] > 0 for r in rows)
+    assert all(r["text"] for r in rows)
+    split = bird.load_split(bird.resolve_data("", "train"))  # the manifest's data_dir
+    for r in rows:
+        if r["correct"]:
+            assert same_result(split.db_path(r["db_id"]), r["sql"], conv[r["question_id"]]["gold_sql"])
+    verified_q = {r["question_id"] for r in rows if r["status"] == "verified"}
+    assert {r["question_id"] for r in rows_of(out, "sft.parquet")} == verified_q
+    assert read_parts(out / "samples") == rows
