@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
-import threading
 import time
 from collections import Counter
 
 import pytest
 from fastapi import Request  # module level: handlers' string annotations (PEP 563) must resolve here
+from local_http import LocalServer
 
 from text2sql_ray.config import ConfigError, EngineConfig
 from text2sql_ray.engines import (
@@ -207,7 +206,7 @@ def test_hf_without_gpus_refuses_num_gpus_at_once(ray_local, tiny_llama_dir):
 # --------------------------------------------------------------------------------------------------
 
 
-class FakeOpenAIServer:
+class FakeOpenAIServer(LocalServer):
     """A tiny OpenAI-compatible app: /v1 honours `n`, /non/v1 ignores it (returns one choice).
 
     The text is "<user content>|s<seed>|<choice index>". A prompt starting with "flaky" fails its first
@@ -215,7 +214,6 @@ class FakeOpenAIServer:
     """
 
     def __init__(self):
-        import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse
 
@@ -265,26 +263,8 @@ class FakeOpenAIServer:
                 "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "t"}],
             }
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        super().__init__(app)
 
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("test server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import sqlite3
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fastapi import Request  # module level: the handler's annotation is resolved by name (postponed annotations)
+from fastapi import (
+    Request,  # module level: the handler's annotation is resolved by name (postponed annotations)
+)
+from local_http import LocalServer
 
 from text2sql_ray import bird
 from text2sql_ray.config import ConvertConfig, EngineConfig, PromptConfig, SynthesizeConfig
@@ -75,11 +75,10 @@ def canned(kind: str, gold: str) -> str:
     raise ValueError(kind)
 
 
-class FakeTeacher:
+class FakeTeacher(LocalServer):
     """An OpenAI-compatible /v1/chat/completions that answers from PLAN by the question in the prompt."""
 
     def __init__(self, questions: dict[str, dict]):
-        import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse
 
@@ -105,28 +104,9 @@ class FakeTeacher:
             return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices,
                     "usage": {"prompt_tokens": 1, "completion_tokens": 7 * n, "total_tokens": 1 + 7 * n}}
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        super().__init__(app)
 
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("fake teacher did not start")
-            time.sleep(0.05)
-        return self
 
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
 
 # --------------------------------------------------------------------------------------------------
