@@ -111,7 +111,7 @@ def teacher_prompts(rows: int, convert_dir: str) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=32, help="questions (teacher prompts)")
-    ap.add_argument("--samples", type=int, default=4, help="chains per question (k)")
+    ap.add_argument("--samples", type=int, default=2, help="chains per question (k)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call on the Ray Data path")
     ap.add_argument("--concurrency", type=int, default=1, help="generation actors on the Ray Data path")

@@ -258,6 +258,15 @@ def test_select_sample_rules():
     assert select_sample(unverified, "first", 0, include_unverified=True)["sample_index"] == 1
 
 
+def test_hinted_chains_that_mention_the_hint_never_become_sft_targets():
+    leak = {"question_id": 9, "sample_index": 0, "text": "I use the reference query.\n" + cot("SELECT 1"),
+            "sql": "SELECT 1", "status": "verified"}
+    clean = dict(leak, sample_index=1, text="A longer chain that reasons from the schema alone.\n" + cot("SELECT 1"))
+    assert select_sample([leak, clean], "shortest", 0, hinted=True)["sample_index"] == 1
+    assert select_sample([leak], "shortest", 0, hinted=True) is None
+    assert select_sample([leak, clean], "shortest", 0, hinted=False)["sample_index"] == 0
+
+
 def test_done_questions_retries_only_fully_failed_generations():
     samples = [{"question_id": 1, "gen_error": None}, {"question_id": 1, "gen_error": "x"},
                {"question_id": 2, "gen_error": "x"}, {"question_id": 2, "gen_error": "y"}]
@@ -320,7 +329,7 @@ def test_yield_report_counts_exactly(resumed):
     assert s["by_status"] == {"verified": 3, "wrong": 3, "exec_error": 2, "no_sql": 2, "gen_error": 2, "unverified": 4}
     assert (s["total"], s["verified_fraction"], s["verified_fraction_of_verifiable"]) == (16, 0.1875, 0.25)
     assert s["tokens_generated"] == 14 * 7  # usage.completion_tokens 7 per sample; the 500 question has none
-    assert report["sft"] == {"rows": 2, "verified": 2, "unverified": 0}
+    assert report["sft"] == {"rows": 2, "verified": 2, "unverified": 0, "verified_left_out": 0}
     md = (resumed["out"] / "report.md").read_text()
     assert "| 8 | 6 | 2 | 33.3% | 25.0% |" in md and "| challenging | 1 | 1 | 1 | 100.0% |" in md
 
@@ -395,7 +404,7 @@ def test_cli_hinted_with_unverified_questions_in_the_sft_set(ray_local, tmp_path
 
     report = json.loads((out / "manifest.json").read_text())["report"]
     assert report["questions"]["unverified"] == 2 and report["questions"]["yield"] is None
-    assert report["sft"] == {"rows": 2, "verified": 0, "unverified": 2}
+    assert report["sft"] == {"rows": 2, "verified": 0, "unverified": 2, "verified_left_out": 0}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Input: the output dir of `t2s convert` (its ``train.parquet``; the databases com
 recorded in its ``manifest.json``, or from ``--data``), or a Parquet file with the same columns (then
 ``--data`` names the split, or the manifest beside the file does). With no ``--input``, the stage first
 converts ``--data`` (empty: the bundled demo train split) into ``<out>/convert`` and reads that (an
-existing ``<out>/convert`` is reused).
+existing ``<out>/convert`` is reused). ``--db-ids`` and ``--limit`` pick the questions (first N by id).
 
 Per question (Ray Data, streaming):
 1. the teacher prompt: the convert row's user turn (what the student will see) plus the teacher's
@@ -20,18 +20,25 @@ Per question (Ray Data, streaming):
 Each finished block is written by the driver as ``samples/part-XXXXX.parquet`` (atomically). A rerun
 with the same ``--out`` reads the parts, skips the questions they hold (with ``retry_failed``, those
 whose samples all failed to generate are generated again) and refuses to mix samples drawn with a
-different teacher config (``samples/run_config.json``). At the end:
+different teacher config (``samples/run_config.json``); ``samples/runs.json`` keeps each run's generation
+time, so throughput covers killed runs too. At the end:
 
-* ``samples.parquet``: every sample, deduplicated by (question_id, sample_index) (a later part wins),
+* ``samples.parquet``: every sample the out dir holds (earlier runs with another ``--limit`` or
+  ``--db-ids`` included), deduplicated by (question_id, sample_index) (a later part wins),
   with ``status``: ``verified`` (result equals the gold result), ``wrong``, ``exec_error`` (the SQL,
   or the gold SQL, failed or timed out), ``no_sql`` (no SQL in the text), ``gen_error`` (the generation
-  failed; the row says why) or ``unverified`` (the question's database is not on disk).
+  failed; the row says why) or ``unverified`` (the question's database is not on disk: every sample of
+  it, whatever its text; ``gen_error`` / ``sql`` still say what happened).
 * ``sft.parquet``: one row per question with a verified sample (``select``: shortest / first / random),
   in the convert output's columns (+ ``sample_index``, ``sql``, ``status``); ``messages`` = the convert
   row's system and user turns + the verified chain as the assistant turn, normalised to end with exactly
-  one ```sql block (``sft_answer``). Unverifiable questions join only with ``include_unverified``.
+  one ```sql block (``sft_answer``). Unverifiable questions join only with ``include_unverified``. In
+  ``hinted`` mode a chain that talks about the hint ("the reference query") is never an SFT target.
 * ``manifest.json`` and ``report.md``: the yield (questions with >= 1 verified sample, overall and per
   difficulty; verified samples / samples), counts per status, tokens and samples per second.
+
+CPU note: Ray gives an actor ``OMP_NUM_THREADS = num_cpus``, so an ``hf`` teacher on CPU uses one core
+unless ``--engine.num-cpus`` says more (e.g. the machine's core count).
 """
 
 from __future__ import annotations
@@ -225,16 +232,35 @@ def _sql_langs() -> tuple:
     return SQL_FENCE_LANGS
 
 
-def select_sample(samples: list[dict], rule: str, seed: int, include_unverified: bool = False) -> dict | None:
+_HINT_MENTION = re.compile(
+    r"\b(reference|gold|provided|given|hinted)\s+(sql\s+)?(query|queries|sql|statement|answer)\b|\bthe hint\b", re.I
+)
+
+
+def mentions_hint(text: str) -> bool:
+    """Whether a chain talks about the hinted query ("the reference query", "the gold SQL", "the hint").
+
+    In mode 'hinted' such a chain is a poor SFT target even when its SQL is right: the student never
+    sees a reference query, so it would learn to talk about one that is not there.
+    """
+    return bool(_HINT_MENTION.search(text or ""))
+
+
+def select_sample(samples: list[dict], rule: str, seed: int, include_unverified: bool = False,
+                  hinted: bool = False) -> dict | None:
     """The sample of one question that becomes its SFT target, or None.
 
     Candidates: the verified samples; if there are none and `include_unverified`, the unverified ones
-    with SQL. 'shortest': fewest characters of the SFT answer (ties: lowest sample_index); 'first':
-    lowest sample_index; 'random': seeded by (seed, question_id), independent of order and batching.
+    with SQL; with `hinted`, never a chain that mentions the hint (`mentions_hint`). 'shortest': fewest
+    characters of the SFT answer (ties: lowest sample_index); 'first': lowest sample_index; 'random':
+    seeded by (seed, question_id), independent of order and batching.
     """
-    cands = [s for s in samples if s["status"] == "verified"]
+    def usable(s):
+        return not (hinted and mentions_hint(s["text"]))
+
+    cands = [s for s in samples if s["status"] == "verified" and usable(s)]
     if not cands and include_unverified:
-        cands = [s for s in samples if s["status"] == "unverified" and s["sql"]]
+        cands = [s for s in samples if s["status"] == "unverified" and s["sql"] and usable(s)]
     if not cands:
         return None
     cands = sorted(cands, key=lambda s: s["sample_index"])
@@ -267,14 +293,14 @@ def sft_row(conv: dict, sample: dict) -> dict:
 
 
 def build_sft(samples: list[dict], conv_by_qid: dict[int, dict], rule: str, seed: int,
-              include_unverified: bool) -> list[dict]:
-    """SFT rows (sorted by question_id) from every question's samples."""
+              include_unverified: bool, hinted: bool = False) -> list[dict]:
+    """SFT rows (sorted by question_id) from every question's samples (see `select_sample`)."""
     by_q: dict[int, list[dict]] = {}
     for s in samples:
         by_q.setdefault(int(s["question_id"]), []).append(s)
     rows = []
     for qid in sorted(by_q):
-        chosen = select_sample(by_q[qid], rule, seed, include_unverified)
+        chosen = select_sample(by_q[qid], rule, seed, include_unverified, hinted)
         if chosen is not None and qid in conv_by_qid:
             rows.append(sft_row(conv_by_qid[qid], chosen))
     return rows
@@ -344,6 +370,8 @@ def yield_report(samples: list[dict], sft_rows: list[dict]) -> dict:
             "rows": len(sft_rows),
             "verified": sum(1 for r in sft_rows if r["status"] == "verified"),
             "unverified": sum(1 for r in sft_rows if r["status"] == "unverified"),
+            # questions with a verified sample but no SFT row (hinted: every verified chain mentions the hint)
+            "verified_left_out": n_verified - sum(1 for r in sft_rows if r["status"] == "verified"),
         },
     }
 
@@ -381,7 +409,8 @@ def report_markdown(report: dict) -> str:
         f"whose generation failed entirely: {q['generation_failed']}.",
         "",
         f"SFT set: {report['sft']['rows']} rows ({report['sft']['verified']} verified, "
-        f"{report['sft']['unverified']} unverified).",
+        f"{report['sft']['unverified']} unverified); questions with a verified sample left out (every verified "
+        f"chain mentions the hinted query): {report['sft']['verified_left_out']}.",
     ]
     if g and g["samples"]:
         lines += [
@@ -602,7 +631,8 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
     done = done_questions(before, cfg.retry_failed)
     todo = [r for r in selected if int(r["question_id"]) not in done]
     n_done_before = len(selected) - len(todo)
-    retried = sum(1 for r in todo if any(s["question_id"] == r["question_id"] for s in before))
+    seen_before = {int(s["question_id"]) for s in before}
+    retried = sum(1 for r in todo if int(r["question_id"]) in seen_before)
     absent = sorted({r["db_id"] for r in selected if split is None or split.db_path(r["db_id"]) is None})
     log.info("synthesize: %d questions from %s (%d done before, %d to generate%s); k=%d, mode %s, teacher %s; "
              "databases from %s%s", len(selected), input_path, n_done_before, len(todo),
@@ -677,7 +707,8 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
 
     t0 = time.time()
     samples = read_parts(parts_dir)
-    sft_rows = build_sft(samples, conv_by_qid, cfg.select, cfg.engine.seed, cfg.include_unverified)
+    sft_rows = build_sft(samples, conv_by_qid, cfg.select, cfg.engine.seed, cfg.include_unverified,
+                         hinted=cfg.mode == "hinted")
     write_parquet(out / "samples.parquet", pa.Table.from_pylist(samples, schema=samples_schema()))
     write_parquet(out / "sft.parquet", pa.Table.from_pylist(sft_rows, schema=sft_schema()))
     write_s = time.time() - t0
@@ -725,5 +756,5 @@ def _cpu_count() -> int:
 
 __all__ = [
     "STATUSES", "SAMPLE_COLUMNS", "Verdict", "Verifier", "build_sft", "done_questions", "read_parts", "run",
-    "sample_rows", "select_sample", "sft_answer", "verdict", "yield_report",
+    "mentions_hint", "sample_rows", "select_sample", "sft_answer", "verdict", "yield_report",
 ]
