@@ -17,7 +17,7 @@ Per question (Ray Data, streaming):
    ``sqlexec.SqlExecutor.compare_pair``): the final SQL of every sample (``prompts.extract_sql``) runs
    against the question's database beside the gold SQL; one row per sample with its verdict.
 
-Each finished block is written by the driver as ``samples/part-XXXXX.parquet`` (atomically). A rerun
+Each finished block is written by the driver as ``samples/part-<5-digit index>.parquet`` (atomically). A rerun
 with the same ``--out`` reads the parts, skips the questions they hold (with ``retry_failed``, those
 whose samples all failed to generate are generated again) and refuses to mix samples drawn with a
 different teacher config (``samples/run_config.json``); ``samples/runs.json`` keeps each run's generation
