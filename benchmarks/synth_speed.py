@@ -25,8 +25,10 @@ samples/s, tokens/s and the ratio are printed, and written as JSON with `--json`
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,10 +42,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHAPES = {
-    "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128),
-    "135m": dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536),
-    "1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192),
-    "8b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336),
+    "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128},
+    "135m": {"layers": 30, "hidden": 576, "heads": 9, "kv_heads": 3, "intermediate": 1536},
+    "1b": {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "intermediate": 8192},
+    "8b": {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336},
 }
 
 
@@ -97,6 +99,7 @@ def teacher_prompts(rows: int, convert_dir: str) -> list[dict]:
         from text2sql_ray.config import ConvertConfig
 
         convert_dir = tempfile.mkdtemp(prefix="synth_speed_convert_")
+        atexit.register(shutil.rmtree, convert_dir, ignore_errors=True)
         convert.run(ConvertConfig(out=convert_dir, val_fraction=0.0, workers=1))
     conv = pq.read_table(Path(convert_dir) / "train.parquet").to_pylist()
     if not conv:
@@ -136,8 +139,9 @@ def main() -> int:
     torch.set_num_threads(threads)
     model = args.model
     if args.shape:
-        model = str(random_llama(parse_shape(args.shape), Path(tempfile.mkdtemp(prefix="synth_speed_model_")),
-                                 args.dtype))
+        tmp_model = Path(tempfile.mkdtemp(prefix="synth_speed_model_"))
+        atexit.register(shutil.rmtree, tmp_model, ignore_errors=True)  # an 8B random model is 16 GB
+        model = str(random_llama(parse_shape(args.shape), tmp_model, args.dtype))
     gpu = args.device == "cuda"
     t0 = time.perf_counter()
     ensure_ray()

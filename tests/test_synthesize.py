@@ -90,7 +90,7 @@ class FakeTeacher(LocalServer):
         async def chat(request: Request):
             body = await request.json()
             user = body["messages"][-1]["content"]
-            question = re.search(r"^Question: (.*)$", user, re.M).group(1).strip()
+            question = re.search(r"^Question: (.*)$", user, re.MULTILINE).group(1).strip()
             q = questions[question]
             qid = q["question_id"]
             self.requests[qid] += 1
@@ -163,8 +163,8 @@ def teacher(conv_rows):
 def fake_cfg(teacher, out, input_path, data, **kw) -> SynthesizeConfig:
     engine = EngineConfig(backend="openai", endpoint=teacher.endpoint, model="fake-teacher", temperature=0.8,
                           concurrency=2, batch_size=2, max_retries=0, request_timeout_s=30)
-    base = dict(input=str(input_path), out=str(out), data=str(data), samples=K, timeout_s=1.0, exec_actors=1,
-                engine=engine)
+    base = {"input": str(input_path), "out": str(out), "data": str(data), "samples": K, "timeout_s": 1.0,
+            "exec_actors": 1, "engine": engine}
     return SynthesizeConfig(**{**base, **kw})
 
 
@@ -344,7 +344,7 @@ def test_sft_holds_one_verified_chain_per_question_in_the_student_prompt(resumed
         assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
         answer = r["messages"][2]["content"]
         assert answer.count("```sql") == 1 and answer.rstrip().endswith("```")
-        final = re.search(r"```sql\n(.*)\n```$", answer, re.S).group(1)
+        final = re.search(r"```sql\n(.*)\n```$", answer, re.DOTALL).group(1)
         assert same_result(db, final, conv["gold_sql"])
         assert {k: r[k] for k in ("db_id", "question", "gold_sql", "prompt_tokens")} == \
             {k: conv[k] for k in ("db_id", "question", "gold_sql", "prompt_tokens")}
@@ -384,6 +384,19 @@ def test_resume_refuses_a_different_teacher_config(resumed, teacher, plan_input,
     cfg = fake_cfg(teacher, resumed["out"], plan_input, bookstore_only, mode="hinted")
     with pytest.raises(ValueError, match="mode: 'blind' -> 'hinted'"):
         run(cfg)
+
+
+def test_without_input_the_demo_is_converted_into_out_first(ray_local, tmp_path, teacher):
+    cfg = SynthesizeConfig(out=str(tmp_path / "synth"), samples=1, limit=1, exec_actors=1,
+                           engine=EngineConfig(backend="openai", endpoint=teacher.endpoint, model="fake-teacher",
+                                               temperature=0.8, max_retries=0))
+    out = run(cfg)
+    conv = pq.read_table(out / "convert" / "train.parquet").to_pylist()
+    first = min(r["question_id"] for r in conv)
+    assert first == 30  # the seeded split holds bookstore (0-29) out for validation; clinic's first question
+    [sample] = rows_of(out, "samples.parquet")
+    assert (sample["question_id"], sample["status"]) == (30, "verified")  # PLAN: the gold SQL, checked on clinic
+    assert [r["question_id"] for r in rows_of(out, "sft.parquet")] == [30]
 
 
 def test_cli_hinted_with_unverified_questions_in_the_sft_set(ray_local, tmp_path, teacher, plan_input, bookstore_only):

@@ -217,7 +217,8 @@ def sft_answer(text: str, sql: str) -> str:
         cot = text[: final[1]]
     pieces, pos = [], 0
     for lang, start, end, body in _fences(cot):
-        if lang in _sql_langs() or (lang == "" and strip_sql(body) and re.match(r"\s*(select|with)\b", body, re.I)):
+        unlabelled_sql = lang == "" and strip_sql(body) and re.match(r"\s*(select|with)\b", body, re.IGNORECASE)
+        if lang in _sql_langs() or unlabelled_sql:
             pieces.append(cot[pos:start])
             pieces.append("\n".join("    " + line for line in strip_sql(body).splitlines()))
             pos = end
@@ -233,7 +234,8 @@ def _sql_langs() -> tuple:
 
 
 _HINT_MENTION = re.compile(
-    r"\b(reference|gold|provided|given|hinted)\s+(sql\s+)?(query|queries|sql|statement|answer)\b|\bthe hint\b", re.I
+    r"\b(reference|gold|provided|given|hinted)\s+(sql\s+)?(query|queries|sql|statement|answer)\b|\bthe hint\b",
+    re.IGNORECASE,
 )
 
 
@@ -386,8 +388,8 @@ def report_markdown(report: dict) -> str:
     lines = [
         "# Synthesis report",
         "",
-        f"Teacher: `{report.get('teacher', '?')}` ({report.get('backend', '?')}), mode `{report.get('mode', '?')}`, "
-        f"k = {report.get('samples_per_question', '?')} samples per question, select `{report.get('select', '?')}`.",
+        (f"Teacher: `{report.get('teacher', '?')}` ({report.get('backend', '?')}), mode `{report.get('mode', '?')}`, "
+         f"k = {report.get('samples_per_question', '?')} samples per question, select `{report.get('select', '?')}`."),
         "",
         "| questions | verifiable (database on disk) | with >= 1 verified sample | yield (of verifiable) | of all |",
         "|---:|---:|---:|---:|---:|",
@@ -403,30 +405,30 @@ def report_markdown(report: dict) -> str:
     lines += [
         f"| **all samples** | **{s['total']}** |",
         "",
-        f"Verified samples / all samples: {pct(s['verified_fraction'])}; of samples of verifiable questions: "
-        f"{pct(s['verified_fraction_of_verifiable'])}. Tokens generated: {s['tokens_generated']} "
-        f"(mean {s['mean_tokens']} per sample). Questions whose gold SQL failed: {q['gold_error']}; "
-        f"whose generation failed entirely: {q['generation_failed']}.",
+        (f"Verified samples / all samples: {pct(s['verified_fraction'])}; of samples of verifiable questions: "
+         f"{pct(s['verified_fraction_of_verifiable'])}. Tokens generated: {s['tokens_generated']} "
+         f"(mean {s['mean_tokens']} per sample). Questions whose gold SQL failed: {q['gold_error']}; "
+         f"whose generation failed entirely: {q['generation_failed']}."),
         "",
-        f"SFT set: {report['sft']['rows']} rows ({report['sft']['verified']} verified, "
-        f"{report['sft']['unverified']} unverified); questions with a verified sample left out (every verified "
-        f"chain mentions the hinted query): {report['sft']['verified_left_out']}.",
+        (f"SFT set: {report['sft']['rows']} rows ({report['sft']['verified']} verified, "
+         f"{report['sft']['unverified']} unverified); questions with a verified sample left out (every verified "
+         f"chain mentions the hinted query): {report['sft']['verified_left_out']}."),
     ]
     if g and g["samples"]:
         lines += [
             "",
-            f"This run: {g['questions']} questions, {g['samples']} samples in {g['seconds']} s "
-            f"({g['samples_per_s']} samples/s, {g['tokens_per_s']} tokens/s); "
-            f"{g['questions_done_before']} questions were already done in earlier runs.",
+            (f"This run: {g['questions']} questions, {g['samples']} samples in {g['seconds']} s "
+             f"({g['samples_per_s']} samples/s, {g['tokens_per_s']} tokens/s); "
+             f"{g['questions_done_before']} questions were already done in earlier runs."),
         ]
     elif g:
         lines += ["", f"This run generated nothing: all {g['questions_done_before']} questions were done in earlier runs."]
     a = report.get("generation_all_runs")
     if a and a["runs"]:
         lines += [
-            f"All {a['runs']} run(s) that generated into this directory (a killed run up to its last part): "
-            f"{a['samples']} samples, {a['tokens']} tokens in {a['seconds']} s of generation and verification "
-            f"({a['samples_per_s']} samples/s, {a['tokens_per_s']} tokens/s).",
+            (f"All {a['runs']} run(s) that generated into this directory (a killed run up to its last part): "
+             f"{a['samples']} samples, {a['tokens']} tokens in {a['seconds']} s of generation and verification "
+             f"({a['samples_per_s']} samples/s, {a['tokens_per_s']} tokens/s)."),
         ]
     return "\n".join(lines) + "\n"
 
@@ -753,8 +755,3 @@ def _cpu_count() -> int:
 
     return available_cpus()
 
-
-__all__ = [
-    "STATUSES", "SAMPLE_COLUMNS", "Verdict", "Verifier", "build_sft", "done_questions", "read_parts", "run",
-    "mentions_hint", "sample_rows", "select_sample", "sft_answer", "verdict", "yield_report",
-]
