@@ -117,3 +117,88 @@ def test_nested_override_keeps_the_parents_default_for_other_fields():
     # and in a pipeline's nested synthesize section too
     cfg = build_config("pipeline", None, [("synthesize.engine.max_new_tokens", "8")])
     assert cfg.synthesize.engine.temperature == pytest.approx(0.8) and cfg.synthesize.engine.max_new_tokens == 8
+
+
+def _float_fields(cls, prefix=""):
+    """Dotted names of every float field of a config dataclass, nested sections included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            out += _float_fields(typ, f"{prefix}{f.name}.")
+        elif typ is float:
+            out.append(prefix + f.name)
+    return out
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "1e999"])
+def test_every_float_field_rejects_non_finite_values_naming_the_field(stage, raw):
+    fields = _float_fields(STAGE_CONFIGS[stage])
+    assert fields, stage
+    for name in fields:
+        with pytest.raises(ConfigError, match=rf"{stage}\.{name} must be a finite number, got '{raw}'"):
+            build_config(stage, None, [(name, raw)])
+
+
+def test_directly_built_configs_reject_non_finite_floats_too():
+    import dataclasses
+
+    from text2sql_ray.config import EngineConfig
+
+    with pytest.raises(ConfigError, match=r"engine.temperature=nan must be a finite number"):
+        EngineConfig(temperature=float("nan"))
+    with pytest.raises(ConfigError, match=r"train.epochs=inf must be a finite number"):
+        TrainConfig(epochs=float("inf"))
+    with pytest.raises(ConfigError, match=r"evaluate.timeout_s=nan"):
+        dataclasses.replace(EvaluateConfig(), timeout_s=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["evaluate", "--timeout-s", "nan"], "evaluate.timeout_s"),
+        (["train", "--lr", "nan"], "train.lr"),
+        (["evaluate", "--engine.temperature", "nan"], "evaluate.engine.temperature"),
+        (["train", "--epochs", "inf"], "train.epochs"),
+        (["synthesize", "--timeout-s", "inf"], "synthesize.timeout_s"),
+    ],
+)
+def test_cli_rejects_non_finite_numbers_before_anything_starts(capsys, argv, field):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{field} must be a finite number" in err and "Traceback" not in err
+
+
+def test_yaml_non_finite_float_and_infinite_int_are_config_errors(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("train:\n  lr: .nan\n")
+    with pytest.raises(ConfigError, match=r"train.lr must be a finite number"):
+        build_config("train", str(job), [])
+    job.write_text("train:\n  max_steps: .inf\n")
+    with pytest.raises(ConfigError, match=r"train.max_steps must be an integer"):
+        build_config("train", str(job), [])
+    with pytest.raises(ConfigError, match=r"train.max_steps must be an integer"):
+        build_config("train", None, [("max_steps", "1e999")])
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("train: 5\n", "section train: must be a mapping"),
+        ("train:\n  - lr\n  - 1\n", "section train: must be a mapping"),
+        ("evaluate: just a string\n", "section evaluate: must be a mapping"),
+        ("pipeline:\n  train: 3\n", "pipeline.train must be a mapping"),
+    ],
+)
+def test_yaml_section_that_is_not_a_mapping_is_a_one_line_error(tmp_path, capsys, text, where):
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    stage = "pipeline" if text.startswith("pipeline") else text.split(":")[0]
+    assert cli.main([stage, "--config", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert f"job.yaml: {where}" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,15 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is missing, malformed or contradicts another one."""
+
+
+def _check_finite(cfg: Any, section: str) -> None:
+    """Every float field of a config dataclass must be finite: nan and inf pass every `<= 0` check and
+    then mean "never stop" (timeouts, epochs) or poison a run (learning rate, temperature)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{f.name}={value!r} must be a finite number.")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -56,6 +66,7 @@ class PromptConfig:
     """Budget for the schema text (tokenizer tokens when a tokenizer is given, else chars/4)."""
 
     def __post_init__(self):
+        _check_finite(self, "prompt")
         _check_choice("prompt.schema_style", self.schema_style, ("rich", "ddl"))
         if self.sample_values < 0:
             raise ConfigError("prompt.sample_values must be >= 0.")
@@ -109,6 +120,7 @@ class EngineConfig:
     """'openai': ask for n samples in one request (`n`); False sends n requests (servers without `n`)."""
 
     def __post_init__(self):
+        _check_finite(self, "engine")
         _check_choice("engine.backend", self.backend, ("hf", "vllm", "openai"))
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"engine.top_p={self.top_p} must be in (0, 1]; 1.0 turns nucleus sampling off.")
@@ -160,6 +172,7 @@ class ConvertConfig:
     """Prompt template options."""
 
     def __post_init__(self):
+        _check_finite(self, "convert")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"convert.val_fraction={self.val_fraction} must be in [0, 1).")
         if self.limit < 0:
@@ -202,6 +215,7 @@ class SynthesizeConfig:
     """Teacher generation engine."""
 
     def __post_init__(self):
+        _check_finite(self, "synthesize")
         _check_choice("synthesize.mode", self.mode, ("blind", "hinted"))
         _check_choice("synthesize.select", self.select, ("shortest", "first", "random"))
         if self.samples < 1:
@@ -294,6 +308,7 @@ class TrainConfig:
     """Worker-group restarts from the latest checkpoint after a failure before the run gives up."""
 
     def __post_init__(self):
+        _check_finite(self, "train")
         _check_choice("train.method", self.method, ("lora", "full"))
         _check_choice("train.schedule", self.schedule, ("cosine", "constant"))
         _check_choice("train.dtype", self.dtype, ("auto", "bfloat16", "float32"))
@@ -371,6 +386,7 @@ class ServeConfig:
     """Keep running until interrupted (False: start and return, for scripts and tests)."""
 
     def __post_init__(self):
+        _check_finite(self, "serve")
         _check_choice("serve.backend", self.backend, ("hf", "vllm"))
         _check_choice("serve.dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         if not 0 < self.port < 65536:
@@ -439,6 +455,7 @@ class EvaluateConfig:
     """Two evaluation output dirs to compare side by side instead of evaluating."""
 
     def __post_init__(self):
+        _check_finite(self, "evaluate")
         given = [n for n in ("predictions", "model", "endpoint") if getattr(self, n)]
         if len(given) > 1:
             raise ConfigError(f"evaluate: give only one of --predictions, --model, --endpoint (got {', '.join(given)}).")
@@ -489,6 +506,7 @@ class PipelineConfig:
     """Evaluate stage options."""
 
     def __post_init__(self):
+        _check_finite(self, "pipeline")
         _check_choice("pipeline.sft_source", self.sft_source, ("synthesize", "convert"))
 
 
@@ -549,10 +567,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a number, got {value!r}.")
         try:
             number = typ(float(value)) if typ is int and isinstance(value, str) and "e" in value.lower() else typ(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise ConfigError(f"{where} must be {'an integer' if typ is int else 'a number'}, got {value!r}.") from None
         if typ is int and isinstance(value, float) and value != int(value):
             raise ConfigError(f"{where} must be an integer, got {value!r}.")
+        if typ is float and not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}.")
         return number
     if typ is str:
         if value is None:
@@ -629,6 +649,20 @@ def load_yaml(path: str | Path) -> dict:
     unknown = sorted(set(data) - set(STAGE_CONFIGS))
     if unknown:
         raise ConfigError(f"config file {p}: unknown section(s) {', '.join(unknown)}; sections are {', '.join(STAGE_CONFIGS)}.")
+    for name, section in data.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(
+                f"config file {p}: section {name}: must be a mapping of options (e.g. `{name}:` then indented "
+                f"`out: runs/x`), got {type(section).__name__} {section!r}."
+            )
+    if isinstance(data.get("pipeline"), dict):
+        for sub in ("convert", "synthesize", "train", "evaluate"):
+            nested = data["pipeline"].get(sub)
+            if nested is not None and not isinstance(nested, dict):
+                raise ConfigError(
+                    f"config file {p}: pipeline.{sub} must be a mapping of {sub} options, "
+                    f"got {type(nested).__name__} {nested!r}."
+                )
     return data
 
 
