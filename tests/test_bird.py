@@ -58,14 +58,15 @@ def test_official_format_round_trips_with_numeric_key_order(bird_dev):
     preds = {q["question_id"]: f"SELECT {q['question_id']}\nFROM t" for q in qs}
     official = bird.format_official(qs, preds)
     assert list(official) == [str(i) for i in range(12)]
-    assert official["3"] == f"SELECT 3 FROM t\t----- bird -----\t{qs[3]['db_id']}"
+    assert official["3"] == f"SELECT 3\nFROM t\t----- bird -----\t{qs[3]['db_id']}"  # SQL kept as predicted
 
 
 def test_official_predictions_file_is_read_back(tmp_path, bird_dev):
     split = bird.load_split(bird_dev)
     qs = split.questions[:5]
     path = bird.write_official(tmp_path / "predict_dev.json", qs, {1: "SELECT 1", 4: "SELECT 4"})
-    assert bird.read_predictions(path, qs) == {0: "", 1: "SELECT 1", 2: "", 3: "", 4: "SELECT 4"}
+    # questions without a prediction are written with an empty SQL and read back as missing
+    assert bird.read_predictions(path, qs) == {1: "SELECT 1", 4: "SELECT 4"}
 
 
 def test_jsonl_predictions_error_names_the_line(tmp_path, bird_dev):

@@ -247,7 +247,7 @@ def test_no_schema_anywhere_raises_naming_the_db(tmp_path):
 def test_cache_builds_each_database_once(tmp_path, db_path, monkeypatch):
     import text2sql_ray.schema as schema_mod
 
-    (tmp_path / "dev.json").write_text(json.dumps([]))
+    (tmp_path / "dev.json").write_text(json.dumps([{"db_id": "sports", "question": "q?", "SQL": "SELECT 1"}]))
     (tmp_path / "dev_databases").mkdir()
     db_path.parent.rename(tmp_path / "dev_databases" / "sports")
     calls = []

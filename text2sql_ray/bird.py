@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -68,14 +69,36 @@ def find_split_name(root: Path) -> str:
     )
 
 
+def _text_problem(value, name: str, required: bool) -> str:
+    """Why a question field is unusable ('' when fine): text fields are strings without NUL bytes."""
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        return f"{name} must be a string, got {type(value).__name__} {value!r:.60}"
+    if required and name == "db_id" and not value.strip():
+        return "db_id is empty"
+    if "\x00" in value:
+        return f"{name} contains a NUL byte (\\x00); remove it"
+    return ""
+
+
 def load_questions(path: Path) -> list[dict]:
-    """Questions of a split file, validated; every row gets an int question_id and a difficulty key."""
+    """Questions of a split file, validated; every row gets an int question_id and a difficulty key.
+
+    A row that cannot be used raises ValueError naming the file, the row and what is wrong: a
+    question_id that is not an integer (null, "abc", 717.9, true), a text field that is not a string
+    or holds a NUL byte, a repeated id. A file with no questions is an error too.
+    """
+    from .common import read_text_utf8
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_utf8(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON at line {e.lineno} ({e.msg}).") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of questions, got {type(data).__name__}.")
+    if not data:
+        raise ValueError(f"{path}: holds no questions (an empty list); point --data at a split with questions.")
     out = []
     seen: set[int] = set()
     for i, row in enumerate(data):
@@ -85,7 +108,15 @@ def load_questions(path: Path) -> list[dict]:
         if missing:
             raise ValueError(f"{path}: row {i} lacks field(s) {', '.join(missing)}; every question needs {REQUIRED_FIELDS}.")
         q = dict(row)
-        q["question_id"] = int(q.get("question_id", i))
+        qid = q.get("question_id", i)
+        if isinstance(qid, bool) or not isinstance(qid, int):
+            raise ValueError(f"{path}: row {i} has question_id {qid!r}; it must be an integer (or absent: the position is used).")
+        for name, required in (("db_id", True), ("question", True), ("SQL", True), ("evidence", False),
+                               ("difficulty", False)):
+            problem = _text_problem(q.get(name), name, required)
+            if problem:
+                raise ValueError(f"{path}: row {i} (question_id {qid}): {problem}.")
+        q["question_id"] = qid
         if q["question_id"] in seen:
             raise ValueError(f"{path}: row {i} repeats question_id {q['question_id']}; ids must be unique.")
         seen.add(q["question_id"])
@@ -129,19 +160,50 @@ def resolve_data(data: str, split: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def decode_csv_bytes(raw: bytes) -> str:
-    """Decode an official description CSV (UTF-8 with or without BOM, or cp1252)."""
-    for enc in CSV_ENCODINGS:
+def _utf16_without_bom(raw: bytes) -> str:
+    """'utf-16-le' / 'utf-16-be' when most bytes at odd / even offsets are NUL (ASCII-heavy UTF-16), else ''."""
+    if len(raw) < 4:
+        return ""
+    even, odd = raw[0::2], raw[1::2]
+    if odd.count(0) > 0.4 * len(odd) and even.count(0) < 0.1 * len(even):
+        return "utf-16-le"
+    if even.count(0) > 0.4 * len(even) and odd.count(0) < 0.1 * len(odd):
+        return "utf-16-be"
+    return ""
+
+
+def decode_csv_bytes(raw: bytes, path: str | Path = "<bytes>") -> str:
+    """Decode a description CSV: UTF-8 with or without BOM, cp1252 (the official files mix them), or
+    UTF-16/32 (with a BOM, or UTF-16 without one, as spreadsheet tools save it). Text that still holds
+    NUL bytes is not a CSV in any of these: ValueError naming the file."""
+    import codecs
+
+    encodings: tuple[str, ...] = CSV_ENCODINGS
+    for bom, enc in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                     (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if raw.startswith(bom):
+            encodings = (enc,)
+            break
+    else:
+        if _utf16_without_bom(raw):
+            encodings = (_utf16_without_bom(raw),)
+    for enc in encodings:
         try:
-            return raw.decode(enc)
+            text = raw.decode(enc)
         except UnicodeDecodeError:
             continue
-    raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
+        if "\x00" in text:
+            break
+        return text
+    raise ValueError(
+        f"{path}: cannot be decoded as a CSV in {', '.join(encodings)} (it holds NUL bytes or invalid "
+        "sequences); save it as UTF-8."
+    )
 
 
 def read_description_csv(path: str | Path) -> list[dict]:
     """Rows of one database_description CSV, keys and values stripped; any line ending, any of the encodings."""
-    text = decode_csv_bytes(Path(path).read_bytes())
+    text = decode_csv_bytes(Path(path).read_bytes(), path)
     rows = []
     reader = csv.DictReader(io.StringIO(text, newline=""))
     for row in reader:
@@ -152,11 +214,25 @@ def read_description_csv(path: str | Path) -> list[dict]:
 
 
 def read_descriptions(db_dir: str | Path) -> dict[str, list[dict]]:
-    """{table name (file stem, lower-cased): rows} for every CSV in <db>/database_description/."""
+    """{table name (file stem, lower-cased): rows} for every CSV in <db>/database_description/.
+
+    A CSV that cannot be decoded is left out with a warning naming it (the schema goes on without those
+    descriptions); the warning says how many of the database's CSVs were left out."""
+    from .common import log
+
     desc_dir = Path(db_dir) / "database_description"
     if not desc_dir.is_dir():
         return {}
-    return {p.stem.lower(): read_description_csv(p) for p in sorted(desc_dir.glob("*.csv"))}
+    out, bad = {}, []
+    for p in sorted(desc_dir.glob("*.csv")):
+        try:
+            out[p.stem.lower()] = read_description_csv(p)
+        except (ValueError, csv.Error) as e:
+            bad.append(f"{e}")
+    if bad:
+        log.warning("DESCRIPTIONS LEFT OUT: %d of %d CSV(s) in %s cannot be read: %s", len(bad), len(bad) + len(out),
+                    desc_dir, " | ".join(bad))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,12 +254,15 @@ def read_gold_sql(path: str | Path) -> list[tuple[str, str]]:
 
 
 def format_official(questions: list[dict], sql_by_qid: dict[int, str]) -> dict[str, str]:
-    """The official predict_dev.json mapping, keys = position in the question file, in numeric order."""
+    """The official predict_dev.json mapping, keys = position in the question file, in numeric order.
+
+    Each SQL is kept exactly as predicted (JSON escapes its newlines): collapsing whitespace would change
+    string literals ('a  b') and end `--` comments early, so re-scoring the file would give other
+    results. A question without a prediction gets an empty SQL (read back as a missing prediction)."""
     out = {}
     for q in questions:
-        sql = sql_by_qid.get(q["question_id"], "")
-        sql = " ".join(str(sql).split())  # the official format is one line per prediction
-        out[str(q["position"])] = f"{sql}{OFFICIAL_SEP}{q['db_id']}"
+        sql = sql_by_qid.get(q["question_id"])
+        out[str(q["position"])] = f"{'' if sql is None else sql}{OFFICIAL_SEP}{q['db_id']}"
     return out
 
 
@@ -193,53 +272,95 @@ def write_official(path: str | Path, questions: list[dict], sql_by_qid: dict[int
     return write_json(path, format_official(questions, sql_by_qid))
 
 
+_POSITION = re.compile(r"(0|[1-9][0-9]*)")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
 def read_predictions(path: str | Path, questions: list[dict]) -> dict[int, str]:
     """{question_id: sql} from the official JSON format or JSONL rows {"question_id", "sql"}.
 
-    Errors name the file and the line (JSONL) or key (official JSON) and say what is expected.
+    Strict: errors name the file and the line (JSONL) or key (official JSON) and say what is expected.
+    Official keys are canonical positions ("7", not "07"), each once, with the question's db_id after the
+    separator; an empty SQL there is a missing prediction. JSONL ids are JSON integers (not 7.0, "7" or
+    true), each once; `sql` is a string (null = an empty prediction). A file with no prediction at all
+    is an error.
     """
+    from .common import iter_jsonl, log, read_text_utf8
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_utf8(path)
     stripped = text.lstrip()
     by_position = {q["position"]: q for q in questions}
     known_ids = {q["question_id"] for q in questions}
+    official = '{"0": "SQL\\t----- bird -----\\tdb_id", ...}'
     if stripped.startswith("{") and not _looks_like_jsonl(stripped):
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from None
+        except ValueError as e:  # a repeated key: json.loads would keep the last one silently
+            raise ValueError(f"{path}: {e}; keep one prediction per question.") from None
         out: dict[int, str] = {}
+        not_strings = []
         for key, value in data.items():
-            try:
-                pos = int(key)
-            except ValueError:
-                raise ValueError(f'{path}: key {key!r} is not a question position; the official format is {{"0": "SQL\\t----- bird -----\\tdb_id"}}.') from None
+            if not _POSITION.fullmatch(key):
+                raise ValueError(
+                    f"{path}: key {key!r} is not a question position (a decimal number without leading zeros); "
+                    f"the official format is {official}."
+                )
+            pos = int(key)
             if pos not in by_position:
                 raise ValueError(f"{path}: key {key!r} is outside the question file (0..{len(questions) - 1}).")
-            sql = value.split(OFFICIAL_SEP)[0] if isinstance(value, str) else " "  # non-strings score 0, as officially
-            out[by_position[pos]["question_id"]] = sql
+            q = by_position[pos]
+            if not isinstance(value, str):  # the official scorer scores it 0 (it runs " "): a missing prediction
+                not_strings.append(key)
+                continue
+            sql, sep, db_id = value.rpartition(OFFICIAL_SEP)
+            if not sep:
+                raise ValueError(
+                    f"{path}: key {key!r}: the value has no {OFFICIAL_SEP!r} separator before the db_id; "
+                    f"the official format is {official}."
+                )
+            if db_id != q["db_id"]:
+                raise ValueError(
+                    f"{path}: key {key!r} names db_id {db_id!r}, but question {pos} of the question file is on "
+                    f"{q['db_id']!r}: the predictions were made for another question file."
+                )
+            if sql.strip():
+                out[q["question_id"]] = sql
+        if not_strings:
+            log.warning("%s: %d value(s) are not strings (keys %s); each counts as a missing prediction (0), "
+                        "as in the official scorer.", path, len(not_strings), ", ".join(not_strings[:10]))
+        if not out:
+            raise ValueError(f"{path}: holds no prediction ({len(data)} key(s), none with SQL); nothing to score.")
         return out
     out = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be {{\"question_id\": N, \"sql\": \"...\"}}.") from None
+    for lineno, row in iter_jsonl(path):
+        where = f"{path}:{lineno}"
         if not isinstance(row, dict) or "question_id" not in row or "sql" not in row:
-            raise ValueError(f"{path}:{lineno}: each line must be an object with question_id and sql.")
-        try:
-            qid = int(row["question_id"])
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}:{lineno}: question_id {row['question_id']!r} is not an integer.") from None
+            raise ValueError(f'{where}: each line must be an object {{"question_id": N, "sql": "..."}}.')
+        qid, sql = row["question_id"], row["sql"]
+        if isinstance(qid, bool) or not isinstance(qid, int):
+            raise ValueError(f"{where}: question_id {qid!r} is not an integer; write the id as a JSON integer.")
         if qid not in known_ids:
-            raise ValueError(f"{path}:{lineno}: question_id {qid} is not in the question file.")
+            raise ValueError(f"{where}: question_id {qid} is not in the question file.")
         if qid in out:
-            raise ValueError(f"{path}:{lineno}: question_id {qid} appears twice; keep one prediction per question.")
-        out[qid] = "" if row["sql"] is None else str(row["sql"])
+            raise ValueError(f"{where}: question_id {qid} appears twice; keep one prediction per question.")
+        if sql is not None and not isinstance(sql, str):
+            raise ValueError(f"{where}: sql {sql!r:.60} is a {type(sql).__name__}, not a string of SQL.")
+        out[qid] = "" if sql is None else sql
+    if not out:
+        raise ValueError(f'{path}: holds no prediction; each line must be {{"question_id": N, "sql": "..."}}.')
     return out
 
 
@@ -250,6 +371,41 @@ def _looks_like_jsonl(text: str) -> bool:
     except json.JSONDecodeError:
         return False
     return isinstance(obj, dict) and "question_id" in obj
+
+
+# --------------------------------------------------------------------------------------------------
+# SQLite files
+# --------------------------------------------------------------------------------------------------
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def sqlite_file_problem(path: str | Path) -> str:
+    """'' when `path` is a readable SQLite database, else what is wrong with it (garbage, truncated,
+    unreadable). Cheap: the 100-byte header and one read of sqlite_master, whatever the file's size."""
+    import sqlite3
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(100)
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        return f"{path} is not a SQLite database ({size} bytes, no 'SQLite format 3' header)"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    # The header's page count is valid when its change counter equals version-valid-for (SQLite >= 3.7.0).
+    if pages and header[24:28] == header[92:96] and size < pages * page_size:
+        return f"{path} is truncated: its header says {pages * page_size} bytes, the file has {size}"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        return f"{path} cannot be read by SQLite ({e})"
+    return ""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -54,31 +55,62 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+# Code points written as \uXXXX escapes although JSON allows them raw: lone surrogates (valid in JSON text
+# as escapes, but not encodable as UTF-8: writing one raw fails the whole file) and the line breaks that
+# str.splitlines() splits on beside \n and \r (U+0085, U+2028, U+2029; json.dumps escapes the others,
+# which are control characters). They only occur inside JSON strings, where the escape means the same.
+_ESCAPE = re.compile("[\ud800-\udfff\u0085\u2028\u2029]")
+
+
+def json_dumps(obj: Any, indent: int | None = None) -> str:
+    """JSON text that every reader gets back intact: UTF-8-encodable, one line per JSONL row whatever splits it."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=str)
+    return _ESCAPE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    return write_text(path, json_dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            f.write(json_dumps(row) + "\n")
     return Path(path)
+
+
+def read_text_utf8(path: str | Path) -> str:
+    """A text file's contents; bytes that are not UTF-8 raise ValueError naming the file and line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{path}:{lineno}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at offset {e.start}); "
+            "save the file as UTF-8."
+        ) from None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; bad lines raise ValueError naming
+    the file and line. Lines end at \n only (\r\n too): U+2028 or U+0085 inside a string do not split a row."""
+    for lineno, line in enumerate(read_text_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line.") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read JSONL; a malformed line raises ValueError naming the file and line number."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line.") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
-            rows.append(row)
+    for lineno, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+        rows.append(row)
     return rows
 
 

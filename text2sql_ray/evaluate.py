@@ -101,7 +101,7 @@ def run(cfg: EvaluateConfig) -> Path:
         cfg,
         started,
         inputs={"data": str(split.root), "split": split.name, "predictions": str(cfg.predictions)},
-        counts={k: report[k] for k in ("n_questions", "n_skipped_missing_db", "n_scored", "n_correct")},
+        counts={k: report[k] for k in ("n_questions", "n_skipped_missing_db", "n_skipped_unreadable_db", "n_scored", "n_correct")},
         metrics={
             "ex": report["ex"],
             "by_difficulty": {d: v["ex"] for d, v in report["by_difficulty"].items()},
@@ -128,6 +128,19 @@ def missing_db_counts(split: bird.BirdSplit, questions: list[dict]) -> dict[str,
     """{db_id: questions} for the questions whose database file is not on disk (sorted by db_id)."""
     c = Counter(q["db_id"] for q in questions if split.db_path(q["db_id"]) is None)
     return dict(sorted(c.items()))
+
+
+def unreadable_dbs(split: bird.BirdSplit, questions: list[dict]) -> dict[str, str]:
+    """{db_id: what is wrong} for the databases of `questions` whose file is on disk but is not a readable
+    SQLite database (garbage, truncated): without this check every gold SQL on it fails and each of its
+    questions scores 0 as a "gold error"."""
+    out = {}
+    for db_id in sorted({q["db_id"] for q in questions}):
+        path = split.db_path(db_id)
+        problem = bird.sqlite_file_problem(path) if path is not None else ""
+        if problem:
+            out[db_id] = problem
+    return out
 
 
 def score(
@@ -160,6 +173,22 @@ def score(
             len(questions),
             detail,
         )
+    broken = unreadable_dbs(split, questions)
+    if broken:
+        n_broken = sum(1 for q in questions if q["db_id"] in broken)
+        detail = "; ".join(broken.values())
+        if cfg.strict:
+            raise ValueError(f"{n_broken} of {len(questions)} questions cannot be scored: {detail} "
+                             "(--strict is on; replace the file(s) with intact copies.)")
+        log.warning("SKIPPING %d of %d questions: unreadable database file(s): %s. Replace them with intact "
+                    "copies to score these questions; they are counted in report.json (n_skipped_unreadable_db).",
+                    n_broken, len(questions), detail)
+    n_usable = sum(1 for q in questions if q["db_id"] not in missing and q["db_id"] not in broken)
+    if questions and not n_usable:
+        raise FileNotFoundError(
+            f"none of the {len(questions)} questions can be scored: every one is on a missing or unreadable "
+            f"database under {split.db_root}; nothing to evaluate."
+        )
 
     rows: list[dict] = []
     jobs: list[tuple[int, tuple]] = []
@@ -186,6 +215,8 @@ def score(
         }
         if db_path is None:
             row["skipped"] = f"missing database {q['db_id']}"
+        elif q["db_id"] in broken:
+            row["skipped"] = f"unreadable database {q['db_id']}"
         elif not has_pred:
             row["pred_error"] = "missing prediction"
             row["error_kind"] = "missing prediction"
@@ -222,7 +253,11 @@ def score(
                 attempts=r.attempts,
             )
 
-    report = build_report(rows, missing)
+    n_gold_errors = sum(1 for r in rows if r["gold_error"])
+    if n_gold_errors:
+        log.warning("%d gold SQL(s) failed to execute (each question scores 0); see gold_error in results.jsonl. "
+                    "Check the database files and the question file.", n_gold_errors)
+    report = build_report(rows, missing, broken)
     report.update(
         data=str(split.root),
         num_actors=cfg.num_actors,
@@ -252,8 +287,9 @@ def difficulty_order(names) -> list[str]:
     return [d for d in DIFFICULTIES if d in names] + sorted(names - set(DIFFICULTIES))
 
 
-def build_report(rows: list[dict], missing: dict[str, int]) -> dict:
+def build_report(rows: list[dict], missing: dict[str, int], unreadable: dict[str, str] | None = None) -> dict:
     """Counts and EX (percent of scored questions) overall and per difficulty, error kinds, skips."""
+    unreadable = unreadable or {}
     scored = [r for r in rows if not r["skipped"]]
     n_correct = sum(1 for r in scored if r["correct"])
     by_diff = {}
@@ -266,8 +302,10 @@ def build_report(rows: list[dict], missing: dict[str, int]) -> dict:
     gold_kinds = Counter(error_kind(r["gold_error"]) for r in scored if r["gold_error"])
     return {
         "n_questions": len(rows),
-        "n_skipped_missing_db": sum(1 for r in rows if r["skipped"]),
+        "n_skipped_missing_db": sum(1 for r in rows if r["skipped"] and r["db_id"] not in unreadable),
         "skipped_db_ids": dict(missing),
+        "n_skipped_unreadable_db": sum(1 for r in rows if r["skipped"] and r["db_id"] in unreadable),
+        "unreadable_db_ids": dict(unreadable),
         "n_scored": len(scored),
         "n_correct": n_correct,
         "ex": _ex(n_correct, len(scored)),
@@ -310,6 +348,12 @@ def report_markdown(report: dict) -> str:
         lines += [
             (f"**Skipped {report['n_skipped_missing_db']} question(s): database file missing** for "
              f"{len(report['skipped_db_ids'])} db_id(s): {skipped}."),
+            "",
+        ]
+    if report.get("n_skipped_unreadable_db"):
+        lines += [
+            (f"**Skipped {report['n_skipped_unreadable_db']} question(s): database file unreadable**: "
+             + "; ".join(report["unreadable_db_ids"].values()) + "."),
             "",
         ]
     lines += [
@@ -361,7 +405,8 @@ def plot_ex_by_difficulty(report: dict, path: str | Path) -> Path:
     ax.set_ylim(0, 115)
     ax.set_ylabel("execution accuracy (%)")
     ax.set_title(
-        f"BIRD EX by difficulty ({report['n_scored']} scored, {report['n_skipped_missing_db']} skipped)"
+        f"BIRD EX by difficulty ({report['n_scored']} scored, "
+        f"{report['n_skipped_missing_db'] + report.get('n_skipped_unreadable_db', 0)} skipped)"
     )
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -636,7 +681,7 @@ def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
         started,
         inputs={"data": str(split.root), "split": split.name, generation["mode"]: generation["source"],
                 "served_model": served_model or None},
-        counts={**{key: report[key] for key in ("n_questions", "n_skipped_missing_db", "n_scored", "n_correct")},
+        counts={**{key: report[key] for key in ("n_questions", "n_skipped_missing_db", "n_skipped_unreadable_db", "n_scored", "n_correct")},
                 "n_generated": generation["n_generated"], "n_generation_errors": n_gen_errors},
         metrics={
             "ex": report["ex"],

@@ -131,9 +131,13 @@ def _dq(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
+
+
 def _one_line(text: str) -> str:
-    """Whitespace collapsed to single spaces; U+FFFD (mojibake in some official CSVs) dropped."""
-    return " ".join(str(text).replace("\ufffd", " ").split())
+    """Whitespace collapsed to single spaces; NUL and other control characters (binary data in a text
+    column) and U+FFFD (mojibake in some official CSVs) dropped: none of them belongs in a prompt."""
+    return " ".join(_CONTROL.sub(" ", str(text)).split())
 
 
 def format_value(value: Any, max_chars: int) -> Any:
@@ -204,7 +208,7 @@ def _sample_values(conn: sqlite3.Connection, table: str, column: str, n: int, ma
         if isinstance(v, bytes):  # BLOBs say nothing useful in a prompt
             continue
         v = format_value(v, max_chars)
-        if v not in out:
+        if v != "" and v not in out:
             out.append(v)
     return out
 
