@@ -208,10 +208,9 @@ def test_real_train_split_loses_no_row(ray_local, bird_train, tmp_path):
 def test_real_dev_prompts_with_tokenizer(ray_local, bird_dev, smol_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    out = run(ConvertConfig(data=str(bird_dev), out=str(tmp_path / "dev"), tokenizer=str(smol_dir), val_fraction=0.0,
-                            workers=1))
-    rows = pq.read_table(out / "train.parquet").to_pylist()
-    assert len(rows) == 1534
+    out = run(ConvertConfig(data=str(bird_dev), out=str(tmp_path / "dev"), tokenizer=str(smol_dir), workers=1))
+    rows = pq.read_table(out / "dev.parquet").to_pylist()  # an evaluation split stays whole
+    assert len(rows) == 1534 and not (out / "train.parquet").exists() and not (out / "validation.parquet").exists()
     assert not any("sqlite_sequence" in m["content"] for r in rows for m in r["messages"])
     local = [r for r in rows if r["db_id"] in ("student_club", "superhero", "toxicology")]
     assert len(local) == 432 and all("examples: [" in r["messages"][1]["content"] for r in local)
@@ -220,6 +219,7 @@ def test_real_dev_prompts_with_tokenizer(ray_local, bird_dev, smol_dir, tmp_path
     expected = len(tok.apply_chat_template(r["messages"][:2], add_generation_prompt=True, tokenize=True)["input_ids"])
     assert r["prompt_tokens"] == expected
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"input": 1534, "dev": 1534, "rejected": 0} and manifest["evaluation_split"] is True
     assert manifest["prompt_tokens"]["counted_with"].startswith("tokenizer ")
     assert manifest["schema"]["sources_dbs"] == {"sqlite": 3, "tables_json": 8}
 
@@ -231,3 +231,43 @@ def test_default_data_is_the_bundled_demo_train_split(ray_local, tmp_path):
     assert counts["input"] > 0 and counts["train"] > 0
     assert counts["train"] + counts["validation"] + counts["rejected"] == counts["input"]
     assert manifest["data_dir"] == str(Path(bird.resolve_data("", "train")).resolve())
+
+
+def make_dev_split(root: Path) -> Path:
+    """The split of make_split laid out as an evaluation split (dev.json, dev_databases/, dev_tables.json)."""
+    make_split(root)
+    for a, b in (("train.json", "dev.json"), ("train_databases", "dev_databases"), ("train_tables.json", "dev_tables.json")):
+        (root / a).rename(root / b)
+    return root
+
+
+@pytest.mark.parametrize("val_fraction", [0.05, 0.5])
+def test_dev_split_is_written_whole_to_dev_parquet(ray_local, tmp_path, val_fraction):
+    split = make_dev_split(tmp_path / "bird_dev")
+    out = run(ConvertConfig(data=str(split), out=str(tmp_path / "out"), val_fraction=val_fraction))
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["dev.parquet", "rejected.parquet"]
+    dev = pq.read_table(out / "dev.parquet")
+    assert tuple(dev.column_names) == OUTPUT_COLUMNS
+    assert dev.column("question_id").to_pylist() == sorted(set(range(13)) - {0, 1, 2})  # 0-2 rejected
+    assert {r["db_id"] for r in dev.to_pylist()} == {"sports", "league"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"input": 13, "dev": 10, "rejected": 3}
+    assert manifest["files"] == {"dev": "dev.parquet", "rejected": "rejected.parquet"}
+    assert manifest["databases"]["validation_db_ids"] == [] and manifest["evaluation_split"] is True
+
+
+def test_dev_split_is_cut_into_train_and_validation_only_when_asked(ray_local, tmp_path):
+    split = make_dev_split(tmp_path / "bird_dev")
+    out = run(ConvertConfig(data=str(split), out=str(tmp_path / "out"), val_fraction=0.5, split_eval=True))
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts == {"input": 13, "train": pq.read_metadata(out / "train.parquet").num_rows,
+                      "validation": pq.read_metadata(out / "validation.parquet").num_rows, "rejected": 3}
+    assert counts["train"] and counts["validation"] and not (out / "dev.parquet").exists()
+
+
+def test_files_of_an_earlier_convert_into_the_same_out_are_removed(ray_local, split_dir, tmp_path):
+    out = tmp_path / "out"
+    run(ConvertConfig(data=str(split_dir), out=str(out), jsonl=True))
+    assert (out / "train.parquet").is_file() and (out / "validation.jsonl").is_file()
+    run(ConvertConfig(data=str(make_dev_split(tmp_path / "bird_dev")), out=str(out)))
+    assert sorted(p.name for p in out.iterdir() if p.name != "manifest.json") == ["dev.parquet", "rejected.parquet"]

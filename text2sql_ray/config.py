@@ -146,7 +146,8 @@ class EngineConfig:
 
 @dataclass
 class ConvertConfig:
-    """`t2s convert`: BIRD split -> conversation rows (Parquet) with a seeded train/validation split by database."""
+    """`t2s convert`: BIRD split -> conversation rows (Parquet); a training split gets a seeded train/validation
+    split by database, an evaluation split (dev, test) stays whole in <split>.parquet."""
 
     data: str = ""
     """BIRD split directory (train.json or dev.json, *_databases/, *_tables.json); empty = bundled demo train."""
@@ -155,7 +156,9 @@ class ConvertConfig:
     limit: int = 0
     """Convert only the first N questions (0 = all)."""
     val_fraction: float = 0.05
-    """Fraction of databases held out as the validation split (by database, seeded)."""
+    """Training split only: fraction of databases held out as validation.parquet (by database, seeded)."""
+    split_eval: bool = False
+    """Split an evaluation split (dev.json, test.json) into train/validation too; default: all of it in <split>.parquet."""
     seed: int = 0
     """Seed of the train/validation split."""
     jsonl: bool = False

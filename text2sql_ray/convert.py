@@ -6,10 +6,14 @@ Reads the split's questions into Ray Data, builds each question's chat messages 
 `prompts.py`, schema text from `schema.py`) in `map_batches` on actors that hold a per-database
 schema cache, and writes, sorted by question_id (byte-identical for the same input):
 
-* ``train.parquet`` / ``validation.parquet``: ``question_id, db_id, question, evidence, gold_sql,
-  difficulty, messages, prompt_tokens``. ``messages`` is a list of ``{role, content}``: system, user,
-  and the assistant turn holding the gold SQL (the synthesize stage replaces it with a verified chain
-  of thought when ``prompt.cot`` is on). Validation holds ``val_fraction`` of the databases (seeded).
+* ``train.parquet`` / ``validation.parquet`` (a training split, train.json): ``question_id, db_id, question,
+  evidence, gold_sql, difficulty, messages, prompt_tokens``. ``messages`` is a list of ``{role, content}``:
+  system, user, and the assistant turn holding the gold SQL (the synthesize stage replaces it with a
+  verified chain of thought when ``prompt.cot`` is on). Validation holds ``val_fraction`` of the
+  databases (seeded).
+* ``<split>.parquet`` instead (an evaluation split: dev.json -> ``dev.parquet``, test.json ->
+  ``test.parquet``): every usable question in one file, the same columns; an evaluation split is never
+  cut into train/validation unless ``split_eval`` asks for it.
 * ``rejected.parquet``: rows that cannot be used, each with its ``reason`` (gold SQL that sqlglot cannot
   parse as one SQLite query; a db_id with no schema in the SQLite file or tables.json).
 * ``manifest.json``: counts per split (every input row is in exactly one file), prompt-token stats,
@@ -33,6 +37,11 @@ from .schema import NoSchemaError, SchemaCache, count_tokens
 OUTPUT_COLUMNS = ("question_id", "db_id", "question", "evidence", "gold_sql", "difficulty", "messages", "prompt_tokens")
 REJECTED_COLUMNS = ("question_id", "db_id", "question", "evidence", "gold_sql", "difficulty", "reason")
 SPLITS = ("train", "validation", "rejected")
+
+
+def is_training_split(name: str) -> bool:
+    """A training split (train.json, train_*.json) is cut into train/validation; dev/test splits are not."""
+    return name.startswith("train")
 
 
 def output_schema():
@@ -198,25 +207,42 @@ def _input_rows(questions: list[dict]) -> list[dict]:
     return [{k: (q.get(k) if k == "question_id" else str(q.get(k) or "")) for k in keep} for q in questions]
 
 
-def write_splits(out: Path, rows: list[dict], jsonl: bool = False) -> dict[str, str]:
-    """train/validation/rejected.parquet (+ .jsonl) from converted rows, sorted by question_id; file names by split."""
+def write_splits(out: Path, rows: list[dict], jsonl: bool = False,
+                 kept: tuple[str, ...] = ("train", "validation")) -> dict[str, str]:
+    """<kept>.parquet + rejected.parquet (+ .jsonl) from converted rows, sorted by question_id; file names by split.
+
+    `kept` names the files of usable rows: ("train", "validation"), or (<split name>,) for an evaluation split."""
     import pyarrow as pa
 
     out = Path(out)
     rows = sorted(rows, key=lambda r: r["question_id"])
-    by_split = {s: [r for r in rows if r["split"] == s] for s in SPLITS}
+    names = (*kept, "rejected")
+    by_split = {s: [r for r in rows if r["split"] == s] for s in names}
     files = {}
-    for name in ("train", "validation"):
+    for name in kept:
         table = pa.Table.from_pylist([{c: r[c] for c in OUTPUT_COLUMNS} for r in by_split[name]], schema=output_schema())
         files[name] = write_parquet(out / f"{name}.parquet", table).name
     rejected = [{c: r[c] for c in REJECTED_COLUMNS} for r in by_split["rejected"]]
     files["rejected"] = write_parquet(out / "rejected.parquet", pa.Table.from_pylist(rejected, schema=rejected_schema())).name
     if jsonl:
-        for name in ("train", "validation"):
+        for name in kept:
             write_jsonl(out / f"{name}.jsonl", ({c: r[c] for c in OUTPUT_COLUMNS} for r in by_split[name]))
         write_jsonl(out / "rejected.jsonl", rejected)
-        files.update({f"{n}_jsonl": f"{n}.jsonl" for n in SPLITS})
+        files.update({f"{n}_jsonl": f"{n}.jsonl" for n in names})
     return files
+
+
+def remove_stale_outputs(out: Path, files: dict[str, str]) -> list[str]:
+    """Delete the files an earlier convert into `out` listed in its manifest that this run did not write
+    (a train.parquet left beside a new dev.parquet would be read by synthesize); returns their names."""
+    from .common import read_manifest
+
+    before = (read_manifest(out) or {}).get("files") or {}
+    stale = sorted({name for name in before.values() if isinstance(name, str)} - set(files.values()))
+    for name in stale:
+        if "/" not in name and (out / name).is_file():
+            (out / name).unlink()
+    return stale
 
 
 def run(cfg: ConvertConfig) -> Path:
@@ -232,7 +258,13 @@ def run(cfg: ConvertConfig) -> Path:
 
     db_ids = sorted({q["db_id"] for q in questions})
     with_schema = [d for d in db_ids if split.db_path(d) is not None or d in split.tables]
-    val = validation_dbs(with_schema, cfg.val_fraction, cfg.seed)
+    # An evaluation split stays whole (one file to evaluate on); only training data is cut by database.
+    whole = not is_training_split(split.name) and not cfg.split_eval
+    kept = (split.name,) if whole else ("train", "validation")
+    val = [] if whole else validation_dbs(with_schema, cfg.val_fraction, cfg.seed)
+    if whole:
+        log.info("convert: %s is an evaluation split: all its questions go to %s.parquet (no train/validation "
+                 "split; --split-eval true asks for one)", split.name, split.name)
     in_tables = [d for d in db_ids if d in split.tables]
     log.info("convert: %d questions over %d databases from %s (%d with a SQLite file, %d in %s_tables.json); "
              "validation databases: %s", len(questions), len(db_ids), data_dir,
@@ -275,21 +307,29 @@ def run(cfg: ConvertConfig) -> Path:
     rows.sort(key=lambda r: r["question_id"])
     if len(rows) != len(questions) or {r["question_id"] for r in rows} != {q["question_id"] for q in questions}:
         raise RuntimeError(f"convert lost rows: {len(questions)} in, {len(rows)} out; this is a bug, please report it.")
-    by_split = {s: [r for r in rows if r["split"] == s] for s in SPLITS}
-    files = write_splits(out, rows, cfg.jsonl)
+    if whole:
+        for r in rows:
+            if r["split"] == "train":
+                r["split"] = split.name
+    names = (*kept, "rejected")
+    by_split = {s: [r for r in rows if r["split"] == s] for s in names}
+    files = write_splits(out, rows, cfg.jsonl, kept)
+    stale = remove_stale_outputs(out, files)
+    if stale:
+        log.info("convert: removed %s left in %s by an earlier convert", ", ".join(stale), out)
     write_s = time.time() - t_write
 
-    kept = by_split["train"] + by_split["validation"]
+    usable = [r for name in kept for r in by_split[name]]
     reason_counts: dict[str, int] = {}
     for r in by_split["rejected"]:
         for part in r["reason"].split("; "):
             kind = part.split(":", 1)[0]
             if kind in ("no_schema", "gold_sql"):
                 reason_counts[kind] = reason_counts.get(kind, 0) + 1
-    schema_by_db = {r["db_id"]: r for r in kept}
+    schema_by_db = {r["db_id"]: r for r in usable}
     trimmed_dbs: dict[str, int] = {}
     trimmed_rows: dict[str, int] = {}
-    for r in kept:
+    for r in usable:
         for kind in r["schema_trimmed"] or []:
             trimmed_rows[kind] = trimmed_rows.get(kind, 0) + 1
     for r in schema_by_db.values():
@@ -298,7 +338,7 @@ def run(cfg: ConvertConfig) -> Path:
     sources: dict[str, int] = {}
     for r in schema_by_db.values():
         sources[r["schema_source"]] = sources.get(r["schema_source"], 0) + 1
-    counts = {"input": len(questions), **{s: len(by_split[s]) for s in SPLITS}}
+    counts = {"input": len(questions), **{s: len(by_split[s]) for s in names}}
     manifest_path = write_manifest(
         out, "convert", cfg, started,
         data_dir=str(data_dir),
@@ -307,8 +347,7 @@ def run(cfg: ConvertConfig) -> Path:
         rejected_reasons=reason_counts,
         databases={
             "input": len(db_ids),
-            "train": len({r["db_id"] for r in by_split["train"]}),
-            "validation": len({r["db_id"] for r in by_split["validation"]}),
+            **{name: len({r["db_id"] for r in by_split[name]}) for name in kept},
             "validation_db_ids": val,
             "no_schema": sorted({r["db_id"] for r in by_split["rejected"] if r["reason"].startswith("no_schema")}),
         },
@@ -321,16 +360,16 @@ def run(cfg: ConvertConfig) -> Path:
         },
         prompt_tokens={
             "counted_with": f"tokenizer {cfg.tokenizer}" if cfg.tokenizer else "chars/4",
-            "all": _stats([r["prompt_tokens"] for r in kept]),
-            "train": _stats([r["prompt_tokens"] for r in by_split["train"]]),
-            "validation": _stats([r["prompt_tokens"] for r in by_split["validation"]]),
+            "all": _stats([r["prompt_tokens"] for r in usable]),
+            **{name: _stats([r["prompt_tokens"] for r in by_split[name]]) for name in kept},
         },
+        evaluation_split=whole,
         files=files,
         timing={"ray_start_s": round(ray_start_s, 3), "convert_s": round(convert_s, 3), "write_s": round(write_s, 3),
                 "workers": workers if questions else 0},
     )
-    log.info("convert: %s -> %s (train %d, validation %d, rejected %d; Ray start %.1f s, conversion %.1f s)",
-             counts["input"], out, counts["train"], counts["validation"], counts["rejected"], ray_start_s, convert_s)
+    log.info("convert: %s -> %s (%s; Ray start %.1f s, conversion %.1f s)", counts["input"], out,
+             ", ".join(f"{name} {counts[name]}" for name in names), ray_start_s, convert_s)
     log.info("convert: manifest %s", manifest_path)
     return out
 
