@@ -267,3 +267,28 @@ def test_schema_text_is_deterministic(bird_dev):
     a = SchemaCache.from_split(bird.load_split(bird_dev), PromptConfig()).get("student_club")
     b = SchemaCache.from_split(bird.load_split(bird_dev), PromptConfig()).get("student_club")
     assert a == b
+
+
+def test_utf16_csv_descriptions_reach_the_schema_text(tmp_path):
+    p = make_db(tmp_path / "db" / "db.sqlite")
+    write_csv(p.parent / "database_description" / "team.csv", HEADER + "city,,home town of the team,text,\n",
+              encoding="utf-16", newline="\r\n")
+    text = build_schema_text("db", PromptConfig(sample_values=0), p).text
+    assert "  city TEXT, -- home town of the team" in text
+
+
+def test_nul_and_control_bytes_in_values_and_descriptions_never_reach_the_prompt(tmp_path):
+    from text2sql_ray.prompts import build_messages
+
+    p = make_db(tmp_path / "db" / "db.sqlite", n_rows=0)
+    conn = sqlite3.connect(p)
+    conn.execute("INSERT INTO team (name, city) VALUES (?, ?)", ("Li\x00ons\x07", "\x00\x00"))
+    conn.execute("INSERT INTO team (name, city) VALUES (?, ?)", ("Bears", "Oslo"))
+    conn.commit()
+    conn.close()
+    write_csv(p.parent / "database_description" / "team.csv", HEADER + "name,,the team\x1b name,text,\n")
+    text = build_schema_text("db", PromptConfig(), p).text
+    assert "examples: ['Li ons', 'Bears']" in text and "examples: ['Oslo']" in text
+    assert "-- the team name; examples:" in text
+    messages = build_messages(build_schema_text("db", PromptConfig(), p), "How many?", "", PromptConfig())
+    assert not any(re.search("[\x00-\x08\x0e-\x1f\x7f]", m["content"]) for m in messages)
