@@ -255,3 +255,129 @@ def test_official_gold_file_as_predictions_scores_432_on_real_bird_dev(ray_local
         0,
         0,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# predict_dev.json keeps SQL intact; one bad row never sinks a run; strict inputs through the CLI
+# --------------------------------------------------------------------------------------------------
+
+IGNORED = ("seconds", "attempts")  # wall time and executor attempts differ from run to run
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in IGNORED} for r in rows]
+
+
+def test_rescoring_the_exported_predict_dev_json_gives_the_same_results_on_real_bird_dev(ray_local, bird_dev, tmp_path):
+    import re
+
+    questions = [q for q in json.loads((bird_dev / "dev.json").read_text())
+                 if q["db_id"] in ("student_club", "superhero", "toxicology")]
+    literal = re.compile(r"= '([A-Za-z0-9.-]+) ([A-Za-z0-9 .-]+)'")
+    spaced = [q for q in questions if literal.search(q["SQL"])][:12]
+    others = [q for q in questions if q not in spaced]
+    commented = others[::15]
+    preds = {}
+    for q in spaced:  # whitespace inside a string literal: '3-D  Man' is not '3-D Man'
+        preds[q["question_id"]] = literal.sub(lambda m: f"= '{m.group(1)}  {m.group(2)}'", q["SQL"], count=1)
+    for q in commented:  # a leading line comment: collapsing the newline would comment out the query
+        preds[q["question_id"]] = "-- the answer\n" + q["SQL"].replace(" FROM ", "\n  FROM ", 1)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli.main(["evaluate", "--data", str(bird_dev), "--predictions",
+                     str(write_preds(tmp_path / "preds.jsonl", preds)), "--out", str(first)]) == 0
+    assert cli.main(["evaluate", "--data", str(bird_dev), "--predictions", str(first / "predict_dev.json"),
+                     "--out", str(second)]) == 0
+    rows1, rows2 = read_jsonl(first / "results.jsonl"), read_jsonl(second / "results.jsonl")
+    assert len(rows1) == len(rows2) == 1534
+    assert _comparable(rows1) == _comparable(rows2)
+    by_id = {r["question_id"]: r for r in rows1}
+    assert all(by_id[q["question_id"]]["correct"] for q in commented) and len(commented) >= 20
+    assert sum(by_id[q["question_id"]]["correct"] for q in spaced) < len(spaced) // 2  # the doubled space matters
+    assert sum(r["missing_prediction"] and not r["skipped"] for r in rows1) == 432 - len(preds)
+
+
+def test_lone_surrogate_prediction_is_one_bad_row_and_every_output_reads_back(ray_local, split_dir, tmp_path):
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(
+        '{"question_id": 0, "sql": "SELECT name FROM item WHERE price > 2"}\n'
+        '{"question_id": 1, "sql": "SELECT \'\\ud800\'"}\n'
+        '{"question_id": 3, "sql": "SELECT name, price FROM item WHERE name <> \'a\u2028b\u0085c\' ORDER BY price"}\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    assert cli.main(["evaluate", "--data", str(split_dir), "--predictions", str(preds), "--out", str(out)]) == 0
+    rows = {r["question_id"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert len(rows) == 7 and rows[0]["correct"] and rows[3]["correct"]
+    assert rows[1]["pred_sql"] == "SELECT '\ud800'" and not rows[1]["correct"]
+    assert rows[3]["pred_sql"] == "SELECT name, price FROM item WHERE name <> 'a\u2028b\u0085c' ORDER BY price"
+    assert json.loads((out / "report.json").read_text())["n_correct"] == 2
+    again = tmp_path / "again"
+    assert cli.main(["evaluate", "--data", str(split_dir), "--predictions", str(out / "predict_dev.json"),
+                     "--out", str(again)]) == 0
+    assert _comparable(read_jsonl(again / "results.jsonl")) == _comparable(list(rows.values()))
+
+
+@pytest.mark.parametrize("text, where", [
+    ('{"question_id": 0, "sql": "SELECT 1"}\n{"question_id": 3.9, "sql": "SELECT 1"}\n', "preds.txt:2: question_id 3.9"),
+    ('{"question_id": true, "sql": "SELECT 1"}\n', "preds.txt:1: question_id True"),
+    ('{"question_id": 0, "sql": 123}\n', "preds.txt:1: sql 123 is a int"),
+    ('{"0": "SELECT 1\\t----- bird -----\\tshop", "00": "SELECT 2\\t----- bird -----\\tshop"}', "preds.txt: key '00'"),
+    ("", "preds.txt: holds no prediction"),
+    ("{}", "preds.txt: holds no prediction"),
+])
+def test_bad_predictions_file_is_a_one_line_error_through_the_cli(split_dir, tmp_path, capsys, text, where):
+    preds = tmp_path / "preds.txt"
+    preds.write_text(text)
+    rc = cli.main(["evaluate", "--data", str(split_dir), "--predictions", str(preds), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and where in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("rows, where", [
+    ([{"question_id": None, "db_id": "shop", "question": "q", "SQL": "SELECT 1"}], "dev.json: row 0 has question_id None"),
+    ([{"question_id": "abc", "db_id": "shop", "question": "q", "SQL": "SELECT 1"}], "dev.json: row 0 has question_id 'abc'"),
+    ([{"db_id": "shop", "question": "q\x00", "SQL": "SELECT 1"}], "dev.json: row 0 (question_id 0): question contains a NUL"),
+    ([], "dev.json: holds no questions"),
+])
+def test_bad_question_file_is_a_one_line_error_through_the_cli(split_dir, tmp_path, capsys, rows, where):
+    (split_dir / "dev.json").write_text(json.dumps(rows))
+    preds = write_preds(tmp_path / "preds.jsonl", {0: "SELECT 1"})
+    rc = cli.main(["evaluate", "--data", str(split_dir), "--predictions", str(preds), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and where in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_database_is_skipped_loudly_and_counted(ray_local, split_dir, tmp_path, damage):
+    import shutil
+
+    shop = split_dir / "dev_databases" / "shop" / "shop.sqlite"
+    (split_dir / "dev_databases" / "gone").mkdir()
+    shutil.copy(shop, split_dir / "dev_databases" / "gone" / "gone.sqlite")  # "gone" is present now: 2 questions
+    data = shop.read_bytes()
+    shop.write_bytes(b"\x00garbage " * 400 if damage == "garbage" else data[: len(data) // 2])
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        report, rows = evaluate_mini(split_dir, tmp_path, GOOD)
+    finally:
+        log.removeHandler(handler)
+    assert (report["n_scored"], report["n_correct"], report["n_gold_errors"]) == (2, 2, 0)
+    assert report["n_skipped_unreadable_db"] == 5 and report["n_skipped_missing_db"] == 0
+    assert list(report["unreadable_db_ids"]) == ["shop"]
+    assert [r["question_id"] for r in rows if r["skipped"]] == [0, 1, 3, 4, 6]
+    assert any("SKIPPING 5 of 7 questions: unreadable database" in m and "shop.sqlite" in m for m in seen)
+    with pytest.raises(ValueError, match=r"5 of 7 questions cannot be scored: .*shop.sqlite.*--strict"):
+        evaluate_mini(split_dir, tmp_path, GOOD, strict=True)
+
+
+def test_nothing_scorable_is_a_nonzero_exit(split_dir, tmp_path, capsys):
+    (split_dir / "dev_databases" / "shop" / "shop.sqlite").write_bytes(b"not a database" * 100)
+    preds = write_preds(tmp_path / "preds.jsonl", GOOD)
+    rc = cli.main(["evaluate", "--data", str(split_dir), "--predictions", str(preds), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "none of the 7 questions can be scored" in err
+    assert not (tmp_path / "o" / "report.json").exists()
