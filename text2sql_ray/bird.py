@@ -243,7 +243,9 @@ def read_descriptions(db_dir: str | Path) -> dict[str, list[dict]]:
 def read_gold_sql(path: str | Path) -> list[tuple[str, str]]:
     """The official gold file: one `SQL<TAB>db_id` per line, in question-file order."""
     out = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    from .common import read_text_utf8
+
+    for lineno, line in enumerate(read_text_utf8(path).split("\n"), 1):  # not splitlines(): U+2028 is no line end
         if not line.strip():
             continue
         sql, sep, db_id = line.strip().rpartition("\t")

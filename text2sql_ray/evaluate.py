@@ -9,13 +9,15 @@ Predictions: the official ``predict_dev.json`` (``{"0": "SQL\\t----- bird -----\
 rows ``{"question_id": N, "sql": "..."}``. Scoring follows the official BIRD rule (see sqlexec.py):
 a question is correct iff its predicted and gold results are equal as sets of row tuples, under one
 budget for the pair. The denominator is every question asked whose database is on disk: a missing
-prediction scores 0. Questions whose database file is missing are skipped, counted and named in a
-loud warning (``--strict`` makes that an error).
+prediction scores 0. Questions whose database file is missing or unreadable (garbage, truncated:
+``bird.sqlite_file_problem``) are skipped, counted and named in a loud warning (``--strict`` makes
+that an error; when no question is left to score the run fails).
 
 Outputs in ``--out``: ``results.jsonl`` (one row per question, in question order: question_id, db_id,
 difficulty, correct, pred_error, gold_error, timed_out, seconds, skipped, missing_prediction,
 error_kind, pred_rows, gold_rows, attempts, pred_sql), ``report.json``,
-``report.md``, ``ex_by_difficulty.png``, ``predict_dev.json`` (official format) and ``manifest.json``.
+``report.md``, ``ex_by_difficulty.png``, ``predict_dev.json`` (official format, SQL verbatim: it re-scores
+to the same results) and ``manifest.json``.
 
 Scoring is ``score(split, sql_by_qid, cfg, out_dir)``; every mode ends in it.
 
