@@ -233,6 +233,13 @@ def test_default_data_is_the_bundled_demo_train_split(ray_local, tmp_path):
     assert manifest["data_dir"] == str(Path(bird.resolve_data("", "train")).resolve())
 
 
+def test_evaluation_splits_are_told_from_training_splits_by_name():
+    from text2sql_ray.convert import is_evaluation_split
+
+    assert [n for n in ("dev", "test", "spider_dev", "dev_20240627", "train", "train_spider", "mydata")
+            if is_evaluation_split(n)] == ["dev", "test", "spider_dev", "dev_20240627"]
+
+
 def make_dev_split(root: Path) -> Path:
     """The split of make_split laid out as an evaluation split (dev.json, dev_databases/, dev_tables.json)."""
     make_split(root)

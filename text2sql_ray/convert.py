@@ -39,9 +39,10 @@ REJECTED_COLUMNS = ("question_id", "db_id", "question", "evidence", "gold_sql", 
 SPLITS = ("train", "validation", "rejected")
 
 
-def is_training_split(name: str) -> bool:
-    """A training split (train.json, train_*.json) is cut into train/validation; dev/test splits are not."""
-    return name.startswith("train")
+def is_evaluation_split(name: str) -> bool:
+    """dev.json / test.json (also dev_*, *_dev, test_*, *_test): questions to evaluate on, never cut into
+    train/validation by default. Any other split (train.json, ...) is training data."""
+    return name in ("dev", "test") or name.startswith(("dev_", "test_")) or name.endswith(("_dev", "_test"))
 
 
 def output_schema():
@@ -259,7 +260,7 @@ def run(cfg: ConvertConfig) -> Path:
     db_ids = sorted({q["db_id"] for q in questions})
     with_schema = [d for d in db_ids if split.db_path(d) is not None or d in split.tables]
     # An evaluation split stays whole (one file to evaluate on); only training data is cut by database.
-    whole = not is_training_split(split.name) and not cfg.split_eval
+    whole = is_evaluation_split(split.name) and not cfg.split_eval
     kept = (split.name,) if whole else ("train", "validation")
     val = [] if whole else validation_dbs(with_schema, cfg.val_fraction, cfg.seed)
     if whole:
