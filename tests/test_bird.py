@@ -111,6 +111,7 @@ GOOD_Q = {"question_id": 0, "db_id": "a", "question": "q?", "evidence": "", "SQL
     ({"question": None}, r"row 1 \(question_id 1\): question must be a string"),
     ({"question": "how\x00many?"}, r"row 1 \(question_id 1\): question contains a NUL byte"),
     ({"evidence": ["x"]}, r"row 1 \(question_id 1\): evidence must be a string"),
+    ({"SQL": "SELECT '\ud800'"}, r"row 1 \(question_id 1\): SQL contains a lone surrogate \('\\ud800'\)"),
 ])
 def test_bad_question_row_is_an_error_naming_file_and_row(tmp_path, bad, message):
     rows = [GOOD_Q, {**GOOD_Q, "question_id": 1, **bad}]

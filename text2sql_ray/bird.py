@@ -79,6 +79,10 @@ def _text_problem(value, name: str, required: bool) -> str:
         return "db_id is empty"
     if "\x00" in value:
         return f"{name} contains a NUL byte (\\x00); remove it"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800": no output file could hold it
+        return f"{name} contains a lone surrogate ({value[e.start]!r}), which is not text; remove it"
     return ""
 
 
