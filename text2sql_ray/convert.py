@@ -27,7 +27,7 @@ from pathlib import Path
 from . import bird
 from .common import ensure_ray, log, write_jsonl, write_manifest, write_parquet
 from .config import ConvertConfig, PromptConfig
-from .prompts import build_messages
+from .prompts import build_messages, prompt_record
 from .schema import NoSchemaError, SchemaCache, count_tokens
 
 OUTPUT_COLUMNS = ("question_id", "db_id", "question", "evidence", "gold_sql", "difficulty", "messages", "prompt_tokens")
@@ -303,6 +303,7 @@ def run(cfg: ConvertConfig) -> Path:
         out, "convert", cfg, started,
         data_dir=str(data_dir),
         split_name=split.name,
+        prompt=prompt_record(cfg.prompt, cfg.tokenizer),
         counts=counts,
         rejected_reasons=reason_counts,
         databases={
