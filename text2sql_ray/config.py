@@ -244,7 +244,7 @@ class TrainConfig:
     """`t2s train`: LoRA or full fine-tuning (DeepSpeed ZeRO) on Ray Train, loss on assistant tokens only."""
 
     input: str = ""
-    """SFT Parquet file or a directory holding sft.parquet / train.parquet (from synthesize or convert)."""
+    """SFT Parquet file or a directory holding sft.parquet / train.parquet (from synthesize or convert); empty = the bundled demo, converted into <out>/convert."""
     out: str = "runs/train"
     """Output directory (Hugging Face model or adapter dir, manifest, loss curve)."""
     model: str = ""
@@ -457,9 +457,9 @@ class EvaluateConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Generation engine for --model / --endpoint."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    """Prompt template for --model / --endpoint (use the one the model was trained with)."""
+    """Prompt template for --model / --endpoint; a `t2s train` output's recorded one is used unless an option is given here."""
     tokenizer: str = ""
-    """Tokenizer for the schema budget, as given to `t2s convert --tokenizer` (empty = chars/4): same prompts as training."""
+    """Tokenizer for the schema budget, as given to `t2s convert --tokenizer` (empty = chars/4); a train output's recorded one by default."""
     compare: list = field(default_factory=list)
     """Two evaluation output dirs to compare side by side instead of evaluating."""
 

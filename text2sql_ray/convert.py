@@ -12,7 +12,8 @@ schema cache, and writes, sorted by question_id (byte-identical for the same inp
   of thought when ``prompt.cot`` is on). Validation holds ``val_fraction`` of the databases (seeded).
 * ``rejected.parquet``: rows that cannot be used, each with its ``reason`` (gold SQL that sqlglot cannot
   parse as one SQLite query; a db_id with no schema in the SQLite file or tables.json).
-* ``manifest.json``: counts per split (every input row is in exactly one file), prompt-token stats,
+* ``manifest.json``: ``prompt`` (the prompt config and the schema-budget tokenizer: train carries it into
+  its output for evaluate and serve), counts per split (every input row is in exactly one file), prompt-token stats,
   schema trimming counts, wall time split into Ray start-up and conversion.
 """
 

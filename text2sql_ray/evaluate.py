@@ -24,7 +24,10 @@ and endpoint mode (``--endpoint``: the engines' 'openai' backend against any Ope
 server, e.g. ``t2s serve``; ``engine.model`` names the served model, empty = the first it lists)
 build each question's prompt exactly as ``t2s convert`` builds the training prompt
 (``prompts.build_messages`` with the ``schema.SchemaCache`` text for ``cfg.prompt`` and
-``cfg.tokenizer``; pass the same prompt options and tokenizer as convert), take ``prompts.extract_sql``
+``cfg.tokenizer``). A ``t2s train`` output records the convert run's prompt config and tokenizer
+(``t2s serve`` shows it on the model card as ``t2s_prompt``); `resolve_prompt` uses that record by
+default, and an option given in the YAML or on the command line that differs from it wins with a
+warning (``generation.prompt_from`` in report.json names the record and the overrides). Take ``prompts.extract_sql``
 of each answer and score it. Questions whose database file is missing are not generated (they are
 skipped in scoring anyway). A failed generation is a missing prediction (0). Extra output:
 ``generations.jsonl`` (question order: question_id, db_id, text, sql, tokens, error, samples, vote):

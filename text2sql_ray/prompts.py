@@ -105,7 +105,7 @@ def prompt_record(cfg: PromptConfig, tokenizer: str) -> dict:
 
 def recorded_prompt(path: str | Path) -> dict | None:
     """The prompt record of a stage output dir: its manifest's `prompt` section, else the one of the run its
-    `input` came from (train -> synthesize -> convert), plus `manifest`: the file it was read from. None when
+    `input` came from (train -> synthesize -> convert), plus `manifest`: the manifest that first recorded it. None when
     no manifest on the way records one."""
     from .common import read_manifest
 
@@ -115,7 +115,7 @@ def recorded_prompt(path: str | Path) -> dict | None:
         if manifest is None:
             return None
         if manifest.get("prompt"):
-            return {**manifest["prompt"], "manifest": str(here / "manifest.json")}
+            return {"manifest": str(here / "manifest.json"), **manifest["prompt"]}  # a carried record keeps its source
         source = manifest.get("input") or (manifest.get("data") or {}).get("input") if manifest.get("stage") != "convert" else None
         if not source:
             return None

@@ -2,14 +2,31 @@
 
 The file reads top to bottom:
 1. Pure helpers, tested without Ray: a conversation through the model's chat template with labels on
-   the assistant tokens only; packing; collation; the learning-rate schedule; the DeepSpeed config; an
-   lm_head + cross-entropy that never materialises the [tokens x vocab] logits.
+   the assistant tokens only; why a row is rejected; packing; the data order; collation; the
+   learning-rate schedule; the DeepSpeed config; an lm_head + cross-entropy that never materialises the
+   [tokens x vocab] logits.
 2. `train_loop_per_worker`: what every Ray Train worker runs (model, optimizer, loop, checkpoints, resume).
-3. `run(cfg)`: the SFT Parquet through Ray Data, the `TorchTrainer`, and the output directory.
+3. `run(cfg)`: the SFT Parquet tokenised on Ray Data, the `TorchTrainer`, and the output directory.
+
+Rows: every input row is trained on whole or written to ``rejected.jsonl`` with its id (question_id, or
+the row number when the set has no unique question ids) and reason (`REJECT_REASONS`): an example longer
+than ``max_length`` is never cut (cutting its tail would train on a chain of thought without its final SQL
+and end-of-turn) and prompts are never rewritten (evaluation builds the same prompt). More than
+``max_rejected_fraction`` rejected rows fail the run with what to change; a schema budget recorded by
+convert that leaves no room in ``max_length`` fails it before any work (`config.check_schema_budget`).
+
+Order: the kept examples' token ids go to the object store once; optimizer step s trains on
+`step_sequences(s, ...)`, a function of (seed, step) alone with a new seeded order every epoch, so a run
+resumed from a checkpoint trains on exactly the examples, in exactly the order, of an uninterrupted run.
+
+With no ``--input`` the bundled demo train split is converted into ``<out>/convert`` first.
 
 Output (`cfg.out`): a Hugging Face dir (`lora`: adapter files whose `base_model_name_or_path` loads;
-`full`: config + safetensors), the tokenizer, optionally `merged/`, `manifest.json`, `loss_curve.png`,
-and `ray_train/` (Ray Train storage with the checkpoints; rerunning with the same --out resumes from it).
+`full`: config + safetensors), the tokenizer, optionally `merged/`, `manifest.json` (row accounting, and
+``prompt``: the prompt config and schema-budget tokenizer recorded by the convert run the data comes from,
+which `t2s evaluate --model` and `t2s serve` use), `rejected.jsonl`, `steps.jsonl` (every step's example
+ids and loss), `loss_curve.png`, and `ray_train/` (Ray Train storage with the checkpoints; rerunning with
+the same --out resumes from it).
 """
 
 from __future__ import annotations
