@@ -23,7 +23,7 @@ MAX_LENGTH = 192
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 RUN_FILES = {"manifest.json", "loss_curve.png", "ray_train", "rejected.jsonl", "steps.jsonl"}
 LORA_ARGS = ["--max-steps", "4", "--checkpoint-every", "2", "--max-length", str(MAX_LENGTH), "--packing",
-             "--micro-batch-size", "2", "--cpus-per-worker", "0.5", "--lr", "1e-2", "--warmup-ratio", "0",
+             "--micro-batch-size", "3", "--cpus-per-worker", "0.5", "--lr", "1e-2", "--warmup-ratio", "0",
              "--max-rejected-fraction", "0.9"]
 
 
@@ -67,7 +67,7 @@ def _safetensors(path: Path) -> dict:
 def _cfg(tmp: Path, model: Path, data: Path, **kw) -> TrainConfig:
     base = dict(input=str(data), model=str(model), out=str(tmp), max_steps=4, checkpoint_every=2,
                 max_length=MAX_LENGTH, micro_batch_size=2, num_workers=2, cpus_per_worker=0.5, lr=1e-2,
-                warmup_ratio=0.0, log_every=1)
+                warmup_ratio=0.0, log_every=1, max_rejected_fraction=0.9)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -218,7 +218,8 @@ def test_lr_schedule_warms_up_then_decays():
 
 @pytest.fixture(scope="module")
 def lora_run(ray_local, tmp_path_factory, tiny_llama_dir, sft_parquet):
-    """`t2s train` through the CLI: LoRA, packing, 4 steps, a checkpoint every 2, rows longer than MAX_LENGTH
+    """`t2s train` through the CLI: LoRA, packing, 4 steps of 6 sequences (an epoch is 3 steps), a checkpoint
+    every 2, rows longer than MAX_LENGTH
     rejected (allowed here up to 90%), and a worker failure injected after step 3 that Ray Train recovers from
     (max_failures=1) by restarting from step 2."""
     from text2sql_ray.cli import main
@@ -348,7 +349,7 @@ def test_resumed_run_sees_exactly_the_examples_and_losses_of_an_uninterrupted_ru
 
 def test_too_many_rejected_rows_fail_the_run_with_a_clear_message(ray_local, tmp_path, tiny_llama_dir, sft_parquet):
     with pytest.raises(ValueError, match=r"would be rejected, more than train.max_rejected_fraction=1.0%.*--max-length"):
-        T.run(_cfg(tmp_path / "out", tiny_llama_dir, sft_parquet, max_length=64))
+        T.run(_cfg(tmp_path / "out", tiny_llama_dir, sft_parquet, max_length=64, max_rejected_fraction=0.01))
     rejected = _read_jsonl(tmp_path / "out" / "rejected.jsonl")
     assert len(rejected) > 0 and all(r["reason"] == "too_long" for r in rejected)
 
