@@ -66,7 +66,6 @@ def test_a_model_without_a_record_keeps_the_given_prompt(tmp_path):
 
 def test_serve_puts_the_record_on_the_model_card_and_evaluate_endpoint_reads_it(tmp_path):
     from fastapi import FastAPI
-
     from local_http import LocalServer
 
     _, train = _chain(tmp_path)

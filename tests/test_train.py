@@ -126,7 +126,7 @@ def test_step_order_depends_only_on_seed_and_step_and_reshuffles_every_epoch():
     n_seq, per_step, spe = 10, 3, 3  # 3 steps per epoch, 1 sequence left over each epoch
     steps = [T.step_sequences(s, n_seq, per_step, spe, seed=7) for s in range(1, 10)]
     assert steps == [T.step_sequences(s, n_seq, per_step, spe, seed=7) for s in range(1, 10)]
-    epochs = [sum(steps[e * spe : (e + 1) * spe], []) for e in range(3)]
+    epochs = [list(itertools.chain(*steps[e * spe : (e + 1) * spe])) for e in range(3)]
     assert all(len(set(e)) == per_step * spe for e in epochs)  # no sequence twice within an epoch
     assert len({tuple(e) for e in epochs}) == 3  # a new order every epoch
     assert steps != [T.step_sequences(s, n_seq, per_step, spe, seed=8) for s in range(1, 10)]
@@ -219,9 +219,8 @@ def test_lr_schedule_warms_up_then_decays():
 @pytest.fixture(scope="module")
 def lora_run(ray_local, tmp_path_factory, tiny_llama_dir, sft_parquet):
     """`t2s train` through the CLI: LoRA, packing, 4 steps of 6 sequences (an epoch is 3 steps), a checkpoint
-    every 2, rows longer than MAX_LENGTH
-    rejected (allowed here up to 90%), and a worker failure injected after step 3 that Ray Train recovers from
-    (max_failures=1) by restarting from step 2."""
+    every 2, rows longer than MAX_LENGTH rejected (allowed here up to 90%), and a worker failure injected
+    after step 3 that Ray Train recovers from (max_failures=1) by restarting from step 2."""
     from text2sql_ray.cli import main
 
     out = tmp_path_factory.mktemp("lora") / "out"
@@ -358,7 +357,7 @@ def test_schema_budget_that_leaves_no_room_in_max_length_is_an_error(tmp_path, t
     import shutil
 
     from text2sql_ray.common import write_manifest
-    from text2sql_ray.config import ConvertConfig, PromptConfig, check_schema_budget
+    from text2sql_ray.config import ConvertConfig, PipelineConfig, PromptConfig, check_schema_budget
     from text2sql_ray.prompts import prompt_record
 
     conv = tmp_path / "convert"
@@ -371,9 +370,7 @@ def test_schema_budget_that_leaves_no_room_in_max_length_is_an_error(tmp_path, t
         T.run(_cfg(tmp_path / "out", tiny_llama_dir, conv, max_length=4096))
     check_schema_budget(PromptConfig(max_schema_tokens=3840), 4096)  # 256 left: allowed
     with pytest.raises(ConfigError, match="pipeline: prompt.max_schema_tokens=3841"):
-        from text2sql_ray.config import PipelineConfig, TrainConfig as TC
-
-        PipelineConfig(convert=ConvertConfig(prompt=PromptConfig(max_schema_tokens=3841)), train=TC(max_length=4096))
+        PipelineConfig(convert=ConvertConfig(prompt=PromptConfig(max_schema_tokens=3841)), train=TrainConfig(max_length=4096))
 
 
 @pytest.mark.timeout(900)

@@ -55,6 +55,8 @@ IGNORE = -100
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "jobs" / "deepspeed"
 PACK_BUFFER = 1024
 """Examples considered together when packing (first-fit decreasing inside each such group)."""
+TOKENIZE_BLOCK = 1024
+"""Rows per Ray Data block when tokenising (blocks are tokenised in parallel)."""
 REPORT_EVERY_S = 10.0
 """Metrics-only ray.train.report calls at most this often. Ray Train V2's controller takes reports from a
 one-slot queue on its ~2 s poll, so a report per step throttles training to one step per ~2 s (measured on
@@ -1043,7 +1045,8 @@ def run(cfg: TrainConfig) -> Path:
     # (listed with their reason) -> sequences; the token ids go to the object store once and every worker
     # indexes them in the order `step_sequences` fixes.
     table, id_name = read_sft_table(files)
-    tokenized = ray.data.from_arrow(table).map_batches(
+    blocks = [table.slice(i, TOKENIZE_BLOCK) for i in range(0, table.num_rows, TOKENIZE_BLOCK)] or [table]
+    tokenized = ray.data.from_arrow(blocks).map_batches(
         tokenize_batch, fn_kwargs={"model_path": model_path, "max_length": cfg.max_length},
         batch_format="pyarrow", batch_size=256,
     ).materialize()
