@@ -155,13 +155,60 @@ def test_cluster_job_files_chain_stage_outputs_by_path_on_shared_storage():
     assert all(p.startswith(SHARED) for p in paths), paths
 
 
-def test_eval_prompt_is_the_prompt_the_training_data_was_converted_with():
-    trained = cfg("convert_bird.yaml", "convert").prompt
-    assert cfg("eval_dev.yaml", "evaluate").prompt == trained
-    for path in JOB_FILES:  # within any one file, convert and evaluate agree as well
-        data = load_yaml(path)
-        if "convert" in data and "evaluate" in data:
-            assert build_config("convert", str(path)).prompt == build_config("evaluate", str(path)).prompt
+# (convert config, train config, evaluate config) of every chain the job files describe: the cluster jobs,
+# and the convert/train/evaluate sections of tiny_cpu.yaml and of the embedded laptop pipeline.
+def job_chains():
+    from text2sql_ray.cli import LAPTOP_PIPELINE
+    from text2sql_ray.pipeline import stage_configs
+
+    conv = cfg("convert_bird.yaml", "convert")
+    chains = [(f"convert_bird+{t}+eval_dev", conv, cfg(t, "train"), cfg("eval_dev.yaml", "evaluate"))
+              for t in ("sft_lora_8b.yaml", "sft_full_8b_zero3.yaml")]
+    tiny = JOBS / "tiny_cpu.yaml"
+    chains.append(("tiny_cpu", build_config("convert", str(tiny)), build_config("train", str(tiny)),
+                   build_config("evaluate", str(tiny))))
+    for name, path in (("tiny_cpu pipeline", tiny), ("laptop pipeline", LAPTOP_PIPELINE)):
+        stages = stage_configs(build_config("pipeline", str(path)))
+        chains.append((name, stages["convert"], stages["train"], stages["eval_finetuned"]))
+    return chains
+
+
+def test_job_schema_budgets_leave_room_in_train_max_length():
+    from text2sql_ray.config import check_schema_budget
+
+    for name, conv, train, _ in job_chains():
+        check_schema_budget(conv.prompt, train.max_length, name)  # raises ConfigError saying what to change
+
+
+@pytest.fixture(scope="module")
+def stand_in_tokenizer(smol_dir):
+    """The job files name the gated Llama-3.1 tokenizer, which cannot be downloaded here: both sides of the
+    comparison load SmolLM2's in its place (the test asserts first that they name the same one)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_dir)
+
+
+def test_eval_prompt_of_a_question_is_byte_identical_to_its_training_prompt(bird_dev, stand_in_tokenizer, monkeypatch):
+    from text2sql_ray import bird, evaluate, models
+    from text2sql_ray.convert import convert_row
+    from text2sql_ray.prompts import prompt_record
+    from text2sql_ray.schema import SchemaCache
+
+    monkeypatch.setattr(models, "load_tokenizer", lambda name: stand_in_tokenizer)
+    split = bird.load_split(bird_dev)
+    questions = [next(q for q in split.questions if q["db_id"] == db) for db in ("student_club", "superhero", "toxicology")]
+    for name, conv, _train, ev in job_chains():
+        train_cache = SchemaCache.from_split(split, conv.prompt, stand_in_tokenizer if conv.tokenizer else None)
+        trained = {q["question_id"]: [m for m in convert_row(q, train_cache, conv.prompt, set())["messages"]
+                                      if m["role"] != "assistant"] for q in questions}
+        # the model a train output records (evaluate --model <train output>), and a model without a record
+        # (the base model: the evaluate section's own options)
+        recorded, _ = evaluate.resolve_prompt(ev, {**prompt_record(conv.prompt, conv.tokenizer), "manifest": "m"})
+        for eval_cfg in (recorded, ev):
+            assert (eval_cfg.prompt, eval_cfg.tokenizer) == (conv.prompt, conv.tokenizer), name
+            rows, errors = evaluate.question_prompts(split, questions, eval_cfg)
+            assert not errors and {r["question_id"]: r["messages"] for r in rows} == trained, name
 
 
 def test_tiny_cpu_turns_every_fast_knob_on_and_uses_the_embedded_defaults():

@@ -1,5 +1,6 @@
 """`t2s train`: assistant-only labels, packing, the fused loss, LoRA and DeepSpeed ZeRO-2/3 on Ray Train
-(2 CPU workers, gloo), resume after a failure, the output directory, the CLI.
+(2 CPU workers, gloo), rows too long for max_length rejected and listed (never cut), exact resume after a
+failure, the output directory, the CLI, the embedded default input.
 
 Real parts only: the tiny 2-layer Llama with SmolLM2's tokenizer and chat template (`tiny_llama_dir`),
 an SFT Parquet built here from real BIRD dev questions with their gold SQL as the answer, real Ray.
@@ -20,7 +21,10 @@ from text2sql_ray.config import ConfigError, TrainConfig
 
 MAX_LENGTH = 192
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
-RUN_FILES = {"manifest.json", "loss_curve.png", "ray_train"}
+RUN_FILES = {"manifest.json", "loss_curve.png", "ray_train", "rejected.jsonl", "steps.jsonl"}
+LORA_ARGS = ["--max-steps", "4", "--checkpoint-every", "2", "--max-length", str(MAX_LENGTH), "--packing",
+             "--micro-batch-size", "3", "--cpus-per-worker", "0.5", "--lr", "1e-2", "--warmup-ratio", "0",
+             "--max-rejected-fraction", "0.9"]
 
 
 def _conversation(q: dict) -> list[dict]:
@@ -63,7 +67,7 @@ def _safetensors(path: Path) -> dict:
 def _cfg(tmp: Path, model: Path, data: Path, **kw) -> TrainConfig:
     base = dict(input=str(data), model=str(model), out=str(tmp), max_steps=4, checkpoint_every=2,
                 max_length=MAX_LENGTH, micro_batch_size=2, num_workers=2, cpus_per_worker=0.5, lr=1e-2,
-                warmup_ratio=0.0, log_every=1)
+                warmup_ratio=0.0, log_every=1, max_rejected_fraction=0.9)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -83,7 +87,7 @@ def test_labels_are_ignore_exactly_on_non_assistant_tokens(tokenizer, with_syste
     ]
     if with_system:
         messages = [{"role": "system", "content": "You write SQLite."}] + messages
-    ex = T.tokenize_conversation(messages, tokenizer, max_length=4096)
+    ex = T.tokenize_conversation(messages, tokenizer)
     eos = tokenizer.eos_token
     trained = [i for i, lab in enumerate(ex.labels) if lab != T.IGNORE]
     # labels equal the ids where trained; the trained tokens are the two answers with their <|im_end|>
@@ -100,19 +104,41 @@ def test_labels_are_ignore_exactly_on_non_assistant_tokens(tokenizer, with_syste
     # same ids as tokenising the whole rendered conversation
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     assert ex.input_ids == tokenizer(full, add_special_tokens=False)["input_ids"]
-    assert ex.truncated is False
+    assert T.rejection(ex, 4096) == ("", "")
 
 
 def test_conversation_without_assistant_turn_is_rejected(tokenizer):
     with pytest.raises(ValueError, match="no assistant turn"):
-        T.tokenize_conversation([{"role": "user", "content": "hi"}], tokenizer, 64)
+        T.tokenize_conversation([{"role": "user", "content": "hi"}], tokenizer)
 
 
-def test_truncation_cuts_at_max_length_and_is_flagged(tokenizer, sft_rows):
-    full = T.tokenize_conversation(sft_rows[0]["messages"], tokenizer, 4096)
-    cut = T.tokenize_conversation(sft_rows[0]["messages"], tokenizer, len(full.input_ids) - 5)
-    assert cut.truncated and not full.truncated
-    assert cut.input_ids == full.input_ids[:-5] and cut.labels == full.labels[:-5]
+def test_an_example_longer_than_max_length_is_rejected_whole_never_cut(tokenizer, sft_rows):
+    ex = T.tokenize_conversation(sft_rows[0]["messages"], tokenizer)
+    n, p = len(ex.input_ids), ex.n_prompt_tokens
+    assert 0 < p < n and ex.labels[p] != T.IGNORE and all(x == T.IGNORE for x in ex.labels[:p])
+    assert T.rejection(ex, n) == ("", "")  # fits exactly: trained whole, its end-of-turn included
+    reason, detail = T.rejection(ex, n - 1)  # one token too long: the answer would lose its end-of-turn
+    assert reason == "too_long" and detail == f"{n} tokens (prompt {p}, answer {n - p}) > max_length {n - 1}"
+    assert T.rejection(T.TokenizedExample(ex.input_ids, [T.IGNORE] * n), n)[0] == "no_assistant_tokens"
+
+
+def test_step_order_depends_only_on_seed_and_step_and_reshuffles_every_epoch():
+    n_seq, per_step, spe = 10, 3, 3  # 3 steps per epoch, 1 sequence left over each epoch
+    steps = [T.step_sequences(s, n_seq, per_step, spe, seed=7) for s in range(1, 10)]
+    assert steps == [T.step_sequences(s, n_seq, per_step, spe, seed=7) for s in range(1, 10)]
+    epochs = [list(itertools.chain(*steps[e * spe : (e + 1) * spe])) for e in range(3)]
+    assert all(len(set(e)) == per_step * spe for e in epochs)  # no sequence twice within an epoch
+    assert len({tuple(e) for e in epochs}) == 3  # a new order every epoch
+    assert steps != [T.step_sequences(s, n_seq, per_step, spe, seed=8) for s in range(1, 10)]
+
+
+def test_packed_layout_keeps_every_example_once_within_max_length():
+    lengths = [50, 120, 30, 80, 190, 10, 60]
+    seqs = T.layout_sequences(lengths, packing=True, max_length=200, seed=0)
+    assert sorted(i for s in seqs for i in s) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in s) <= 200 for s in seqs) and len(seqs) < len(lengths)
+    assert seqs == T.layout_sequences(lengths, packing=True, max_length=200, seed=0)
+    assert T.layout_sequences(lengths, packing=False, max_length=200, seed=0) == [[i] for i in range(len(lengths))]
 
 
 def test_packing_keeps_examples_separate(tiny_llama_dir, tokenizer, sft_rows):
@@ -121,7 +147,7 @@ def test_packing_keeps_examples_separate(tiny_llama_dir, tokenizer, sft_rows):
 
     examples = []
     for row in sft_rows[:5]:
-        ex = T.tokenize_conversation(row["messages"], tokenizer, 4096)
+        ex = T.tokenize_conversation(row["messages"], tokenizer)
         examples.append((ex.input_ids, ex.labels))
     limit = max(len(e[0]) for e in examples) * 2
     packed = T.pack_examples(examples, limit)
@@ -192,20 +218,29 @@ def test_lr_schedule_warms_up_then_decays():
 
 @pytest.fixture(scope="module")
 def lora_run(ray_local, tmp_path_factory, tiny_llama_dir, sft_parquet):
-    """`t2s train` through the CLI: LoRA, packing, 4 steps, a checkpoint every 2, and a worker failure
-    injected after step 3 that Ray Train recovers from (max_failures=1) by restarting from step 2."""
+    """`t2s train` through the CLI: LoRA, packing, 4 steps of 6 sequences (an epoch is 3 steps), a checkpoint
+    every 2, rows longer than MAX_LENGTH rejected (allowed here up to 90%), and a worker failure injected
+    after step 3 that Ray Train recovers from (max_failures=1) by restarting from step 2."""
     from text2sql_ray.cli import main
 
     out = tmp_path_factory.mktemp("lora") / "out"
     os.environ[T.FAIL_ENV] = "3"
     try:
         rc = main(["train", "--input", str(sft_parquet), "--model", str(tiny_llama_dir), "--out", str(out),
-                   "--max-steps", "4", "--checkpoint-every", "2", "--max-length", str(MAX_LENGTH), "--packing",
-                   "--micro-batch-size", "2", "--cpus-per-worker", "0.5", "--lr", "1e-2", "--warmup-ratio", "0",
-                   "--max-failures", "1"])
+                   *LORA_ARGS, "--max-failures", "1"])
     finally:
         os.environ.pop(T.FAIL_ENV, None)
     return rc, out
+
+
+@pytest.fixture(scope="module")
+def lora_uninterrupted(ray_local, tmp_path_factory, tiny_llama_dir, sft_parquet):
+    """The same run as lora_run without the failure."""
+    from text2sql_ray.cli import main
+
+    out = tmp_path_factory.mktemp("lora_plain") / "out"
+    assert main(["train", "--input", str(sft_parquet), "--model", str(tiny_llama_dir), "--out", str(out), *LORA_ARGS]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -278,16 +313,82 @@ def test_failed_worker_restarts_at_the_step_after_the_checkpoint(lora_run):
     assert [h["step"] for h in manifest["loss_history"]] == [1, 2, 3, 4]
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 @pytest.mark.timeout(900)
-def test_manifest_counts_truncated_examples(lora_run, tokenizer, sft_rows):
+def test_every_row_is_trained_or_listed_as_rejected_with_its_reason(lora_run, tokenizer, sft_rows):
     _, out = lora_run
     data = json.loads((out / "manifest.json").read_text())["data"]
-    tokenized = [T.tokenize_conversation(r["messages"], tokenizer, MAX_LENGTH) for r in sft_rows]
-    usable = [t for t in tokenized if t.n_label_tokens > 0]
-    assert data["rows"] == len(sft_rows) and data["examples"] == len(usable)
-    assert data["truncated"] == sum(t.truncated for t in usable) > 0
-    assert data["no_assistant_tokens"] == len(tokenized) - len(usable)
-    assert data["sequences"] < data["examples"]  # packed
+    too_long = {r["question_id"] for r in sft_rows
+                if T.rejection(T.tokenize_conversation(r["messages"], tokenizer), MAX_LENGTH)[0] == "too_long"}
+    assert 0 < len(too_long) < len(sft_rows)
+    rejected = _read_jsonl(out / "rejected.jsonl")
+    assert {r["question_id"] for r in rejected} == too_long and {r["reason"] for r in rejected} == {"too_long"}
+    assert all(r["n_tokens"] > MAX_LENGTH for r in rejected)
+    assert data["rows"] == len(sft_rows) == data["trained"] + data["rejected"]
+    assert data["rejected_by_reason"] == {"too_long": len(too_long), "no_assistant_tokens": 0, "bad_conversation": 0}
+    trained_ids = {i for s in _read_jsonl(out / "steps.jsonl") for i in s["example_ids"]}
+    assert trained_ids and not trained_ids & too_long  # only whole examples are trained on
+    assert data["sequences"] < data["trained"]  # packed
+
+
+@pytest.mark.timeout(900)
+def test_resumed_run_sees_exactly_the_examples_and_losses_of_an_uninterrupted_run(lora_run, lora_uninterrupted):
+    _, resumed = lora_run
+    a, b = _read_jsonl(lora_uninterrupted / "steps.jsonl"), _read_jsonl(resumed / "steps.jsonl")
+    assert [s["step"] for s in b] == [1, 2, 3, 4]
+    assert [s["example_ids"] for s in b] == [s["example_ids"] for s in a]
+    assert [s["loss"] for s in b] == pytest.approx([s["loss"] for s in a], rel=1e-6)
+    spe = json.loads((resumed / "manifest.json").read_text())["training"]["steps_per_epoch"]
+    assert spe < 4  # the run crosses an epoch boundary, where the order is drawn anew
+    assert {tuple(s["example_ids"]) for s in b[:spe]} != {tuple(s["example_ids"]) for s in b[spe : 2 * spe]}
+
+
+def test_too_many_rejected_rows_fail_the_run_with_a_clear_message(ray_local, tmp_path, tiny_llama_dir, sft_parquet):
+    with pytest.raises(ValueError, match=r"would be rejected, more than train.max_rejected_fraction=1.0%.*--max-length"):
+        T.run(_cfg(tmp_path / "out", tiny_llama_dir, sft_parquet, max_length=64, max_rejected_fraction=0.01))
+    rejected = _read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert len(rejected) > 0 and all(r["reason"] == "too_long" for r in rejected)
+
+
+def test_schema_budget_that_leaves_no_room_in_max_length_is_an_error(tmp_path, tiny_llama_dir, sft_parquet):
+    import shutil
+
+    from text2sql_ray.common import write_manifest
+    from text2sql_ray.config import ConvertConfig, PipelineConfig, PromptConfig, check_schema_budget
+    from text2sql_ray.prompts import prompt_record
+
+    conv = tmp_path / "convert"
+    conv.mkdir()
+    shutil.copy(sft_parquet, conv / "train.parquet")
+    cc = ConvertConfig(prompt=PromptConfig(max_schema_tokens=6000))
+    write_manifest(conv, "convert", cc, 0.0, prompt=prompt_record(cc.prompt, ""))
+    with pytest.raises(ConfigError, match=r"max_schema_tokens=6000 leaves -1904 of train.max_length=4096.*"
+                                          r"max-schema-tokens to <= 3840.*--max-length to >= 6256"):
+        T.run(_cfg(tmp_path / "out", tiny_llama_dir, conv, max_length=4096))
+    check_schema_budget(PromptConfig(max_schema_tokens=3840), 4096)  # 256 left: allowed
+    with pytest.raises(ConfigError, match="pipeline: prompt.max_schema_tokens=3841"):
+        PipelineConfig(convert=ConvertConfig(prompt=PromptConfig(max_schema_tokens=3841)), train=TrainConfig(max_length=4096))
+
+
+@pytest.mark.timeout(900)
+def test_train_without_input_runs_on_the_converted_demo_and_records_its_prompt(ray_local, tmp_path, tiny_llama_dir):
+    import dataclasses
+
+    from text2sql_ray.cli import main
+    from text2sql_ray.config import PromptConfig
+
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_llama_dir), "--out", str(out), "--max-steps", "3",
+                 "--cpus-per-worker", "0.5", "--checkpoint-every", "0"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    conv = json.loads((out / "convert" / "manifest.json").read_text())
+    assert manifest["data"]["input"] == str(out / "convert") and manifest["training"]["steps_run"] == 3
+    assert manifest["data"]["rows"] == conv["counts"]["train"] == manifest["data"]["trained"] + manifest["data"]["rejected"]
+    assert manifest["prompt"]["config"] == dataclasses.asdict(PromptConfig()) == conv["prompt"]["config"]
+    assert manifest["prompt"]["tokenizer"] == "" and manifest["prompt"]["manifest"] == str(out / "convert" / "manifest.json")
 
 
 @pytest.mark.timeout(900)

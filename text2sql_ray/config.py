@@ -62,8 +62,8 @@ class PromptConfig:
     """Longer sample values are truncated to this many characters."""
     descriptions: bool = True
     """Add BIRD database_description/*.csv column and value descriptions in 'rich' style."""
-    max_schema_tokens: int = 6000
-    """Budget for the schema text (tokenizer tokens when a tokenizer is given, else chars/4)."""
+    max_schema_tokens: int = 3072
+    """Budget for the schema text (tokenizer tokens when a tokenizer is given, else chars/4); train.max_length must leave room for the rest."""
 
     def __post_init__(self):
         _check_finite(self, "prompt")
@@ -74,6 +74,27 @@ class PromptConfig:
             raise ConfigError("prompt.max_schema_tokens must be >= 64; a schema cannot fit in fewer.")
         if self.max_value_chars < 1:
             raise ConfigError("prompt.max_value_chars must be >= 1.")
+
+
+MIN_NON_SCHEMA_TOKENS = 256
+"""Tokens a training sequence must keep beside the schema budget: system turn, evidence, question, answer."""
+
+
+def check_schema_budget(prompt: PromptConfig, max_length: int, where: str = "") -> None:
+    """A schema budget that leaves a training sequence less than MIN_NON_SCHEMA_TOKENS for the rest is an error.
+
+    Examples longer than max_length are never cut (their answer would be lost) but rejected, so such a
+    pairing would reject most of the set. The message says what to change.
+    """
+    room = max_length - prompt.max_schema_tokens
+    if room < MIN_NON_SCHEMA_TOKENS:
+        raise ConfigError(
+            f"{where + ': ' if where else ''}prompt.max_schema_tokens={prompt.max_schema_tokens} leaves {room} of "
+            f"train.max_length={max_length} tokens for the system turn, question, evidence and answer (at least "
+            f"{MIN_NON_SCHEMA_TOKENS} needed; a CoT answer wants ~1000): lower convert's --prompt.max-schema-tokens "
+            f"to <= {max_length - MIN_NON_SCHEMA_TOKENS} (and evaluate's to the same) or raise --max-length to >= "
+            f"{prompt.max_schema_tokens + MIN_NON_SCHEMA_TOKENS}."
+        )
 
 
 @dataclass
@@ -240,7 +261,7 @@ class TrainConfig:
     """`t2s train`: LoRA or full fine-tuning (DeepSpeed ZeRO) on Ray Train, loss on assistant tokens only."""
 
     input: str = ""
-    """SFT Parquet file or a directory holding sft.parquet / train.parquet (from synthesize or convert)."""
+    """SFT Parquet file or a directory holding sft.parquet / train.parquet (from synthesize or convert); empty = the bundled demo, converted into <out>/convert."""
     out: str = "runs/train"
     """Output directory (Hugging Face model or adapter dir, manifest, loss curve)."""
     model: str = ""
@@ -266,7 +287,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     max_length: int = 4096
-    """Tokens per sequence; longer examples are truncated and counted."""
+    """Tokens per sequence; a longer example is never cut but rejected (listed in <out>/rejected.jsonl)."""
+    max_rejected_fraction: float = 0.01
+    """Fail when more than this share of the input rows would be rejected (too long, no assistant tokens, unreadable)."""
     packing: bool = False
     """Pack several examples per sequence (attention does not cross examples)."""
     lora_r: int = 16
@@ -327,6 +350,8 @@ class TrainConfig:
             raise ConfigError(f"train.checkpoint_layers={self.checkpoint_layers} must be in (0, 1].")
         if self.max_length < 16:
             raise ConfigError("train.max_length must be >= 16 tokens.")
+        if not 0.0 <= self.max_rejected_fraction <= 1.0:
+            raise ConfigError(f"train.max_rejected_fraction={self.max_rejected_fraction} must be in [0, 1].")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.max_failures < 0:
             raise ConfigError("train.checkpoint_every and train.max_failures must be >= 0, train.keep_checkpoints >= 1.")
         if self.log_every < 1 or self.cpus_per_worker <= 0:
@@ -451,9 +476,9 @@ class EvaluateConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Generation engine for --model / --endpoint."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    """Prompt template for --model / --endpoint (use the one the model was trained with)."""
+    """Prompt template for --model / --endpoint; a `t2s train` output's recorded one is used unless an option is given here."""
     tokenizer: str = ""
-    """Tokenizer for the schema budget, as given to `t2s convert --tokenizer` (empty = chars/4): same prompts as training."""
+    """Tokenizer for the schema budget, as given to `t2s convert --tokenizer` (empty = chars/4); a train output's recorded one by default."""
     compare: list = field(default_factory=list)
     """Two evaluation output dirs to compare side by side instead of evaluating."""
 
@@ -511,6 +536,7 @@ class PipelineConfig:
     def __post_init__(self):
         _check_finite(self, "pipeline")
         _check_choice("pipeline.sft_source", self.sft_source, ("synthesize", "convert"))
+        check_schema_budget(self.convert.prompt, self.train.max_length, "pipeline")
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -681,6 +707,26 @@ def stage_section(stage: str, yaml_data: dict) -> dict:
     return section
 
 
+GIVEN_ATTR = "_given_options"
+"""Attribute that build_config puts on a config: the dotted options the YAML or the command line set."""
+
+
+def given_options(cfg: Any) -> set[str]:
+    """Dotted options of `cfg` set explicitly: by the YAML or the command line (build_config), or, for a
+    config built in code, those whose value differs from the default."""
+    given = getattr(cfg, GIVEN_ATTR, None)
+    if given is not None:
+        return set(given)
+    return {k for k, v in _flat(dataclasses.asdict(cfg)).items() if _flat(dataclasses.asdict(type(cfg)())).get(k) != v}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
 def build_config(stage: str, config_path: str | None = None, overrides: list[tuple[str, Any]] | None = None):
     """Resolve a stage config: defaults <- YAML section <- overrides (dotted keys)."""
     cls = STAGE_CONFIGS[stage]
@@ -690,4 +736,6 @@ def build_config(stage: str, config_path: str | None = None, overrides: list[tup
         if key.startswith(stage + "."):
             key = key[len(stage) + 1 :]
         set_dotted(data, key, value)
-    return from_dict(cls, data, stage)
+    cfg = from_dict(cls, data, stage)
+    object.__setattr__(cfg, GIVEN_ATTR, frozenset(_flat(data)))
+    return cfg

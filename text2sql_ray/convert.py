@@ -16,7 +16,8 @@ schema cache, and writes, sorted by question_id (byte-identical for the same inp
   cut into train/validation unless ``split_eval`` asks for it.
 * ``rejected.parquet``: rows that cannot be used, each with its ``reason`` (gold SQL that sqlglot cannot
   parse as one SQLite query; a db_id with no schema in the SQLite file or tables.json).
-* ``manifest.json``: counts per split (every input row is in exactly one file), prompt-token stats,
+* ``manifest.json``: ``prompt`` (the prompt config and the schema-budget tokenizer: train carries it into
+  its output for evaluate and serve), counts per split (every input row is in exactly one file), prompt-token stats,
   schema trimming counts, wall time split into Ray start-up and conversion.
 """
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from . import bird
 from .common import ensure_ray, log, write_jsonl, write_manifest, write_parquet
 from .config import ConvertConfig, PromptConfig
-from .prompts import build_messages
+from .prompts import build_messages, prompt_record
 from .schema import NoSchemaError, SchemaCache, count_tokens
 
 OUTPUT_COLUMNS = ("question_id", "db_id", "question", "evidence", "gold_sql", "difficulty", "messages", "prompt_tokens")
@@ -344,6 +345,7 @@ def run(cfg: ConvertConfig) -> Path:
         out, "convert", cfg, started,
         data_dir=str(data_dir),
         split_name=split.name,
+        prompt=prompt_record(cfg.prompt, cfg.tokenizer),
         counts=counts,
         rejected_reasons=reason_counts,
         databases={

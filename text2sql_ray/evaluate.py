@@ -26,7 +26,10 @@ and endpoint mode (``--endpoint``: the engines' 'openai' backend against any Ope
 server, e.g. ``t2s serve``; ``engine.model`` names the served model, empty = the first it lists)
 build each question's prompt exactly as ``t2s convert`` builds the training prompt
 (``prompts.build_messages`` with the ``schema.SchemaCache`` text for ``cfg.prompt`` and
-``cfg.tokenizer``; pass the same prompt options and tokenizer as convert), take ``prompts.extract_sql``
+``cfg.tokenizer``). A ``t2s train`` output records the convert run's prompt config and tokenizer
+(``t2s serve`` shows it on the model card as ``t2s_prompt``); `resolve_prompt` uses that record by
+default, and an option given in the YAML or on the command line that differs from it wins with a
+warning (``generation.prompt_from`` in report.json names the record and the overrides). Take ``prompts.extract_sql``
 of each answer and score it. Questions whose database file is missing are not generated (they are
 skipped in scoring anyway). A failed generation is a missing prediction (0). Extra output:
 ``generations.jsonl`` (question order: question_id, db_id, text, sql, tokens, error, samples, vote):
@@ -441,6 +444,54 @@ def engine_config(cfg: EvaluateConfig) -> EngineConfig:
     return dataclasses.replace(cfg.engine, backend=backend, model=cfg.model)
 
 
+def endpoint_prompt(endpoint: str, model_id: str) -> dict | None:
+    """The `t2s_prompt` on an endpoint's model card (GET <endpoint>/models/<id>; `t2s serve` puts it there), or None."""
+    import urllib.parse
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{endpoint}/models/{urllib.parse.quote(model_id, safe='')}", timeout=10) as r:
+            card = json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+    record = card.get("t2s_prompt") if isinstance(card, dict) else None
+    return record if isinstance(record, dict) and isinstance(record.get("config"), dict) else None
+
+
+def resolve_prompt(cfg: EvaluateConfig, record: dict | None = None) -> tuple[EvaluateConfig, dict | None]:
+    """--model <a `t2s train` output> (or its merged/), or an endpoint whose model card has one (`record`): the
+    prompt config and schema-budget tokenizer recorded there, so evaluation builds the prompts training saw.
+    An option set in the YAML or on the command line (`--prompt.cot false`, `--tokenizer T`) still wins,
+    with a warning when it differs from the record. Returns (the config to use, {manifest, overrides} or
+    None when the model records no prompt)."""
+    from .config import PromptConfig, given_options
+    from .prompts import recorded_prompt
+
+    model = Path(cfg.model) if cfg.model else None
+    if record is None and model is not None and model.is_dir():
+        record = recorded_prompt(model) or (recorded_prompt(model.parent) if model.name == "merged" else None)
+    if record is None:
+        return cfg, None
+    given = given_options(cfg)
+    recorded = PromptConfig(**record["config"])
+    prompt_kw, overrides = {}, {}
+    for f in dataclasses.fields(PromptConfig):
+        mine, theirs = getattr(cfg.prompt, f.name), getattr(recorded, f.name)
+        prompt_kw[f.name] = mine if f"prompt.{f.name}" in given else theirs
+        if prompt_kw[f.name] != theirs:
+            overrides[f"prompt.{f.name}"] = {"given": mine, "recorded": theirs}
+    tokenizer = cfg.tokenizer if "tokenizer" in given else record.get("tokenizer", "")
+    if tokenizer != record.get("tokenizer", ""):
+        overrides["tokenizer"] = {"given": tokenizer, "recorded": record.get("tokenizer", "")}
+    log.info("evaluate: prompt config and tokenizer %r recorded in %s (the prompts the model was trained on)",
+             record.get("tokenizer", ""), record["manifest"])
+    for key, v in overrides.items():
+        log.warning("evaluate: --%s %r overrides %r recorded in %s: these prompts differ from the training prompts",
+                    key, v["given"], v["recorded"], record["manifest"])
+    resolved = dataclasses.replace(cfg, prompt=PromptConfig(**prompt_kw), tokenizer=tokenizer)
+    return resolved, {"manifest": record["manifest"], "overrides": overrides}
+
+
 def question_prompts(split: bird.BirdSplit, questions: list[dict], cfg: EvaluateConfig) -> tuple[list[dict], dict[int, str]]:
     """Chat messages of each question whose database is on disk, exactly as `t2s convert` builds the
     training prompt (without the assistant turn). Returns (rows {question_id, messages}, {question_id: error}
@@ -578,6 +629,7 @@ def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
 
         served_model = resolve_openai_model(engine)  # fails fast when the endpoint is down
         engine = dataclasses.replace(engine, model=served_model)
+    cfg, prompt_source = resolve_prompt(cfg, endpoint_prompt(engine.endpoint, served_model) if served_model else None)
     k = cfg.samples
     greedy_engine = dataclasses.replace(engine, temperature=0.0) if k > 1 else engine
 
@@ -661,6 +713,7 @@ def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
         "source": cfg.endpoint or cfg.model,
         "backend": engine.backend,
         "served_model": served_model or None,
+        "prompt_from": prompt_source,
         "greedy": "a separate temperature-0 generation" if k > 1 else f"temperature {engine.temperature}",
         "samples": k,
         "n_generated": len(greedy),

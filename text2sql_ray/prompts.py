@@ -15,6 +15,7 @@ teacher's answer can become the assistant turn of a training conversation unchan
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from .config import PromptConfig
@@ -92,6 +93,34 @@ def build_messages(schema_text: Any, question: str, evidence: str, cfg: PromptCo
         content = answer if "```" in answer else format_answer(answer)
         messages.append({"role": "assistant", "content": content})
     return messages
+
+
+def prompt_record(cfg: PromptConfig, tokenizer: str) -> dict:
+    """What a stage output records about its prompts: the template options and the schema-budget tokenizer."""
+    import dataclasses
+
+    return {"config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
+            "schema_budget_unit": f"tokens of {tokenizer}" if tokenizer else "chars/4"}
+
+
+def recorded_prompt(path: str | Path) -> dict | None:
+    """The prompt record of a stage output dir: its manifest's `prompt` section, else the one of the run its
+    `input` came from (train -> synthesize -> convert), plus `manifest`: the manifest that first recorded it. None when
+    no manifest on the way records one."""
+    from .common import read_manifest
+
+    here = Path(path)
+    for _ in range(4):
+        manifest = read_manifest(here)
+        if manifest is None:
+            return None
+        if manifest.get("prompt"):
+            return {"manifest": str(here / "manifest.json"), **manifest["prompt"]}  # a carried record keeps its source
+        source = manifest.get("input") or (manifest.get("data") or {}).get("input") if manifest.get("stage") != "convert" else None
+        if not source:
+            return None
+        here = Path(source) if Path(source).is_dir() else Path(source).parent
+    return None
 
 
 TEACHER_SYSTEM = (

@@ -139,13 +139,24 @@ class ServedModel:
 
     model_id: str
     source: str
+    prompt: dict | None = None
+    """The prompt record of a `t2s train` output (prompt config, schema-budget tokenizer), shown on its model card."""
+
+
+def _prompt_of(source: str) -> dict | None:
+    from .prompts import recorded_prompt
+
+    p = Path(source) if source else None
+    if p is None or not p.is_dir():
+        return None
+    return recorded_prompt(p) or (recorded_prompt(p.parent) if p.name == "merged" else None)
 
 
 def served_models(cfg: ServeConfig) -> list[ServedModel]:
     """`model` (as `model_id`, or its derived id) then each of `extra_models` (ids: their names); ids are unique."""
-    out = [ServedModel(cfg.model_id or model_id_for(cfg.model), cfg.model)]
+    out = [ServedModel(cfg.model_id or model_id_for(cfg.model), cfg.model, _prompt_of(cfg.model))]
     for extra in cfg.extra_models:
-        out.append(ServedModel(model_id_for(extra), extra))
+        out.append(ServedModel(model_id_for(extra), extra, _prompt_of(extra)))
     ids = [m.model_id for m in out]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -320,7 +331,12 @@ def models_body(models: list[ServedModel], created: int) -> dict:
 
 
 def model_card(m: ServedModel, created: int) -> dict:
-    return {"id": m.model_id, "object": "model", "created": created, "owned_by": OWNED_BY, "root": m.source or m.model_id}
+    """An OpenAI model object; a `t2s train` output's card also carries `t2s_prompt`, the prompt it was trained on
+    (`t2s evaluate --endpoint` builds its prompts with it)."""
+    card = {"id": m.model_id, "object": "model", "created": created, "owned_by": OWNED_BY, "root": m.source or m.model_id}
+    if m.prompt:
+        card["t2s_prompt"] = m.prompt
+    return card
 
 
 def request_key(req: ChatRequest) -> str:
@@ -888,6 +904,11 @@ def start(cfg: ServeConfig) -> Served:
     else:
         app, models = build_hf_app(cfg)
         model_ids = [m.model_id for m in models]
+    for m in served_models(cfg):
+        if m.prompt:
+            log.info("serve: %s was trained on prompts built with %s (tokenizer %r); GET /v1/models/%s shows it as "
+                     "t2s_prompt, and `t2s evaluate --endpoint` uses it", m.model_id, m.prompt["config"],
+                     m.prompt.get("tokenizer", ""), m.model_id)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     t0 = time.time()
     serve.run(app, name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)

@@ -2,14 +2,31 @@
 
 The file reads top to bottom:
 1. Pure helpers, tested without Ray: a conversation through the model's chat template with labels on
-   the assistant tokens only; packing; collation; the learning-rate schedule; the DeepSpeed config; an
-   lm_head + cross-entropy that never materialises the [tokens x vocab] logits.
+   the assistant tokens only; why a row is rejected; packing; the data order; collation; the
+   learning-rate schedule; the DeepSpeed config; an lm_head + cross-entropy that never materialises the
+   [tokens x vocab] logits.
 2. `train_loop_per_worker`: what every Ray Train worker runs (model, optimizer, loop, checkpoints, resume).
-3. `run(cfg)`: the SFT Parquet through Ray Data, the `TorchTrainer`, and the output directory.
+3. `run(cfg)`: the SFT Parquet tokenised on Ray Data, the `TorchTrainer`, and the output directory.
+
+Rows: every input row is trained on whole or written to ``rejected.jsonl`` with its id (question_id, or
+the row number when the set has no unique question ids) and reason (`REJECT_REASONS`): an example longer
+than ``max_length`` is never cut (cutting its tail would train on a chain of thought without its final SQL
+and end-of-turn) and prompts are never rewritten (evaluation builds the same prompt). More than
+``max_rejected_fraction`` rejected rows fail the run with what to change; a schema budget recorded by
+convert that leaves no room in ``max_length`` fails it before any work (`config.check_schema_budget`).
+
+Order: the kept examples' token ids go to the object store once; optimizer step s trains on
+`step_sequences(s, ...)`, a function of (seed, step) alone with a new seeded order every epoch, so a run
+resumed from a checkpoint trains on exactly the examples, in exactly the order, of an uninterrupted run.
+
+With no ``--input`` the bundled demo train split is converted into ``<out>/convert`` first.
 
 Output (`cfg.out`): a Hugging Face dir (`lora`: adapter files whose `base_model_name_or_path` loads;
-`full`: config + safetensors), the tokenizer, optionally `merged/`, `manifest.json`, `loss_curve.png`,
-and `ray_train/` (Ray Train storage with the checkpoints; rerunning with the same --out resumes from it).
+`full`: config + safetensors), the tokenizer, optionally `merged/`, `manifest.json` (row accounting, and
+``prompt``: the prompt config and schema-budget tokenizer recorded by the convert run the data comes from,
+which `t2s evaluate --model` and `t2s serve` use), `rejected.jsonl`, `steps.jsonl` (every step's example
+ids and loss), `loss_curve.png`, and `ray_train/` (Ray Train storage with the checkpoints; rerunning with
+the same --out resumes from it).
 """
 
 from __future__ import annotations
@@ -29,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from . import models
-from .common import atomic_path, log, setup_logging, write_manifest
-from .config import TrainConfig, from_dict, to_dict
+from .common import atomic_path, log, read_manifest, setup_logging, write_jsonl, write_manifest
+from .config import PromptConfig, TrainConfig, check_schema_budget, from_dict, to_dict
 
 IGNORE = -100
 """Label of a token that is not trained on (the ignore_index of cross-entropy)."""
@@ -38,6 +55,8 @@ IGNORE = -100
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "jobs" / "deepspeed"
 PACK_BUFFER = 1024
 """Examples considered together when packing (first-fit decreasing inside each such group)."""
+TOKENIZE_BLOCK = 1024
+"""Rows per Ray Data block when tokenising (blocks are tokenised in parallel)."""
 REPORT_EVERY_S = 10.0
 """Metrics-only ray.train.report calls at most this often. Ray Train V2's controller takes reports from a
 one-slot queue on its ~2 s poll, so a report per step throttles training to one step per ~2 s (measured on
@@ -53,16 +72,35 @@ FAIL_ENV = "T2S_TRAIN_FAIL_AT_STEP"
 
 @dataclass
 class TokenizedExample:
-    """One conversation as token ids with labels (IGNORE on every token that is not the assistant's)."""
+    """One conversation as token ids with labels (IGNORE on every token that is not the assistant's), never cut."""
 
     input_ids: list[int]
     labels: list[int]
-    truncated: bool
-    """The conversation was longer than max_length and lost its tail."""
 
     @property
     def n_label_tokens(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+    @property
+    def n_prompt_tokens(self) -> int:
+        """Tokens before the first trained (assistant) token."""
+        return next((i for i, x in enumerate(self.labels) if x != IGNORE), len(self.labels))
+
+
+REJECT_REASONS = ("too_long", "no_assistant_tokens", "bad_conversation")
+"""Why a training row is not trained on: prompt + answer longer than max_length (an example is never cut:
+cutting its tail trains on a chain of thought without its final SQL and end-of-turn); no assistant token;
+a conversation the chat template cannot render or that has no assistant turn."""
+
+
+def rejection(ex: TokenizedExample, max_length: int) -> tuple[str, str]:
+    """('', '') when the example is trained on whole, else (reason, detail) with the reason from REJECT_REASONS."""
+    n, p = len(ex.input_ids), ex.n_prompt_tokens
+    if ex.n_label_tokens == 0:
+        return "no_assistant_tokens", f"{n} tokens, none of them the assistant's"
+    if n > max_length:
+        return "too_long", f"{n} tokens (prompt {p}, answer {n - p}) > max_length {max_length}"
+    return "", ""
 
 
 def assistant_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
@@ -120,8 +158,8 @@ def assistant_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]
     return pieces
 
 
-def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> TokenizedExample:
-    """Token ids of a conversation with labels on the assistant tokens only, cut at max_length.
+def tokenize_conversation(messages: list[dict], tokenizer) -> TokenizedExample:
+    """Token ids of a whole conversation with labels on the assistant tokens only (never cut; see `rejection`).
 
     Each piece from `assistant_segments` is tokenised on its own and the ids concatenated. At the
     start of an answer this is exactly what the model sees when it generates (the prompt ending in
@@ -134,8 +172,28 @@ def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> T
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
         labels += piece if is_assistant else [IGNORE] * len(piece)
-    truncated = len(ids) > max_length
-    return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
+    return TokenizedExample(ids, labels)
+
+
+def pack_bins(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Indices of examples grouped into bins of at most max_length tokens: first-fit decreasing
+    (deterministic), members of a bin in their original order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > max_length:
+            raise ValueError(f"example {i} has {n} tokens > max_length {max_length}; reject it before packing")
+        for b in range(len(bins)):
+            if used[b] + n <= max_length:
+                bins[b].append(i)
+                used[b] += n
+                break
+        else:
+            bins.append([i])
+            used.append(n)
+    return [sorted(b) for b in bins]
 
 
 def pack_examples(examples: list[tuple[list[int], list[int]]], max_length: int) -> list[dict]:
@@ -148,25 +206,11 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], max_length: int) 
     token attends across examples on any of them, and RoPE positions are the ones each example would
     have alone. (Only without a KV cache: the training forward passes use_cache=False.) The first label of each example is IGNORE, so nothing is learned across a boundary.
     """
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
-    bins: list[list[int]] = []
-    used: list[int] = []
-    for i in order:
-        n = len(examples[i][0])
-        if n > max_length:
-            raise ValueError(f"example {i} has {n} tokens > max_length {max_length}; truncate before packing")
-        for b in range(len(bins)):
-            if used[b] + n <= max_length:
-                bins[b].append(i)
-                used[b] += n
-                break
-        else:
-            bins.append([i])
-            used.append(n)
+    bins = pack_bins([len(e[0]) for e in examples], max_length)
     out = []
     for members in bins:
         ids, labels, pos = [], [], []
-        for i in sorted(members):  # keep the original order inside a sequence
+        for i in members:  # pack_bins keeps the original order inside a sequence
             e_ids, e_labels = examples[i]
             ids += e_ids
             labels += [IGNORE] + list(e_labels[1:])
@@ -215,6 +259,85 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
 
 def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
     return math.ceil(total_steps * warmup_ratio) if warmup_ratio > 0 else 0
+
+
+# --- The data order: fixed by the driver, indexed by every worker -----------------------------------
+# Ray Data's streaming split hands blocks to whichever worker asks first, so which rows a worker sees,
+# and in which order, changes from run to run, and a resumed run skipping "the first N micro-batches"
+# skipped other rows than the ones it had trained on. Here the token ids of the kept examples sit in
+# the object store once, and every optimizer step's sequences are a function of (seed, step) alone.
+
+
+def layout_sequences(lengths: list[int], packing: bool, max_length: int, seed: int) -> list[list[int]]:
+    """Training sequences as lists of example indices. Without packing one example each; with packing the
+    examples in a seeded order, first-fit decreasing within each group of PACK_BUFFER of them."""
+    import numpy as np
+
+    if not packing:
+        return [[i] for i in range(len(lengths))]
+    order = np.random.default_rng(seed).permutation(len(lengths)).tolist()
+    seqs: list[list[int]] = []
+    for s in range(0, len(order), PACK_BUFFER):
+        group = order[s : s + PACK_BUFFER]
+        seqs += [[group[j] for j in b] for b in pack_bins([lengths[i] for i in group], max_length)]
+    return seqs
+
+
+def step_sequences(step: int, n_seq: int, per_step: int, steps_per_epoch: int, seed: int) -> list[int]:
+    """Sequence indices of optimizer step `step` (1-based) for all workers, rank after rank.
+
+    Epoch e = (step - 1) // steps_per_epoch walks its own seeded permutation of the sequences (a new
+    order every epoch; the n_seq - steps_per_epoch * per_step sequences left at its end wait for a later
+    epoch). A function of its arguments only: a resumed run gets exactly the steps an uninterrupted one gets.
+    """
+    import numpy as np
+
+    epoch, k = divmod(step - 1, steps_per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_seq)
+    return perm[k * per_step : (k + 1) * per_step].tolist()
+
+
+def pack_train_data(examples: list[tuple[int, list[int], list[int]]], seqs: list[list[int]]) -> dict:
+    """(example_id, input_ids, labels) rows and their sequences as flat numpy arrays (one object-store value)."""
+    import numpy as np
+
+    lengths = [len(e[1]) for e in examples]
+    starts = np.zeros(len(examples) + 1, dtype=np.int64)
+    starts[1:] = np.cumsum(lengths)
+
+    def flat(k: int):
+        return np.concatenate([np.asarray(e[k], dtype=np.int32) for e in examples]) if examples else np.zeros(0, np.int32)
+
+    seq_starts = np.zeros(len(seqs) + 1, dtype=np.int64)
+    seq_starts[1:] = np.cumsum([len(m) for m in seqs])
+    return {"ids": flat(1), "labels": flat(2), "starts": starts,
+            "example_ids": np.asarray([e[0] for e in examples], dtype=np.int64),
+            "seq_members": np.asarray([i for m in seqs for i in m], dtype=np.int64), "seq_starts": seq_starts}
+
+
+def sequence_members(data: dict, s: int) -> list[int]:
+    return data["seq_members"][data["seq_starts"][s] : data["seq_starts"][s + 1]].tolist()
+
+
+def sequence_rows(data: dict, seq_indices: list[int]) -> dict:
+    """collate's input for these sequences: input_ids, labels (the first of each example IGNORE: nothing is
+    learned across a packing boundary) and position_ids restarting at every example."""
+    import numpy as np
+
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    for s in seq_indices:
+        ids, labels, pos = [], [], []
+        for e in sequence_members(data, s):
+            a, b = int(data["starts"][e]), int(data["starts"][e + 1])
+            ids.append(data["ids"][a:b])
+            lab = np.array(data["labels"][a:b])
+            lab[0] = IGNORE
+            labels.append(lab)
+            pos.append(np.arange(b - a))
+        rows["input_ids"].append(np.concatenate(ids))
+        rows["labels"].append(np.concatenate(labels))
+        rows["position_ids"].append(np.concatenate(pos))
+    return rows
 
 
 def find_sft_files(input_path: str) -> list[Path]:
@@ -610,7 +733,7 @@ def train_loop_per_worker(loop: dict) -> None:
     save_dtype = dtype  # fp32 on CPU, bf16 on GPU ('auto')
 
     # Restore ------------------------------------------------------------------------------------
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": [], "resumed_from": [],
+    state = {"step": 0, "epoch": 0, "history": [], "resumed_from": [],
              "method": cfg.method, "model": loop["model_spec"]}
     ckpt = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
@@ -675,9 +798,11 @@ def train_loop_per_worker(loop: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     # Loop -----------------------------------------------------------------------------------------
-    shard = ray.train.get_dataset_shard("train")
+    data = ray.get(loop["data"])  # the kept examples' token ids (read-only views of the object store)
+    n_seq = len(data["seq_starts"]) - 1
     total, steps_per_epoch = loop["total_steps"], loop["steps_per_epoch"]
-    micro_per_epoch = steps_per_epoch * cfg.grad_accum
+    mine = slice(rank * cfg.micro_batch_size * cfg.grad_accum, (rank + 1) * cfg.micro_batch_size * cfg.grad_accum)
+    per_step = world * cfg.micro_batch_size * cfg.grad_accum
     warmup = warmup_steps_for(total, cfg.warmup_ratio)
     pad_id = loop["pad_id"]
     step = state["step"]
@@ -686,72 +811,64 @@ def train_loop_per_worker(loop: dict) -> None:
     last_report = time.monotonic()
     model.train()
     while step < total:
-        epoch, skip = state["epoch"], state["micro_in_epoch"]
-        batches = iter(shard.iter_batches(batch_size=cfg.micro_batch_size, drop_last=True, batch_format="numpy",
-                                          local_shuffle_buffer_size=256, local_shuffle_seed=cfg.seed + epoch))
-        consumed = 0
-        for _ in range(skip):  # resume inside an epoch: skip what the checkpointed steps used
-            next(batches)
-            consumed += 1
-        while step < total and consumed + cfg.grad_accum <= micro_per_epoch:
-            t0 = time.perf_counter()
-            micro = [collate(next(batches), pad_id) for _ in range(cfg.grad_accum)]
-            consumed += cfg.grad_accum
-            step += 1
-            torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout: same stream after a resume
-            lr = cfg.lr * lr_multiplier(step, total, warmup, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Loss = sum over the step's assistant tokens on all workers / their count: every token weighs
-            # the same whatever micro-batch or worker it falls in. DDP and DeepSpeed average gradients over
-            # workers (hence * world); DeepSpeed's own division by grad_accum is turned off.
-            counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
-                                   sum(b["n_tokens"] for b in micro)], dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(counts)
-            n_label, n_tokens = max(1.0, float(counts[0])), float(counts[1])
-            scale = world / n_label
-            loss_sum = forward_backward(model, micro, scale, autocast, device, engine)
-            if use_ds:
-                grad_norm = engine.get_global_grad_norm()
-                grad_norm = float(grad_norm) if grad_norm is not None else None
-            else:
-                grad_norm = (float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-                             if cfg.max_grad_norm > 0 else None)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            # Rank 0 decides whether this step reports metrics to Ray Train; the flag rides on the loss
-            # all-reduce so every worker calls ray.train.report the same number of times.
-            due = rank == 0 and time.monotonic() - last_report >= REPORT_EVERY_S
-            reduced = torch.stack([loss_sum, torch.tensor(float(due), dtype=torch.float64, device=device)])
-            if world > 1:
-                dist.all_reduce(reduced)
-            loss_sum, report_due = reduced[0], bool(reduced[1] > 0)
-            if on_gpu:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            entry = {"step": step, "loss": float(loss_sum) / n_label, "lr": lr, "tokens": int(n_tokens),
-                     "label_tokens": int(n_label), "step_time_s": round(dt, 4), "tokens_per_s": round(n_tokens / dt, 1),
-                     "grad_norm": grad_norm, "epoch": epoch}
-            state["history"].append(entry)
-            state.update(step=step, epoch=epoch, micro_in_epoch=consumed)
-            metrics = dict(entry)
-            if consumed + cfg.grad_accum > micro_per_epoch:  # the epoch is used up: the next step starts a new one
-                state.update(epoch=epoch + 1, micro_in_epoch=0)
-            if rank == 0 and (step % cfg.log_every == 0 or step == total):
-                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s %.3fs/step", step, total, entry["loss"], lr,
-                         entry["tokens_per_s"], dt)
-            is_ckpt = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < total
-            if is_ckpt:
-                save_checkpoint(False, metrics)
-                last_report = time.monotonic()
-            elif report_due and step < total:
-                ray.train.report(metrics)
-                last_report = time.monotonic()
-            if fail_at and step == fail_at and not state["resumed_from"]:
-                raise RuntimeError(f"injected failure after step {step} ({FAIL_ENV})")
-        for _ in batches:  # finish the epoch's iterator so the next epoch starts cleanly
-            pass
+        t0 = time.perf_counter()
+        step += 1
+        epoch = (step - 1) // steps_per_epoch
+        seqs = step_sequences(step, n_seq, per_step, steps_per_epoch, cfg.seed)
+        own = seqs[mine]
+        micro = [collate(sequence_rows(data, own[j : j + cfg.micro_batch_size]), pad_id)
+                 for j in range(0, len(own), cfg.micro_batch_size)]
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout: same stream after a resume
+        lr = cfg.lr * lr_multiplier(step, total, warmup, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Loss = sum over the step's assistant tokens on all workers / their count: every token weighs
+        # the same whatever micro-batch or worker it falls in. DDP and DeepSpeed average gradients over
+        # workers (hence * world); DeepSpeed's own division by grad_accum is turned off.
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
+                               sum(b["n_tokens"] for b in micro)], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(counts)
+        n_label, n_tokens = max(1.0, float(counts[0])), float(counts[1])
+        scale = world / n_label
+        loss_sum = forward_backward(model, micro, scale, autocast, device, engine)
+        if use_ds:
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+        else:
+            grad_norm = (float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                         if cfg.max_grad_norm > 0 else None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        # Rank 0 decides whether this step reports metrics to Ray Train; the flag rides on the loss
+        # all-reduce so every worker calls ray.train.report the same number of times.
+        due = rank == 0 and time.monotonic() - last_report >= REPORT_EVERY_S
+        reduced = torch.stack([loss_sum, torch.tensor(float(due), dtype=torch.float64, device=device)])
+        if world > 1:
+            dist.all_reduce(reduced)
+        loss_sum, report_due = reduced[0], bool(reduced[1] > 0)
+        if on_gpu:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        entry = {"step": step, "loss": float(loss_sum) / n_label, "lr": lr, "tokens": int(n_tokens),
+                 "label_tokens": int(n_label), "step_time_s": round(dt, 4), "tokens_per_s": round(n_tokens / dt, 1),
+                 "grad_norm": grad_norm, "epoch": epoch,
+                 "example_ids": [int(data["example_ids"][e]) for s in seqs for e in sequence_members(data, s)]}
+        state["history"].append(entry)
+        state.update(step=step, epoch=epoch)
+        metrics = {k: v for k, v in entry.items() if k != "example_ids"}
+        if rank == 0 and (step % cfg.log_every == 0 or step == total):
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s %.3fs/step", step, total, entry["loss"], lr,
+                     entry["tokens_per_s"], dt)
+        is_ckpt = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < total
+        if is_ckpt:
+            save_checkpoint(False, metrics)
+            last_report = time.monotonic()
+        elif report_due and step < total:
+            ray.train.report(metrics)
+            last_report = time.monotonic()
+        if fail_at and step == fail_at and not state["resumed_from"]:
+            raise RuntimeError(f"injected failure after step {step} ({FAIL_ENV})")
     save_checkpoint(True, metrics)
 
 
@@ -768,39 +885,68 @@ def _cached_tokenizer(model_path: str):
 
 
 def tokenize_batch(batch, model_path: str, max_length: int) -> dict:
-    """Ray Data map_batches: messages -> input_ids/labels (assistant only) + per-row counts and errors.
+    """Ray Data map_batches: messages -> input_ids/labels (assistant only), or the reason the row is rejected.
 
     A task function rather than an actor class on purpose: the tokenizer loads in 0.1-1 s and is cached
     per worker process, and Ray reuses its pooled task workers across datasets and runs, while an
     actor pool starts (and imports transformers in) a fresh process every time (~10-20 s on 2 cores).
     """
     tokenizer = _cached_tokenizer(model_path)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "n_label_tokens": [],
-                            "truncated": [], "error": []}
+    out: dict[str, list] = {"example_id": batch.column("example_id").to_pylist(), "input_ids": [], "labels": [],
+                            "n_tokens": [], "n_prompt_tokens": [], "reason": [], "detail": []}
     for messages in batch.column("messages").to_pylist():
         try:
-            ex = tokenize_conversation(messages, tokenizer, max_length)
-            ids, labels, trunc, err = ex.input_ids, ex.labels, ex.truncated, ""
-        except Exception as e:  # noqa: BLE001 - template errors too; recorded per row and counted in the manifest, never dropped silently
-            ids, labels, trunc, err = [], [], False, f"{type(e).__name__}: {e}"
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["n_tokens"].append(len(ids))
-        out["n_label_tokens"].append(sum(1 for x in labels if x != IGNORE))
-        out["truncated"].append(trunc)
-        out["error"].append(err)
+            ex = tokenize_conversation(messages, tokenizer)
+            reason, detail = rejection(ex, max_length)
+        except Exception as e:  # noqa: BLE001 - template errors too; the row is rejected with its error, never dropped silently
+            ex, reason, detail = TokenizedExample([], []), "bad_conversation", f"{type(e).__name__}: {e}"
+        keep = not reason
+        out["input_ids"].append(ex.input_ids if keep else [])
+        out["labels"].append(ex.labels if keep else [])
+        out["n_tokens"].append(len(ex.input_ids))
+        out["n_prompt_tokens"].append(ex.n_prompt_tokens)
+        out["reason"].append(reason)
+        out["detail"].append(detail)
     return out
 
 
-def to_training_rows(batch: dict, packing: bool, max_length: int) -> dict:
-    """Keep rows with at least one assistant token; pack them when asked (Ray Data map_batches)."""
-    keep = [i for i, n in enumerate(batch["n_label_tokens"]) if n > 0]
-    examples = [(list(map(int, batch["input_ids"][i])), list(map(int, batch["labels"][i]))) for i in keep]
-    if packing:
-        seqs = pack_examples(examples, max_length)
-        return {k: [s[k] for s in seqs] for k in ("input_ids", "labels", "position_ids", "n_examples")}
-    return {"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples],
-            "position_ids": [list(range(len(e[0]))) for e in examples], "n_examples": [1] * len(examples)}
+def read_sft_table(files: list[Path]):
+    """The SFT rows' messages and an `example_id`: the question_id when every row has a distinct one, else the
+    row number (in file order). Returns (pyarrow table, the id's name: 'question_id' or 'row')."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f in files:
+        cols = ["messages"] + (["question_id"] if "question_id" in pq.read_schema(f).names else [])
+        tables.append(pq.read_table(f, columns=cols))
+    if all("question_id" in t.column_names for t in tables):
+        qids = [q for t in tables for q in t.column("question_id").to_pylist()]
+        if None not in qids and len(set(qids)) == len(qids):
+            table = pa.concat_tables([t.select(["messages"]) for t in tables])
+            return table.append_column("example_id", pa.array([int(q) for q in qids], pa.int64())), "question_id"
+    table = pa.concat_tables([t.select(["messages"]) for t in tables])
+    return table.append_column("example_id", pa.array(range(table.num_rows), pa.int64())), "row"
+
+
+def default_input(out: Path) -> str:
+    """No --input: the bundled demo train split converted (default prompt) into <out>/convert, once."""
+    conv_dir = out / "convert"
+    if not ((conv_dir / "train.parquet").is_file() and read_manifest(conv_dir)):
+        from . import convert
+        from .config import ConvertConfig
+
+        log.info("train: no --input; converting the bundled demo train split into %s first", conv_dir)
+        convert.run(ConvertConfig(out=str(conv_dir)))
+    return str(conv_dir)
+
+
+def prompt_record_for(files: list[Path], input_path: str) -> dict | None:
+    """The prompt config and tokenizer recorded by the `t2s convert` run the SFT set comes from (directly, or
+    through the `t2s synthesize` manifest's `input`); None when no manifest says."""
+    from .prompts import recorded_prompt
+
+    return recorded_prompt(input_path if Path(input_path).is_dir() else files[0].parent)
 
 
 def _sha256(path: Path) -> str:
@@ -869,8 +1015,16 @@ def run(cfg: TrainConfig) -> Path:
 
     started = time.time()
     out = Path(cfg.out).resolve()
-    files = find_sft_files(cfg.input)
+    input_path = cfg.input or default_input(out)
+    files = find_sft_files(input_path)
     check_sft_schema(files)
+    prompt_record = prompt_record_for(files, input_path)
+    if prompt_record is not None:
+        check_schema_budget(PromptConfig(**prompt_record["config"]), cfg.max_length,
+                            f"train of {input_path} (prompt recorded in {prompt_record['manifest']})")
+    else:
+        log.warning("train: no convert/synthesize manifest beside %s records its prompt config; `t2s evaluate --model "
+                    "%s` will need the prompt flags given by hand", input_path, out)
     model_path = models.resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if not getattr(tokenizer, "chat_template", None):
@@ -887,28 +1041,48 @@ def run(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
 
-    # Data: Parquet -> tokens with assistant-only labels -> (packed) sequences, materialised once so the
-    # step count is known before training and every worker gets an equal shard.
-    ds = ray.data.read_parquet([str(f) for f in files]).select_columns(["messages"])
-    tokenized = ds.map_batches(
+    # Data: Parquet -> tokens with assistant-only labels (Ray Data) -> kept examples and the rejected ones
+    # (listed with their reason) -> sequences; the token ids go to the object store once and every worker
+    # indexes them in the order `step_sequences` fixes.
+    table, id_name = read_sft_table(files)
+    blocks = [table.slice(i, TOKENIZE_BLOCK) for i in range(0, table.num_rows, TOKENIZE_BLOCK)] or [table]
+    tokenized = ray.data.from_arrow(blocks).map_batches(
         tokenize_batch, fn_kwargs={"model_path": model_path, "max_length": cfg.max_length},
         batch_format="pyarrow", batch_size=256,
     ).materialize()
-    stats = tokenized.select_columns(["n_tokens", "n_label_tokens", "truncated", "error"]).to_pandas()
-    usable = stats["n_label_tokens"] > 0
-    failed = stats["error"] != ""
-    if not usable.any():
-        first = stats["error"][failed].iloc[0] if failed.any() else "no assistant tokens within max_length"
-        raise ValueError(f"no trainable rows in {files[0]} ({len(stats)} rows); first problem: {first}")
-    sequences = (
-        tokenized.random_shuffle(seed=cfg.seed)
-        .map_batches(to_training_rows, fn_kwargs={"packing": cfg.packing, "max_length": cfg.max_length},
-                     batch_size=PACK_BUFFER, batch_format="numpy")
-        .materialize()
-    )
-    n_seq = sequences.count()
+    kept: list[tuple[int, Any, Any]] = []  # (example_id, input_ids, labels) as numpy arrays
+    rejected: list[dict] = []
+    n_rows = 0
+    for b in tokenized.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(b["example_id"])):
+            n_rows += 1
+            if b["reason"][i]:
+                rejected.append({id_name: int(b["example_id"][i]), "reason": str(b["reason"][i]),
+                                 "detail": str(b["detail"][i]), "n_tokens": int(b["n_tokens"][i]),
+                                 "prompt_tokens": int(b["n_prompt_tokens"][i])})
+            else:
+                kept.append((int(b["example_id"][i]), b["input_ids"][i].astype("int32"), b["labels"][i].astype("int32")))
+    if n_rows != table.num_rows:
+        raise RuntimeError(f"train lost rows: {table.num_rows} in, {n_rows} tokenized; this is a bug, please report it.")
+    kept.sort(key=lambda e: e[0])
+    rejected.sort(key=lambda r: r[id_name])
+    write_jsonl(out / "rejected.jsonl", rejected)
+    by_reason = {k: sum(1 for r in rejected if r["reason"] == k) for k in REJECT_REASONS}
+    share = len(rejected) / max(1, n_rows)
+    if not kept or share > cfg.max_rejected_fraction:
+        longest = max((r["prompt_tokens"] for r in rejected if r["reason"] == "too_long"), default=0)
+        raise ValueError(
+            f"train: {len(rejected)} of {n_rows} rows of {input_path} ({share:.1%}) would be rejected, more than "
+            f"train.max_rejected_fraction={cfg.max_rejected_fraction:.1%} "
+            f"({', '.join(f'{k} {v}' for k, v in by_reason.items() if v)}; listed in {out / 'rejected.jsonl'}). "
+            + (f"Too long: raise --max-length (the longest rejected prompt alone is {longest} tokens) or convert "
+               "again with a smaller --prompt.max-schema-tokens. " if by_reason["too_long"] else "")
+            + "Or accept the loss with --max-rejected-fraction."
+        )
+    seqs = layout_sequences([len(e[1]) for e in kept], cfg.packing, cfg.max_length, cfg.seed)
+    n_seq = len(seqs)
     per_step = cfg.num_workers * cfg.micro_batch_size * cfg.grad_accum
-    steps_per_epoch = (n_seq // cfg.num_workers) // (cfg.micro_batch_size * cfg.grad_accum)
+    steps_per_epoch = n_seq // per_step
     if steps_per_epoch == 0:
         raise ValueError(
             f"{n_seq} training sequences cannot fill one step of {per_step} (num_workers x micro_batch_size x "
@@ -916,14 +1090,18 @@ def run(cfg: TrainConfig) -> Path:
         )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     start_step = previous["step"] if previous else 0
-    log.info("train: %d rows, %d usable, %d truncated, %d sequences, %d steps/epoch, %d steps (from step %d)",
-             len(stats), int(usable.sum()), int(stats["truncated"][usable].sum()), n_seq, steps_per_epoch,
-             total_steps, start_step)
+    n_tokens, n_label = sum(len(e[1]) for e in kept), sum(int((e[2] != IGNORE).sum()) for e in kept)
+    data_ref = ray.put(pack_train_data(kept, seqs))
+    del kept
+    log.info("train: %d rows: %d trained on, %d rejected (%s; %s), %d sequences, %d steps/epoch, %d steps "
+             "(from step %d)", n_rows, n_rows - len(rejected), len(rejected),
+             ", ".join(f"{k} {v}" for k, v in by_reason.items()) or "none", out / "rejected.jsonl", n_seq,
+             steps_per_epoch, total_steps, start_step)
 
     loop = {
         "cfg": to_dict(cfg), "model_path": model_path, "model_spec": cfg.model, "ds_preset": ds_preset,
         "pad_id": int(pad_id), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-        "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0),
+        "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0), "data": data_ref,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -935,7 +1113,6 @@ def run(cfg: TrainConfig) -> Path:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets={"train": sequences},
     )
     result = trainer.fit()
 
@@ -960,19 +1137,21 @@ def run(cfg: TrainConfig) -> Path:
     run_now = [h for h in history if h["step"] > start_step]
     tok_s = (sum(h["tokens"] for h in run_now) / sum(h["step_time_s"] for h in run_now)) if run_now else None
     step_times = sorted(h["step_time_s"] for h in run_now)
-    used = stats[usable]
+    write_jsonl(out / "steps.jsonl", ({k: h.get(k) for k in ("step", "epoch", "loss", "example_ids")} for h in history))
     write_manifest(
         out, "train", cfg, started,
         model={"spec": cfg.model, "resolved": model_path, "method": cfg.method,
                "loss": "assistant tokens only", "deepspeed": ds_preset},
+        prompt=prompt_record,
         data={
-            "files": [str(f) for f in files], "sha256": {str(f): _sha256(f) for f in files},
-            "rows": len(stats), "examples": int(usable.sum()), "failed_rows": int(failed.sum()),
-            "errors": sorted(set(stats["error"][failed]))[:5],
-            "no_assistant_tokens": int((~usable & ~failed).sum()),
-            "truncated": int(used["truncated"].sum()), "max_length": cfg.max_length, "packing": cfg.packing,
-            "sequences": int(n_seq), "tokens": int(used["n_tokens"].sum()),
-            "label_tokens": int(used["n_label_tokens"].sum()),
+            "input": str(input_path), "files": [str(f) for f in files], "sha256": {str(f): _sha256(f) for f in files},
+            "rows": n_rows, "trained": n_rows - len(rejected), "rejected": len(rejected),
+            "rejected_by_reason": by_reason, "rejected_file": "rejected.jsonl", "id": id_name,
+            "max_rejected_fraction": cfg.max_rejected_fraction,
+            "policy": "an example longer than max_length is rejected whole, never cut; prompts are trained as converted",
+            "max_length": cfg.max_length, "packing": cfg.packing,
+            "sequences": int(n_seq), "tokens": int(n_tokens), "label_tokens": int(n_label),
+            "order": "steps.jsonl: the example ids of every optimizer step (a new seeded order every epoch)",
         },
         training={
             "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "steps_run": len(run_now),
@@ -986,7 +1165,7 @@ def run(cfg: TrainConfig) -> Path:
             "median_step_time_s": step_times[len(step_times) // 2] if step_times else None,
         },
         loss_history=[{k: h[k] for k in ("step", "loss", "lr", "tokens_per_s", "step_time_s")} for h in history],
-        files=sorted(set(files_written) | {"manifest.json", "loss_curve.png"}),
+        files=sorted(set(files_written) | {"manifest.json", "loss_curve.png", "rejected.jsonl", "steps.jsonl"}),
         checkpoint=str(result.checkpoint.path), storage=storage,
     )
     log.info("train: %d steps (%d this run), final loss %s -> %s", state["step"], len(run_now),
