@@ -36,13 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = {
     "zeroblob": ("SELECT zeroblob(1e9)", 30.0),
     "doubling": (
-        "WITH RECURSIVE c(s) AS (SELECT 'ab' UNION ALL SELECT s || s FROM c WHERE length(s) < 1e9) "
-        "SELECT length(s) FROM c",
+        "WITH RECURSIVE c(s) AS (SELECT 'ab' UNION ALL SELECT s || s FROM c WHERE length(s) < 1e9) SELECT length(s) FROM c",
         30.0,
     ),
     "bigrows": (
-        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i < 300) "
-        "SELECT i, randomblob(1000000) FROM c",
+        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i < 300) SELECT i, randomblob(1000000) FROM c",
         30.0,
     ),
     "instr": ("SELECT instr(printf('%.*c',20000000,'a'), printf('%.*c',100000,'a')||'b')", 3.0),
@@ -89,14 +87,15 @@ def run_one(case: str, db: str) -> dict:
 def spawn(pythonpath: str, case: str, db: str, wall_cap: float, mem_cap: int) -> dict:
     env = dict(os.environ, PYTHONPATH=pythonpath, RAY_AUTH_MODE="disabled")
     code = (
-        "import json, resource, sys; sys.path.insert(0, %r); "
-        "cap = %d\n"
+        f"import json, resource, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"cap = {mem_cap}\n"
         "if cap: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))\n"
-        "from exec_attacks import run_one; print('RESULT ' + json.dumps(run_one(%r, %r)))"
-    ) % (str(Path(__file__).parent), mem_cap, case, db)
+        f"from exec_attacks import run_one; print('RESULT ' + json.dumps(run_one({case!r}, {db!r})))"
+    )
     t0 = time.monotonic()
     try:
         p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=wall_cap,
+                           check=False,
                            cwd=str(Path(db).parent))  # not the repo: "-c" puts the cwd first on sys.path
     except subprocess.TimeoutExpired:
         return {"wall_s": f">{wall_cap:g}", "error": f"still running after {wall_cap:g} s; stopped"}

@@ -195,6 +195,15 @@ def test_synthesize_verifier_stops_a_long_sample_and_verifies_the_others(ray_loc
 # --------------------------------------------------------------------------------------------------
 
 
+def test_pool_size_is_clamped_to_the_work_and_the_cpus(monkeypatch):
+    import os
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = os.cpu_count()
+    assert sqlexec.pool_size(100_000, 48) == min(48, cpus)
+    assert sqlexec.pool_size(0, 1000) == cpus and sqlexec.pool_size(0, 1) == 1 and sqlexec.pool_size(1, 9) == 1
+
+
 def test_huge_num_actors_starts_no_more_actors_than_items_and_cpus(ray_local, db):
     from text2sql_ray.common import available_cpus
 
@@ -330,5 +339,8 @@ def test_maj_at_k_agrees_with_the_official_pair_rule_on_real_bird_dev_gold(ray_l
     checked = run_checks(items, timeout_s=30.0, progress=False)
     pairs = run_pairs([(d, s[0], g) for d, s, g in items], timeout_s=30.0, progress=False)
     assert sum(rs[0].correct for rs in checked) == sum(p.correct for p in pairs) == 432
-    ones = [rs[1].correct for rs in checked]
-    assert ones == [p.correct for p in run_pairs([(d, "SELECT 1", g) for d, _, g in items], progress=False)]
+    assert [rs[0].pred_rows for rs in checked] == [p.pred_rows for p in pairs]
+    assert [rs[0].pred_digest for rs in checked] == [p.pred_digest for p in pairs]
+    # "SELECT 1" is right exactly where the gold result is the single row (1,)
+    ex = SqlExecutor()
+    assert [rs[1].correct for rs in checked] == [results_equal(ex.execute(d, g).rows, [(1,)]) for d, _, g in items]

@@ -38,6 +38,7 @@ that crash or are killed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import math
@@ -733,10 +734,8 @@ class IsolatedExecutor:
         self._stop()
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self._stop()
-        except Exception:  # noqa: BLE001  # pragma: no cover - interpreter shutdown
-            pass
 
 
 _local = threading.local()
@@ -764,6 +763,19 @@ def compare_pair(
 # --------------------------------------------------------------------------------------------------
 # Many pairs on a pool of Ray actors
 # --------------------------------------------------------------------------------------------------
+
+
+def pool_size(requested: int, n_items: int) -> int:
+    """Executor actors for `n_items` items: `requested` (0 = the CPUs), never more than the items, and on
+    a local Ray instance never more than this machine's CPUs (``--num-actors 100000`` for 48 predictions
+    started 48 processes). A joined cluster (``RAY_ADDRESS``), which may autoscale, gets what was asked."""
+    from .common import available_cpus
+
+    cpus = available_cpus()
+    n = requested or cpus
+    if not os.environ.get("RAY_ADDRESS"):
+        n = min(n, cpus)
+    return max(1, min(n, n_items))
 
 
 def _auto_batch(n: int, num_actors: int) -> int:
@@ -823,7 +835,7 @@ def _run_pool(items, method, n_queries, failed, num_actors, timeout_s, max_rows,
 
     Work is handed out dynamically (like ``ActorPool.map_unordered``: a slow query holds up only its
     own actor), in small batches (``batch_size``, 0 = auto) with two batches queued per actor. The pool
-    has at most one actor per item and per CPU (``num_actors``, 0 = the CPUs); each actor reserves a
+    has `pool_size` actors (``num_actors``, 0 = the CPUs, clamped to the work and the CPUs); each actor reserves a
     fraction of a CPU so the pool never claims every CPU. Deadlines and memory are enforced inside
     each actor (`IsolatedExecutor`), so an actor dies only from outside (``ray.kill``, the OOM killer):
     it is replaced, and its items go back to the queue, each alone. Only an item that was running
@@ -837,14 +849,13 @@ def _run_pool(items, method, n_queries, failed, num_actors, timeout_s, max_rows,
     import ray
     from tqdm import tqdm
 
-    from .common import available_cpus, ensure_ray
+    from .common import ensure_ray
 
     n = len(items)
     if n == 0:
         return []
     ensure_ray()
-    cpus = available_cpus()
-    num_actors = max(1, min(num_actors or cpus, n, cpus))
+    num_actors = pool_size(num_actors, n)
     batch = batch_size or _auto_batch(n, num_actors)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
     # the pool takes at most half the CPUs (a floor so a CPU-less head node does not host it)

@@ -620,6 +620,7 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
     from tqdm import tqdm
 
     from .engines import generate
+    from .sqlexec import pool_size
 
     started = time.time()
     out = Path(cfg.out)
@@ -665,7 +666,7 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
         e = cfg.engine
         block_rows = max(e.batch_size, e.concurrency if e.backend == "openai" else 1)
         n_blocks = max(1, math.ceil(len(work) / block_rows))
-        exec_actors = max(1, min(cfg.exec_actors or _cpu_count(), n_blocks, _cpu_count()))
+        exec_actors = pool_size(cfg.exec_actors, n_blocks)
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         ctx = ray.data.DataContext.get_current()
         ray_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
@@ -755,10 +756,4 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
              "SFT rows %d -> %s", q["with_verified_sample"], q["verifiable"], q["yield"],
              report["samples"]["by_status"]["verified"], report["samples"]["total"], len(sft_rows), out)
     return out
-
-
-def _cpu_count() -> int:
-    from .common import available_cpus
-
-    return available_cpus()
 
