@@ -110,6 +110,20 @@ def test_memory_ceiling_makes_an_allocation_an_error_on_that_query(db):
         ex.close()
 
 
+def test_a_child_killed_mid_query_fails_only_that_query(iso, db):
+    import os
+    import signal
+
+    victim = iso.child_pid()
+    killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))  # as the kernel's OOM killer would
+    killer.start()
+    r = iso.summarize(db, LONG_CALL, timeout_s=60.0)
+    killer.join()
+    assert not r.ok and not r.timed_out and "executor process died (killed by SIGKILL)" in r.error
+    assert sqlexec.error_kind(r.error) == "executor failure" and iso.deaths == 1
+    assert iso.compare_pair(db, "SELECT a FROM t", "SELECT a FROM t").correct and iso.child_pid() != victim
+
+
 def test_digest_hashes_a_large_blob_without_copying_it():
     rows = [(1, b"\x00" * (64 * MiB)), (2, "x" * 1000)]
     tracemalloc.start()

@@ -666,12 +666,19 @@ class IsolatedExecutor:
 
     def _call(self, budget_s: float, method: str, *args) -> tuple[str, object, float]:
         """("ok", value, seconds) | ("killed", None, seconds) | ("failed", why, seconds)."""
-        if self._proc is None or self._proc.poll() is not None:
-            self._stop()
-            self._start()
+        for retry in (False, True):
+            if self._proc is None or self._proc.poll() is not None:
+                self._stop()
+                self._start()
+            try:
+                _send(self._proc.stdin, (method, args))
+                break
+            except OSError:  # it died while idle (nothing ran yet): a fresh child gets the call, once
+                self._stop()
+                if retry:
+                    return "failed", "executor process died before it could take the query", 0.0
         start = time.monotonic()
         try:
-            _send(self._proc.stdin, (method, args))
             kind, value, restart = _recv_until(
                 self._proc.stdout.fileno(), start + budget_s * 1.1 + self.kill_grace_s
             )
