@@ -183,7 +183,7 @@ def test_run_pairs_times_out_long_calls_and_loses_nothing_else(ray_local, db):
     assert not any("executor failed" in (r.pred_error or "") for r in out)
 
 
-def test_synthesize_verifier_stops_a_long_sample_and_verifies_the_others(ray_local, db):
+def test_synthesize_verifier_stops_a_long_sample_and_verifies_the_others(db):
     import pyarrow as pa
 
     from text2sql_ray.synthesize import Verifier
