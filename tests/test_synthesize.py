@@ -24,7 +24,7 @@ from local_http import LocalServer
 
 from text2sql_ray import bird
 from text2sql_ray.config import ConvertConfig, EngineConfig, PromptConfig, SynthesizeConfig
-from text2sql_ray.sqlexec import PairResult
+from text2sql_ray.sqlexec import ExecResult, PairResult
 from text2sql_ray.synthesize import (
     SAMPLE_COLUMNS,
     STATUSES,
@@ -219,18 +219,18 @@ def test_verdict_precedence_and_statuses():
 def test_sample_rows_executes_identical_sql_once_and_fills_missing_samples():
     calls = []
 
-    def compare(db, sql, gold, timeout_s):
+    def summarize(db, sql, timeout_s, max_rows):
         calls.append(sql)
         if sql == "SELECT boom":
             raise RuntimeError("executor died")
-        return PairResult(sql == gold)
+        return ExecResult(True, None, None, False, 0.0, n_rows=1, digest="one" if sql == "SELECT 1" else sql)
 
     row = {"question_id": 7, "db_id": "d", "difficulty": "simple", "db_path": "/x.sqlite", "gold_sql": "SELECT 1",
            "generations": [cot("SELECT 1"), cot("SELECT 1"), cot("SELECT boom")], "gen_tokens": [5, 6, 7],
            "gen_error": ""}
-    rows = sample_rows(row, 4, compare, 1.0)
+    rows = sample_rows(row, 4, summarize, 1.0)
     assert [r["status"] for r in rows] == ["verified", "verified", "exec_error", "gen_error"]
-    assert calls == ["SELECT 1", "SELECT boom"]
+    assert calls == ["SELECT 1", "SELECT 1", "SELECT boom"]  # the gold once, then each distinct sample SQL once
     assert "executor died" in rows[2]["exec_error"] and rows[3]["gen_error"] == "the engine returned 3 of 4 samples"
     assert [r["gen_tokens"] for r in rows] == [5, 6, 7, None] and [r["sample_index"] for r in rows] == [0, 1, 2, 3]
     assert list(rows[0]) == list(SAMPLE_COLUMNS)

@@ -232,7 +232,7 @@ class SynthesizeConfig:
     retry_failed: bool = True
     """On a rerun into the same out dir, generate again the questions whose samples all failed to generate."""
     timeout_s: float = 30.0
-    """Execution budget for a sample's SQL plus the gold SQL."""
+    """Execution budget of each distinct sample SQL of a question, and of its gold SQL (each its own; a hard deadline)."""
     exec_actors: int = 0
     """SQLite executor actors (0 = available CPUs)."""
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(temperature=0.8))
@@ -468,7 +468,7 @@ class EvaluateConfig:
     num_actors: int = 0
     """SQLite executor actors (0 = available CPUs)."""
     timeout_s: float = 30.0
-    """Wall-clock budget for executing the predicted and gold SQL of one question."""
+    """Wall-clock budget for executing the predicted and gold SQL of one question (maj@k: each distinct sample SQL and the gold get their own); a hard deadline."""
     max_rows: int = 1_000_000
     """A result with more rows is an error on that row (far above any BIRD gold result)."""
     strict: bool = False

@@ -38,7 +38,8 @@ generation then reads as an empty prediction: 0 either way).
 
 ``--samples k`` (k > 1, ``engine.temperature`` > 0): self-consistency. Greedy EX comes from a
 separate temperature-0 generation, so it equals a plain run's EX; then k samples per question at
-``engine.temperature``, each sample's SQL executed on the question's database, and the answer whose
+``engine.temperature``, each distinct sample SQL executed once on the question's database with its own
+budget (``sqlexec.run_checks``, the gold once with its own: a slow gold never removes a vote), and the answer whose
 execution result (``sqlexec.result_digest``) is most frequent wins (`majority_vote`: failed
 executions do not vote; a tie goes to the result whose first sample came earliest; when no sample
 executes, sample 0 stands). The winners are scored like predictions into ``<out>/maj_at_k/`` and
@@ -73,7 +74,7 @@ from .common import (
     write_text,
 )
 from .config import ConfigError, EngineConfig, EvaluateConfig
-from .sqlexec import PairResult, error_kind, run_pairs
+from .sqlexec import PairResult, error_kind, run_checks, run_pairs
 
 DIFFICULTIES = ("simple", "moderate", "challenging")
 UNLABELLED = "unlabelled"
@@ -571,7 +572,8 @@ def majority_vote(digests: Sequence[str | None]) -> int | None:
 def vote_questions(
     split: bird.BirdSplit, questions: list[dict], samples_sql: dict[int, list[str]], cfg: EvaluateConfig
 ) -> dict[int, dict]:
-    """Execute every sample's SQL on its question's database (with the gold, under one budget per pair) and vote.
+    """Execute the samples' SQL on its question's database and vote (`sqlexec.run_checks`: each distinct
+    SQL once with its own budget, the gold once with its own, so a slow gold never removes a vote).
 
     Returns {question_id: {winner, sql, votes, executed, distinct, correct: [per sample]}} for the
     questions with samples and a database on disk.
@@ -582,15 +584,11 @@ def vote_questions(
         db = split.db_path(q["db_id"])
         if db is None or not samples_sql.get(qid):
             continue
-        for j, sql in enumerate(samples_sql[qid]):
-            items.append((str(db), sql, q["SQL"]))
-            owners.append((qid, j))
-    results = run_pairs(items, num_actors=cfg.num_actors, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows) if items else []
-    per_q: dict[int, list[PairResult]] = {}
-    for (qid, _), r in zip(owners, results):
-        per_q.setdefault(qid, []).append(r)
+        items.append((str(db), samples_sql[qid], q["SQL"]))
+        owners.append(qid)
+    results = run_checks(items, num_actors=cfg.num_actors, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows) if items else []
     out = {}
-    for qid, rs in per_q.items():
+    for qid, rs in zip(owners, results):
         digests = [r.pred_digest if not r.pred_error and not r.timed_out else None for r in rs]
         winner = majority_vote(digests)
         pick = 0 if winner is None else winner

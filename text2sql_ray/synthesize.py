@@ -14,8 +14,10 @@ Per question (Ray Data, streaming):
    it as a possibly-wrong hint;
 2. ``engines.generate(..., n=k)``: k samples from the teacher (``hf`` / ``vllm`` / ``openai``);
 3. ``Verifier`` (an actor pool of SQLite executors, the evaluator's sandbox and BIRD rule,
-   ``sqlexec.SqlExecutor.compare_pair``): the final SQL of every sample (``prompts.extract_sql``) runs
-   against the question's database beside the gold SQL; one row per sample with its verdict.
+   ``sqlexec.check_sqls`` as in evaluate's maj@k): the final SQL of every sample (``prompts.extract_sql``)
+   runs against the question's database, each distinct SQL once with its own ``timeout_s`` budget (a
+   hard deadline: the executor process is killed and replaced at it), the gold SQL once; one row per
+   sample with its verdict.
 
 Each finished block is written by the driver as ``samples/part-<5-digit index>.parquet`` (atomically). A rerun
 with the same ``--out`` reads the parts, skips the questions they hold (with ``retry_failed``, those
@@ -131,37 +133,41 @@ def verdict(sql: str, gen_error: str | None, has_db: bool, pair=None) -> Verdict
                    bool(pair.timed_out))
 
 
-def sample_rows(row: dict, k: int, compare, timeout_s: float) -> list[dict]:
+def sample_rows(row: dict, k: int, summarize, timeout_s: float, max_rows: int = 1_000_000) -> list[dict]:
     """One generated question row -> k sample rows with verdicts.
 
     `row` has question_id, db_id, difficulty, db_path ("" when the database is absent), gold_sql and the
-    engine's generations / gen_tokens / gen_error. `compare(db_path, pred_sql, gold_sql, timeout_s)`
-    returns a `sqlexec.PairResult`; identical SQL among a question's samples is executed once. A sample
-    the engine did not return (a failed row, or fewer than k texts) is a gen_error row. An exception
-    from `compare` becomes that sample's exec_error.
+    engine's generations / gen_tokens / gen_error. The samples' SQL is checked with
+    `sqlexec.check_sqls` (the execute-and-compare evaluate's maj@k uses): each distinct SQL runs once
+    with its own budget, the gold once. `summarize(db_path, sql, timeout_s, max_rows)` returns a
+    `sqlexec.ExecResult` (`IsolatedExecutor.summarize` in the verifier); an exception from it becomes
+    that query's error. A sample the engine did not return (a failed row, or fewer than k texts) is a
+    gen_error row.
     """
-    from .sqlexec import PairResult
+    from .sqlexec import ExecResult, check_sqls
+
+    def safe_summarize(db, sql, t, m):
+        try:
+            return summarize(db, sql, t, m)
+        except Exception as e:  # noqa: BLE001  (recorded on the row, never fatal)
+            return ExecResult(False, None, f"executor error: {type(e).__name__}: {e}"[:2000], False, 0.0)
 
     texts = list(row.get("generations") or [])
     tokens = list(row.get("gen_tokens") or [])
     row_error = row.get("gen_error") or ""
     db_path = row.get("db_path") or ""
-    cache: dict[str, PairResult] = {}
-    out = []
+    samples = []
     for j in range(k):
         text = texts[j] if j < len(texts) else None
-        gen_error = None
-        if text is None:
-            gen_error = row_error or f"the engine returned {len(texts)} of {k} samples"
-        sql = extract_sql(text) if text is not None else ""
-        pair = None
-        if not gen_error and sql and db_path:
-            if sql not in cache:
-                try:
-                    cache[sql] = compare(db_path, sql, row["gold_sql"], timeout_s)
-                except Exception as e:  # noqa: BLE001  (recorded on the row, never fatal)
-                    cache[sql] = PairResult(False, pred_error=f"executor error: {type(e).__name__}: {e}"[:2000])
-            pair = cache[sql]
+        gen_error = None if text is not None else (row_error or f"the engine returned {len(texts)} of {k} samples")
+        samples.append((text, gen_error, extract_sql(text) if text is not None else ""))
+    to_run = [sql for _, gen_error, sql in samples if not gen_error and sql]
+    checked = {}
+    if to_run and db_path:
+        checked = dict(zip(to_run, check_sqls(safe_summarize, db_path, to_run, row["gold_sql"], timeout_s, max_rows)))
+    out = []
+    for j, (text, gen_error, sql) in enumerate(samples):
+        pair = checked.get(sql) if not gen_error and sql else None
         v = verdict(sql, gen_error, bool(db_path), pair)
         tok = tokens[j] if j < len(tokens) and text is not None else None
         out.append({
@@ -183,20 +189,21 @@ def sample_rows(row: dict, k: int, compare, timeout_s: float) -> list[dict]:
 
 
 class Verifier:
-    """Ray Data callable class: generated question rows -> sample rows, on this actor's SQLite executor."""
+    """Ray Data callable class: generated question rows -> sample rows, on this actor's SQLite executor
+    (an `IsolatedExecutor`: hard deadlines and a memory ceiling in a child process)."""
 
     def __init__(self, k: int, timeout_s: float):
-        from .sqlexec import SqlExecutor
+        from .sqlexec import IsolatedExecutor
 
         self.k, self.timeout_s = k, timeout_s
-        self.executor = SqlExecutor()
+        self.executor = IsolatedExecutor()
 
     def __call__(self, batch):
         import pyarrow as pa
 
         rows = []
         for row in batch.to_pylist():
-            rows += sample_rows(row, self.k, self.executor.compare_pair, self.timeout_s)
+            rows += sample_rows(row, self.k, self.executor.summarize, self.timeout_s)
         return pa.Table.from_pylist(rows, schema=samples_schema())
 
 
@@ -613,6 +620,7 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
     from tqdm import tqdm
 
     from .engines import generate
+    from .sqlexec import pool_size
 
     started = time.time()
     out = Path(cfg.out)
@@ -658,7 +666,7 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
         e = cfg.engine
         block_rows = max(e.batch_size, e.concurrency if e.backend == "openai" else 1)
         n_blocks = max(1, math.ceil(len(work) / block_rows))
-        exec_actors = max(1, min(cfg.exec_actors or _cpu_count(), n_blocks))
+        exec_actors = pool_size(cfg.exec_actors, n_blocks)
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         ctx = ray.data.DataContext.get_current()
         ray_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
@@ -748,10 +756,4 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
              "SFT rows %d -> %s", q["with_verified_sample"], q["verifiable"], q["yield"],
              report["samples"]["by_status"]["verified"], report["samples"]["total"], len(sft_rows), out)
     return out
-
-
-def _cpu_count() -> int:
-    from .common import available_cpus
-
-    return available_cpus()
 
