@@ -23,11 +23,12 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray instance shared by the session's tests."""
+    """A real local Ray instance shared by the session's tests, started as `t2s` starts one (loopback only)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    from text2sql_ray.common import ensure_ray
+
+    ensure_ray(num_cpus=8)
     yield ray
     ray.shutdown()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import socket
 import threading
 from pathlib import Path
@@ -22,6 +23,8 @@ from text2sql_ray.config import ConfigError, EngineConfig, ServeConfig
 from text2sql_ray.engines import HFGenerator
 
 LIMIT = 64
+BODY_LIMIT = 64 * 1024
+API_KEY_ENV, API_KEY = "T2S_TEST_SERVE_KEY", "t2s-test-key-0123456789"
 MSGS = [{"role": "system", "content": "You are a SQLite expert."}, {"role": "user", "content": "How many rows?"}]
 
 
@@ -64,6 +67,7 @@ def app(ray_local, tiny_llama_dir, adapter_dir):
         max_batch_size=4,
         max_tokens_limit=LIMIT,
         default_max_tokens=8,
+        max_request_bytes=BODY_LIMIT,
         blocking=False,
     )
     served = serve_mod.start(cfg)
@@ -174,16 +178,52 @@ MALFORMED = {
     "temperature wrong type": ({"messages": MSGS, "temperature": "hot"}, "temperature must be a number"),
     "n out of range": ({"messages": MSGS, "n": 0}, "n must be an integer"),
     "unsupported stop": ({"messages": MSGS, "stop": ["x"]}, "stop is not supported"),
+    "nested 30000 deep": ('{"messages": ' + "[" * 30_000 + "]" * 30_000 + "}", "nests JSON 30001 levels deep"),
+    "nested 33 deep": ({"messages": MSGS, "user": json.loads("[" * 32 + "]" * 32)}, "nests JSON 33 levels deep"),
+    "not UTF-8": (b'{"messages": "\xff"}', "not UTF-8"),
+    "unknown role": ({"messages": [{"role": "hacker", "content": "hi"}]}, "role must be one of system, developer"),
+    "tool role": ({"messages": [{"role": "tool", "content": "42"}]}, "got 'tool'"),
 }
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_request_gets_400_with_an_openai_error_body(app, case):
     body, message = MALFORMED[case]
-    r = post(app, body, raw=isinstance(body, str))
-    assert r.status_code == 400
+    r = post(app, body, raw=isinstance(body, (str, bytes)))
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json"
     err = r.json()["error"]
     assert message in err["message"] and err["type"] == "invalid_request_error" and err["code"] == 400
+
+
+def test_unknown_role_is_refused_through_the_openai_client(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "hacker", "content": "hi"}], max_tokens=2)
+    assert "got 'hacker'" in e.value.response.json()["error"]["message"]
+
+
+def test_body_over_the_size_limit_gets_413_whether_or_not_its_length_is_declared(app, client):
+    big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "a" * BODY_LIMIT}]}).encode()
+    declared = post(app, big, raw=True)  # Content-Length: refused before the body is read
+    chunked = requests.post(f"{app.url}/chat/completions", data=(big[i:i + 4096] for i in range(0, len(big), 4096)),
+                            headers={"content-type": "application/json"}, timeout=120)  # refused while it streams in
+    for r in (declared, chunked):
+        assert r.status_code == 413 and r.headers["content-type"] == "application/json"
+        err = r.json()["error"]
+        assert err["code"] == 413 and f"({BODY_LIMIT} bytes, serve.max_request_bytes)" in err["message"]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a" * BODY_LIMIT}])
+    assert e.value.status_code == 413
+    # a body just under the limit is served
+    ok = post(app, {"model": "tiny", "messages": [{"role": "user", "content": "a b " * 100}], "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_every_ray_listener_of_the_session_is_on_loopback_while_the_apps_serve(app, small_app):
+    from test_network import is_loopback, listening_sockets, session_ray_pids
+
+    sockets = listening_sockets(session_ray_pids())
+    assert sum(name.startswith("ray::ServeReplica") for name, _, _ in sockets) >= 4, sockets  # 2 apps' replicas
+    assert [s for s in sockets if not is_loopback(s[1])] == []
 
 
 def test_unknown_model_gets_404(client):
@@ -265,8 +305,100 @@ def test_stop_deletes_that_app_and_leaves_the_other_serving(small_app, client):
 
 
 # --------------------------------------------------------------------------------------------------
+# API key (`t2s serve --api-key-env VAR`): a third app beside the others, started through the CLI
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed_app(ray_local, tiny_llama_dir, app):
+    port = int(app.url.split(":")[2].split("/")[0])
+    os.environ[API_KEY_ENV] = API_KEY
+    try:
+        rc = cli.main([
+            "serve", "--model", str(tiny_llama_dir), "--model-id", "tiny2", "--name", "t2s_keyed",
+            "--route-prefix", "/keyed", "--port", str(port), "--num-cpus", "0.25", "--api-key-env", API_KEY_ENV,
+            "--blocking", "false",
+        ])
+    finally:
+        del os.environ[API_KEY_ENV]  # read once, at start: the app holds only its digest
+    assert rc == 0
+    yield f"http://127.0.0.1:{port}/keyed/v1"
+    serve_mod.stop("t2s_keyed")
+
+
+def test_openai_client_gets_401_without_the_api_key_and_an_answer_with_it(keyed_app):
+    wrong = openai.OpenAI(base_url=keyed_app, api_key="not-the-key", max_retries=0, timeout=120)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.chat.completions.create(model="tiny2", messages=MSGS, max_tokens=2)
+    assert e.value.response.json()["error"] == {
+        "message": "Incorrect API key provided.", "type": "invalid_request_error", "param": "authorization", "code": 401,
+    }
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    right = openai.OpenAI(base_url=keyed_app, api_key=API_KEY, max_retries=0, timeout=120)
+    resp = right.chat.completions.create(model="tiny2", messages=MSGS, max_tokens=2, temperature=0)
+    assert resp.model == "tiny2" and resp.choices[0].message.content is not None
+    assert [m.id for m in right.models.list()] == ["tiny2"]
+
+
+def test_request_without_authorization_gets_401_before_its_body_is_read_and_health_stays_open(keyed_app):
+    root = keyed_app[: -len("/v1")]
+    for r in (
+        requests.post(f"{keyed_app}/chat/completions", json={"messages": MSGS}, timeout=60),
+        requests.post(f"{keyed_app}/chat/completions", data=b"[" * 100, timeout=60),  # not even parsed
+        requests.get(f"{keyed_app}/models/tiny2", headers={"authorization": "Basic " + API_KEY}, timeout=60),
+    ):
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == 401
+    assert "didn't provide an API key" in r.json()["error"]["message"]
+    health = requests.get(f"{root}/health", timeout=60)
+    assert health.status_code == 200 and health.json()["models"] == ["tiny2"]
+
+
+def test_api_key_env_that_is_unset_fails_before_ray_starts_and_a_key_is_not_a_name(monkeypatch):
+    monkeypatch.delenv("T2S_NO_SUCH_KEY", raising=False)
+    with pytest.raises(ValueError, match="T2S_NO_SUCH_KEY: that environment variable is not set or empty"):
+        serve_mod.start(ServeConfig(api_key_env="T2S_NO_SUCH_KEY", blocking=False))
+    with pytest.raises(ConfigError, match="name of an environment variable"):
+        ServeConfig(api_key_env="sk-live-123")
+    with pytest.raises(ConfigError, match="backend 'hf' only"):
+        ServeConfig(backend="vllm", api_key_env="T2S_KEY")
+
+
+def test_check_api_key_accepts_only_the_bearer_key():
+    digest = serve_mod.api_key_digest("k1")
+    serve_mod.check_api_key("Bearer k1", digest)
+    serve_mod.check_api_key("bearer  k1 ", digest)
+    serve_mod.check_api_key(None, "")  # no key configured: everything passes
+    for header in (None, "", "Bearer", "Bearer k2", "Basic k1", "k1"):
+        with pytest.raises(serve_mod.APIError) as e:
+            serve_mod.check_api_key(header, digest)
+        assert e.value.status == 401
+
+
+# --------------------------------------------------------------------------------------------------
 # Pure parts: request parsing, config, the vLLM backend's arguments
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, depth", [
+    (b"{}", 1), (b"3", 0), (b'[1, [2, {"a": [3]}]]', 4), (b'"[[[{{"', 0), (b'{"a": "x\\\"[[["}', 1),
+    (b'{"a": "\\\\", "b": [[]]}', 3), (b"[" * 50, 50), (b'"unterminated [[[', 0), (b'["\\', 1),
+])
+def test_json_depth_counts_nesting_outside_strings(raw, depth):
+    assert serve_mod.json_depth(raw) == depth
+
+
+def test_json_depth_is_linear_on_unterminated_escaped_quotes():
+    # One unterminated string of escaped quotes: a pattern that retries from every quote is quadratic here
+    # (the plain '"(?:[^"\\]|\\.)*"' took 7 s for 8,000 of them; this is 200,000).
+    assert serve_mod.json_depth(b'"' + b'\\"' * 200_000 + b"[") == 0
+
+
+def test_parse_maps_developer_to_system():
+    req = serve_mod.parse_chat_request({"messages": [{"role": "developer", "content": "d"}, {"role": "user", "content": "u"}]},
+                                       ["m"], ServeConfig())
+    assert req.messages == [{"role": "system", "content": "d"}, {"role": "user", "content": "u"}]
 
 
 def test_parse_defaults_text_parts_and_optional_model():

@@ -159,18 +159,45 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     Locally, Ray is given at least 8 logical CPUs: on a 2-core laptop an actor pool or Train workers
     that claim every CPU can deadlock Ray Data and Serve (measured); logical CPUs only schedule.
+
+    A joined cluster keeps its own network and authentication settings. A local instance is private:
+    always a new one (``address="local"``: never a ``ray start`` cluster found in /tmp/ray; set
+    RAY_ADDRESS=auto to join that), every Ray process listening on 127.0.0.1 only, no dashboard, and
+    Ray's token authentication as Ray sets it up (on unless RAY_AUTH_MODE says otherwise).
     """
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    # A private local instance: no other client can reach it, so token auth (on by default
-    # since Ray 2.59) only gets in the way of `ray job submit` and tests.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+    # Ray's gRPC servers (GCS, raylet, every worker, the agents) bind loopback only when the node IP
+    # is 127.0.0.1, and ray.init turns a given 127.0.0.1 into this machine's network IP unless Ray's
+    # single-machine mode is on (what Ray uses on macOS/Windows; ray/_private/services.py
+    # get_node_ip_address). The switch is read at `import ray` time, so it is set both in the
+    # environment (inherited by Ray's processes, which this call starts) and in this process, and
+    # this process's value is restored afterwards (then the connected node's IP answers).
+    env_name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    previous_env = os.environ.get(env_name)
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[env_name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+        if previous_env is None:
+            os.environ.pop(env_name, None)
+        else:
+            os.environ[env_name] = previous_env
 
 
 def available_cpus() -> int:

@@ -400,6 +400,10 @@ class ServeConfig:
     """Upper bound on a request's max_tokens; a request asking for more gets HTTP 400 (not clamped)."""
     default_max_tokens: int = 256
     """max_tokens of a request that gives none."""
+    max_request_bytes: int = 1_048_576
+    """'hf': largest request body (bytes); a larger one gets HTTP 413 before it is read or parsed."""
+    api_key_env: str = ""
+    """'hf': env variable holding the key clients must send as `Authorization: Bearer <key>`; empty = none."""
     tensor_parallel_size: int = 1
     """'vllm': tensor parallel degree per replica."""
     max_model_len: int = 8192
@@ -445,6 +449,20 @@ class ServeConfig:
             )
         if self.tensor_parallel_size < 1 or self.max_loras < 1:
             raise ConfigError("serve.tensor_parallel_size and serve.max_loras must be >= 1.")
+        if self.max_request_bytes < 1024:
+            raise ConfigError(
+                f"serve.max_request_bytes={self.max_request_bytes} must be >= 1024 (a chat request takes a few hundred)."
+            )
+        if self.api_key_env and not (self.api_key_env.isascii() and self.api_key_env.isidentifier()):
+            raise ConfigError(
+                f"serve.api_key_env={self.api_key_env!r} must be the name of an environment variable holding the key "
+                "(e.g. T2S_API_KEY), not the key itself."
+            )
+        if self.api_key_env and self.backend == "vllm":
+            raise ConfigError(
+                "serve.api_key_env works with backend 'hf' only: ray.serve.llm (Ray 2.60) checks no API key; "
+                "put an authenticating proxy in front of it, or use --backend hf."
+            )
 
 
 @dataclass

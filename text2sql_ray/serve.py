@@ -19,7 +19,10 @@ Backend 'hf' (CPU or GPU, no extra packages), two kinds of deployment per applic
   Streaming requests are generated one at a time with a token streamer (not batched). The model runs
   one generate call at a time per replica.
 
-Request rules: ``messages`` (required; string content or a list of text parts), ``model`` (optional:
+Request rules: the body is at most ``max_request_bytes`` (HTTP 413 beyond, refused before it is read
+when Content-Length says so) of UTF-8 JSON nested at most ``MAX_JSON_DEPTH`` levels (checked before
+parsing). ``messages`` (required; role ``system``, ``developer`` (treated as system), ``user`` or
+``assistant``; string content or a list of text parts), ``model`` (optional:
 the first served model), ``max_tokens`` / ``max_completion_tokens`` (default ``default_max_tokens``;
 more than ``max_tokens_limit`` is an HTTP 400, never silently clamped, so a caller that asked for
 more learns it cannot have it), ``temperature`` (default 1.0, as OpenAI's; 0 = greedy), ``top_p``,
@@ -31,11 +34,17 @@ that would change the answer but are not implemented (``stop``, ``logprobs``, ``
 the rare sample whose stop token was exactly its last allowed token), else "stop". Usage counts the
 prompt as the chat template renders it, and completion tokens including the stop token.
 
-Status codes: 400 malformed request (bad JSON, missing messages, wrong types, max_tokens over the
-limit, prompt + max_tokens over the model's context), 404 unknown model or route, 503 (with
+With ``api_key_env`` (``t2s serve --api-key-env VAR``, as ``vllm serve --api-key``), every route but
+``/health`` needs ``Authorization: Bearer <the value of $VAR>``; only a SHA-256 digest of the key
+leaves the process that starts the app.
+
+Status codes: 400 malformed request (bad JSON, nesting too deep, missing messages, unknown role, wrong
+types, max_tokens over the limit, prompt + max_tokens over the model's context), 401 missing or wrong
+API key, 404 unknown model or route, 413 body too large, 503 (with
 ``Retry-After``) when a model's queue is full: each model deployment takes ``max_ongoing_requests``
 per replica and queues ``max_queued_requests`` more; beyond that a request is refused at once
-instead of waiting without bound. 500 only for a failed generation.
+instead of waiting without bound. 500 only for a failed generation or a server bug, with the same
+JSON error body as every other error.
 
 Backend 'vllm' (GPU only): ``ray.serve.llm`` (``LLMConfig`` + ``build_openai_app``), imported only
 when used. `vllm_plan(cfg)` is the pure part: the LLMConfig arguments and served ids. A LoRA adapter
@@ -53,8 +62,13 @@ returns a `Served` (for scripts and tests).
 import asyncio
 import copy
 import dataclasses
+import hashlib
+import hmac
+import itertools
 import json
 import logging
+import os
+import re
 import signal
 import threading
 import time
@@ -86,6 +100,10 @@ UNSUPPORTED_PARAMS = (
     "best_of",
 )
 """Request parameters that would change the answer and are not implemented: HTTP 400 when set."""
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+"""Message roles accepted, and the role the chat template gets (OpenAI's 'developer' is its new 'system')."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of JSON arrays/objects a request body may have (a chat request needs 4)."""
 OWNED_BY = "text2sql_ray"
 _replica_log = logging.getLogger("ray.serve")
 
@@ -117,6 +135,70 @@ def error_body(message: str, type_: str, code: int, param: str | None = None) ->
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, status, param), status_code=status, headers=headers)
+
+
+# A JSON string: quote, then escapes or other characters, then the closing quote (or the end of an
+# unterminated one). Possessive and always matching once started, so stripping strings is linear.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = [0] * 256
+_DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
+_DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of arrays and objects in a UTF-8 JSON text, without parsing it (linear time; brackets
+    inside strings do not count, and in UTF-8 no byte of a multi-byte character is a bracket or a quote)."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The JSON value of a request body; raises `APIError` 400 for non-UTF-8, too deep or invalid JSON."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not UTF-8: {e}") from None
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests JSON {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted.")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with `APIError` 413 as soon as it is known to exceed `limit` bytes
+    (from Content-Length before reading anything, else while it streams in)."""
+    too_large = (f"the request body is larger than this server accepts ({limit} bytes, serve.max_request_bytes); "
+                 "send a shorter prompt.")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise APIError(413, too_large)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def api_key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def check_api_key(authorization: str | None, digest: str) -> None:
+    """Raise `APIError` 401 unless `authorization` is ``Bearer <key>`` with sha256(key) == digest ('' = no key needed)."""
+    if not digest:
+        return
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(401, "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.",
+                       param="authorization")
+    if not hmac.compare_digest(api_key_digest(key.strip()), digest):
+        raise APIError(401, "Incorrect API key provided.", param="authorization")
 
 
 def model_id_for(model: str) -> str:
@@ -229,9 +311,10 @@ def parse_chat_request(body: Any, model_ids: list[str], cfg: ServeConfig) -> Cha
         if not isinstance(m, dict):
             raise APIError(400, f"messages[{k}] must be an object with role and content.", param="messages")
         role = m.get("role")
-        if not isinstance(role, str) or not role:
-            raise APIError(400, f"messages[{k}].role must be a non-empty string.", param="messages")
-        msgs.append({"role": role, "content": _content_text(m.get("content"), k)})
+        if not isinstance(role, str) or role not in ROLES:
+            raise APIError(400, f"messages[{k}].role must be one of {', '.join(ROLES)}, got {role!r}.",
+                           param="messages")
+        msgs.append({"role": ROLES[role], "content": _content_text(m.get("content"), k)})
 
     max_tokens = body.get("max_completion_tokens")
     param = "max_completion_tokens"
@@ -527,6 +610,7 @@ class ChatModel:
     def __init__(self, model_id: str, source: str, cfg: ServeConfig):
         from .engines import HFGenerator
 
+        _replica_grpc_on_loopback()
         self.model_id = model_id
         self.base_cfg = EngineConfig(
             backend="hf",
@@ -720,6 +804,44 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
 
 
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception):
+    log.error("serve: %s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return error_response(500, f"internal server error: {type(exc).__name__}", "server_error")
+
+
+def _replica_grpc_on_loopback() -> None:
+    """Bind this Serve replica's inter-deployment gRPC server to 127.0.0.1 when its node is loopback-only.
+
+    Ray 2.60 starts that server on "[::]:0", every interface, with no option (ray/serve/_private/replica.py,
+    `_on_initialized`). On a local instance that `common.ensure_ray` started (node IP 127.0.0.1, every other
+    Ray process on loopback) it would be the one listener reachable from the network. Serve builds the
+    deployment (this class's constructor) before it starts that server, so replacing the helper it calls
+    here is in time. A replica on a cluster node (a routable IP) keeps Ray's behaviour.
+    """
+    import ray
+    from ray._common.network_utils import is_localhost
+    from ray.serve._private import replica
+
+    add_port = replica.add_port_to_grpc_server
+    if getattr(add_port, "loopback_only", False) or not is_localhost(ray.util.get_node_ip_address()):
+        return
+
+    def add_port_on_loopback(server, address: str):
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address[len("[::]:"):]
+        return add_port(server, address)
+
+    add_port_on_loopback.loopback_only = True
+    replica.add_port_to_grpc_server = add_port_on_loopback
+
+
 def _backpressure(e: Exception) -> JSONResponse:
     status = getattr(e, "status_code", 503)
     return error_response(
@@ -735,23 +857,27 @@ def _backpressure(e: Exception) -> JSONResponse:
 class OpenAIIngress:
     """OpenAI-compatible routes over one or more `ChatModel` deployments (by `model`)."""
 
-    def __init__(self, handles: dict, models: list[dict], cfg: ServeConfig):
+    def __init__(self, handles: dict, models: list[dict], cfg: ServeConfig, key_digest: str = ""):
+        _replica_grpc_on_loopback()
         self.handles = handles
         self.models = [ServedModel(**m) for m in models]
         self.model_ids = [m.model_id for m in self.models]
         self.cfg = cfg
+        self.key_digest = key_digest
         self.created = int(time.time())
 
     @api.get("/health")
-    async def health(self):
+    async def health(self):  # open without the API key, as vLLM's
         return {"status": "ok", "models": self.model_ids}
 
     @api.get("/v1/models")
-    async def list_models(self):
+    async def list_models(self, request: Request):
+        check_api_key(request.headers.get("authorization"), self.key_digest)
         return models_body(self.models, self.created)
 
     @api.get("/v1/models/{model_id:path}")
-    async def get_model(self, model_id: str):
+    async def get_model(self, model_id: str, request: Request):
+        check_api_key(request.headers.get("authorization"), self.key_digest)
         for m in self.models:
             if m.model_id == model_id:
                 return model_card(m, self.created)
@@ -761,15 +887,9 @@ class OpenAIIngress:
     async def chat_completions(self, request: Request):
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(400, f"the request body is not valid JSON: {e}")
-        try:
-            req = parse_chat_request(body, self.model_ids, self.cfg)
-        except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+        check_api_key(request.headers.get("authorization"), self.key_digest)  # before reading the body
+        body = parse_json_body(await read_body(request, self.cfg.max_request_bytes))
+        req = parse_chat_request(body, self.model_ids, self.cfg)
         handle = self.handles[req.model]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -830,8 +950,9 @@ class OpenAIIngress:
         yield "data: [DONE]\n\n"
 
 
-def build_hf_app(cfg: ServeConfig):
-    """The 'hf' application: an ingress over one ChatModel deployment per served model."""
+def build_hf_app(cfg: ServeConfig, key_digest: str = ""):
+    """The 'hf' application: an ingress over one ChatModel deployment per served model (`key_digest`:
+    `api_key_digest` of the API key requests must carry, '' = none)."""
     models = served_models(cfg)
     model_opts: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
@@ -859,7 +980,7 @@ def build_hf_app(cfg: ServeConfig):
         max_ongoing_requests=max(256, 2 * per_model * len(models)),
         ray_actor_options={"num_cpus": 0.1},
     )
-    return ingress.bind(handles, [dataclasses.asdict(m) for m in models], cfg), models
+    return ingress.bind(handles, [dataclasses.asdict(m) for m in models], cfg, key_digest), models
 
 
 # --------------------------------------------------------------------------------------------------
@@ -895,6 +1016,15 @@ def _proxy_address(cfg: ServeConfig) -> tuple[str, int]:
 
 def start(cfg: ServeConfig) -> Served:
     """Deploy the app and return once it is healthy (does not block)."""
+    key_digest = ""
+    if cfg.api_key_env:  # read here, before Ray starts: only its digest goes into the app
+        key = os.environ.get(cfg.api_key_env, "").strip()
+        if not key:
+            raise ValueError(
+                f"serve: --api-key-env {cfg.api_key_env}: that environment variable is not set or empty; "
+                f"export {cfg.api_key_env}=<key> before `t2s serve`, or drop --api-key-env."
+            )
+        key_digest = api_key_digest(key)
     ensure_ray()
     if cfg.backend == "vllm":
         app, plan = build_vllm_app(cfg)
@@ -902,7 +1032,7 @@ def start(cfg: ServeConfig) -> Served:
         for note in plan.notes:
             log.info("serve: %s", note)
     else:
-        app, models = build_hf_app(cfg)
+        app, models = build_hf_app(cfg, key_digest)
         model_ids = [m.model_id for m in models]
     for m in served_models(cfg):
         if m.prompt:
