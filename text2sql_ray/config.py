@@ -192,6 +192,10 @@ class SynthesizeConfig:
     """Which verified sample becomes the SFT target: 'shortest', 'first' or 'random' (seeded by engine.seed)."""
     include_unverified: bool = False
     """Put questions without a database (unverifiable) into the SFT set (a sample with SQL, chosen by `select`)."""
+    no_db_check: str = "canonical"
+    """Questions without a database: 'canonical' marks samples whose SQL equals the gold after sqlglot canonicalisation 'canonical_match' (weaker than execution, counted apart); 'none' leaves all 'unverified'."""
+    sft_canonical_match: bool = False
+    """Let 'canonical_match' chains (questions without a database) into the SFT set; their rows keep that status."""
     retry_failed: bool = True
     """On a rerun into the same out dir, generate again the questions whose samples all failed to generate."""
     timeout_s: float = 30.0
@@ -204,6 +208,7 @@ class SynthesizeConfig:
     def __post_init__(self):
         _check_choice("synthesize.mode", self.mode, ("blind", "hinted"))
         _check_choice("synthesize.select", self.select, ("shortest", "first", "random"))
+        _check_choice("synthesize.no_db_check", self.no_db_check, ("canonical", "none"))
         if self.samples < 1:
             raise ConfigError("synthesize.samples must be >= 1.")
         if self.limit < 0 or self.exec_actors < 0 or self.timeout_s <= 0:
