@@ -137,7 +137,7 @@ class ConvertConfig:
     """`t2s convert`: BIRD split -> conversation rows (Parquet) with a seeded train/validation split by database."""
 
     data: str = ""
-    """BIRD split directory (train.json or dev.json, *_databases/, *_tables.json); empty = bundled demo train."""
+    """BIRD split directory (train.json or dev.json, *_databases/, *_tables.json) or Spider directory (reads train_spider.json); empty = bundled demo train."""
     out: str = "runs/convert"
     """Output directory."""
     limit: int = 0
@@ -179,7 +179,7 @@ class SynthesizeConfig:
     out: str = "runs/synthesize"
     """Output directory."""
     data: str = ""
-    """BIRD split directory holding the databases used for verification; empty = the one in the convert manifest."""
+    """BIRD split or Spider directory holding the databases used for verification; empty = the one in the convert manifest."""
     samples: int = 4
     """Chains of thought sampled per question (k)."""
     mode: str = "blind"
@@ -413,7 +413,7 @@ class EvaluateConfig:
     """`t2s evaluate`: BIRD execution accuracy of predictions, a model, or an endpoint."""
 
     data: str = ""
-    """BIRD split directory (dev.json, dev_databases/, ...); empty = bundled demo dev."""
+    """BIRD split directory (dev.json, dev_databases/, ...) or Spider directory (reads dev.json); empty = bundled demo dev."""
     predictions: str = ""
     """Predictions file: official predict_dev.json or JSONL rows {"question_id", "sql"}."""
     model: str = ""
