@@ -21,6 +21,8 @@ from local_http import LocalServer
 
 from text2sql_ray import bird
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # ~14 stage runs (each starts its own actors)
+
 REPO = Path(__file__).resolve().parents[1]
 SPIDER = Path(os.environ.get("T2S_SPIDER_DATA", REPO.parent / "shared" / "data" / "spider"))
 HINT = re.compile(r"A reference query, which may be wrong, is:\n```sql\n(.*?)\n```", re.DOTALL)

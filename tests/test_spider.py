@@ -27,14 +27,14 @@ def spider() -> Path:
 
 @pytest.fixture(scope="module")
 def mini_spider(tmp_path_factory, spider) -> Path:
-    """A Spider dir: 4 questions on two real databases, 2 on baseball_1 (absent, as in the real copy)."""
+    """A Spider dir: 4 questions on two real databases, 2 on soccer_1 (absent, as in the real copy)."""
     root = tmp_path_factory.mktemp("mini_spider")
     (root / "database").mkdir()
     for db in ("farm", "department_management"):
         (root / "database" / db).symlink_to(spider / "database" / db, target_is_directory=True)
     (root / "tables.json").write_text((spider / "tables.json").read_text())
     train = json.loads((spider / "train_spider.json").read_text())
-    picked = [train[i] for i in (0, 1, 16, 17, 1293, 1294)]  # department_management x2, farm x2, baseball_1 x2
+    picked = [train[i] for i in (0, 1, 16, 17, 1293, 1294)]  # department_management x2, farm x2, soccer_1 x2
     (root / "train_spider.json").write_text(json.dumps(picked))
     return root
 
@@ -93,12 +93,12 @@ def test_convert_spider_keeps_every_question_and_names_databases_without_a_file(
                      "--workers", "1"]) == 0
     rows = pq.read_table(out / "train.parquet").to_pylist()
     assert [r["question_id"] for r in rows] == [0, 1, 2, 3, 4, 5]
-    assert [r["db_id"] for r in rows] == ["department_management"] * 2 + ["farm"] * 2 + ["baseball_1"] * 2
+    assert [r["db_id"] for r in rows] == ["department_management"] * 2 + ["farm"] * 2 + ["soccer_1"] * 2
     user = rows[0]["messages"][1]["content"]
     assert "External Knowledge" not in user and "CREATE TABLE" in user and "examples:" in user  # SQLite values
-    assert "CREATE TABLE" in rows[4]["messages"][1]["content"]  # baseball_1: the schema from tables.json
+    assert "CREATE TABLE" in rows[4]["messages"][1]["content"]  # soccer_1: the schema from tables.json
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dataset"] == "spider" and manifest["split_name"] == "train"
     assert manifest["counts"] == {"input": 6, "train": 6, "validation": 0, "rejected": 0}
-    assert manifest["databases"]["without_sqlite"] == ["baseball_1"]
+    assert manifest["databases"]["without_sqlite"] == ["soccer_1"]
     assert manifest["schema"]["sources_dbs"] == {"sqlite": 2, "tables_json": 1}

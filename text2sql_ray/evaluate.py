@@ -5,7 +5,8 @@
     t2s evaluate --data <dir> --endpoint http://host:8000/v1 --out <dir> [--engine.concurrency C] [--samples K ...]
     t2s evaluate --compare <run dir A> <run dir B> --out <dir>
 
-Predictions: the official ``predict_dev.json`` (``{"0": "SQL\\t----- bird -----\\tdb_id"}``) or JSONL
+``--data`` is a BIRD split or a Spider directory (its ``dev.json``; Spider has no difficulty, so the
+report gives the overall EX only). Predictions: the official ``predict_dev.json`` (``{"0": "SQL\\t----- bird -----\\tdb_id"}``) or JSONL
 rows ``{"question_id": N, "sql": "..."}``. Scoring follows the official BIRD rule (see sqlexec.py):
 a question is correct iff its predicted and gold results are equal as sets of row tuples, under one
 budget for the pair. The denominator is every question asked whose database is on disk: a missing
