@@ -304,7 +304,7 @@ def table_markdown(s: dict) -> str:
         (f"SFT sets: no-CoT {s['sft_sets']['sft_nocot']['rows']} rows, CoT {s['sft_sets']['sft_cot']['rows']} rows "
          f"(teacher synthesis on Spider train: {syn.get('selected_questions', '?')} questions, "
          f"{syn.get('samples', '?')} samples, {syn.get('sft_execution_verified', '?')} execution-verified chains kept). "
-         f"Training: {s['train']}."),
+         "Training (both SFT rows): " + ", ".join(f"{k} {v}" for k, v in s["train"].items()) + "."),
         "",
         "Predictions (official predict_dev.json format, every question of the file in order; empty = not scored or "
         "not answered): " + ", ".join(f"`{r[b]['predictions']}`" for r in s["rows"] for b in BENCHMARKS
