@@ -26,8 +26,11 @@ from text2sql_ray import bird
 from text2sql_ray.config import ConvertConfig, EngineConfig, PromptConfig, SynthesizeConfig
 from text2sql_ray.sqlexec import ExecResult, PairResult
 from text2sql_ray.synthesize import (
+    NO_DB_STATUSES,
     SAMPLE_COLUMNS,
     STATUSES,
+    apply_no_db_check,
+    canonical_sql,
     done_questions,
     read_parts,
     run,
@@ -47,8 +50,8 @@ PLAN = {
     5: ["prose", "prose"],
     18: "500",
     27: ["gold_long", "gold_short"],
-    30: ["gold", "gold"],      # clinic: database absent in the verification split -> unverified
-    31: ["prose", "gold"],
+    30: ["gold", "gold"],      # clinic: database absent in the verification split -> canonical_match, no execution
+    31: ["prose", "gold"],     # -> unverified (no SQL), canonical_match
 }
 
 
@@ -256,6 +259,11 @@ def test_select_sample_rules():
     unverified = [s(0, "x", "unverified") | {"sql": ""}, s(1, cot("SELECT 1"), "unverified")]
     assert select_sample(unverified, "first", 0) is None
     assert select_sample(unverified, "first", 0, include_unverified=True)["sample_index"] == 1
+    no_db = [s(0, cot("SELECT 1"), "unverified"), s(1, cot("SELECT 1"), "canonical_match")]
+    assert select_sample(no_db, "first", 0) is None  # a canonical match is not a verified chain
+    assert select_sample(no_db, "first", 0, canonical=True)["sample_index"] == 1
+    assert select_sample(no_db, "first", 0, include_unverified=True)["sample_index"] == 1  # the better tier first
+    assert select_sample(no_db + [s(2, cot("SELECT 1"))], "first", 0, canonical=True)["sample_index"] == 2
 
 
 def test_hinted_chains_that_mention_the_hint_never_become_sft_targets():
@@ -265,6 +273,45 @@ def test_hinted_chains_that_mention_the_hint_never_become_sft_targets():
     assert select_sample([leak, clean], "shortest", 0, hinted=True)["sample_index"] == 1
     assert select_sample([leak], "shortest", 0, hinted=True) is None
     assert select_sample([leak, clean], "shortest", 0, hinted=False)["sample_index"] == 0
+
+
+def test_canonical_sql_ignores_spelling_but_not_meaning():
+    same = [
+        ("SELECT count(*) FROM head WHERE age  >  56", "select COUNT(*) from Head where age > 56;"),
+        ("SELECT T1.name FROM singer AS T1 JOIN concert AS T2 ON T1.id = T2.sid",
+         'SELECT t1.name FROM singer t1 JOIN "concert" AS t2 ON t1.id = t2.sid'),
+        ("SELECT a FROM t WHERE b <> 1", "SELECT a FROM t WHERE b != 1"),
+        ("SELECT `Free Meal` FROM frpm", 'SELECT "Free Meal" FROM frpm'),
+    ]
+    for a, b in same:
+        assert canonical_sql(a) is not None and canonical_sql(a) == canonical_sql(b), (a, b)
+    different = [
+        ("SELECT a FROM t WHERE n = 'Bob'", "SELECT a FROM t WHERE n = 'bob'"),  # literals keep their case
+        ("SELECT a FROM t", "SELECT b FROM t"),
+        ("SELECT a FROM t ORDER BY a", "SELECT a FROM t ORDER BY a DESC"),
+        ("SELECT a FROM t LIMIT 1", "SELECT a FROM t"),
+    ]
+    for a, b in different:
+        assert canonical_sql(a) != canonical_sql(b), (a, b)
+    assert canonical_sql("SELEC x") is None and canonical_sql("SELECT 1; SELECT 2") is None and canonical_sql("") is None
+
+
+def test_no_db_check_touches_only_samples_without_execution_and_never_sets_correct():
+    def s(qid, j, sql, status, gen_error=None):
+        return {"question_id": qid, "sample_index": j, "sql": sql, "status": status, "correct": None if status in
+                NO_DB_STATUSES else status == "verified", "gen_error": gen_error}
+
+    gold = {1: "SELECT a FROM t", 2: "SELECT a FROM t"}
+    samples = [s(1, 0, "select A from T", "unverified"), s(1, 1, "SELECT b FROM t", "unverified"),
+               s(1, 2, "SELECT a FROM t", "unverified", gen_error="cut"), s(1, 3, "", "unverified"),
+               s(2, 0, "SELECT a FROM t", "wrong"), s(2, 1, "SELECT a FROM t", "verified"),
+               s(3, 0, "SELECT a FROM t", "unverified")]  # no gold known for question 3
+    got = apply_no_db_check(samples, gold, "canonical")
+    assert [r["status"] for r in got] == ["canonical_match", "unverified", "unverified", "unverified", "wrong",
+                                          "verified", "unverified"]
+    assert [r["correct"] for r in got] == [None, None, None, None, False, True, None]
+    assert [r["status"] for r in apply_no_db_check(got, gold, "none")][:4] == ["unverified"] * 4
+    assert samples[0]["status"] == "unverified"  # inputs untouched
 
 
 def test_done_questions_retries_only_fully_failed_generations():
@@ -287,10 +334,10 @@ def test_every_sample_has_a_row_with_the_exact_status(resumed):
         (0, 0): "verified", (0, 1): "wrong", (1, 0): "wrong", (1, 1): "wrong",
         (3, 0): "exec_error", (3, 1): "exec_error", (5, 0): "no_sql", (5, 1): "no_sql",
         (18, 0): "gen_error", (18, 1): "gen_error", (27, 0): "verified", (27, 1): "verified",
-        (30, 0): "unverified", (30, 1): "unverified", (31, 0): "unverified", (31, 1): "unverified",
+        (30, 0): "canonical_match", (30, 1): "canonical_match", (31, 0): "unverified", (31, 1): "canonical_match",
     }
-    assert all(r["correct"] is None for r in rows if r["status"] == "unverified")
-    assert all(r["correct"] is False for r in rows if r["status"] not in ("verified", "unverified"))
+    assert all(r["correct"] is None for r in rows if r["status"] in NO_DB_STATUSES)  # never execution-verified
+    assert all(r["correct"] is False for r in rows if r["status"] not in ("verified", *NO_DB_STATUSES))
 
 
 def test_verified_rows_really_match_the_gold_result(resumed, conv_rows, bookstore_only):
@@ -319,19 +366,21 @@ def test_yield_report_counts_exactly(resumed):
 
     report = json.loads((resumed["out"] / "manifest.json").read_text())["report"]
     assert report["questions"] == {"total": 8, "verifiable": 6, "unverified": 2, "with_verified_sample": 2,
-                                   "yield": 0.3333, "yield_of_all": 0.25, "gold_error": 0, "generation_failed": 1}
+                                   "with_canonical_match": 2, "yield": 0.3333, "yield_of_all": 0.25, "gold_error": 0, "generation_failed": 1}
     assert report["by_difficulty"] == {
         "simple": {"questions": 6, "verifiable": 4, "verified": 1, "yield": 0.25},
         "moderate": {"questions": 1, "verifiable": 1, "verified": 0, "yield": 0.0},
         "challenging": {"questions": 1, "verifiable": 1, "verified": 1, "yield": 1.0},
     }
     s = report["samples"]
-    assert s["by_status"] == {"verified": 3, "wrong": 3, "exec_error": 2, "no_sql": 2, "gen_error": 2, "unverified": 4}
+    assert s["by_status"] == {"verified": 3, "wrong": 3, "exec_error": 2, "no_sql": 2, "gen_error": 2,
+                              "canonical_match": 3, "unverified": 1}
     assert (s["total"], s["verified_fraction"], s["verified_fraction_of_verifiable"]) == (16, 0.1875, 0.25)
     assert s["tokens_generated"] == 14 * 7  # usage.completion_tokens 7 per sample; the 500 question has none
-    assert report["sft"] == {"rows": 2, "verified": 2, "unverified": 0, "verified_left_out": 0}
+    assert report["sft"] == {"rows": 2, "verified": 2, "canonical_match": 0, "unverified": 0, "verified_left_out": 0}
     md = (resumed["out"] / "report.md").read_text()
     assert "| 8 | 6 | 2 | 33.3% | 25.0% |" in md and "| challenging | 1 | 1 | 1 | 100.0% |" in md
+    assert "| canonical_match | 3 |" in md and "Canonical matches stay out of the SFT set" in md
 
 
 def test_sft_holds_one_verified_chain_per_question_in_the_student_prompt(resumed, conv_rows, bookstore_only):
@@ -348,7 +397,7 @@ def test_sft_holds_one_verified_chain_per_question_in_the_student_prompt(resumed
         assert same_result(db, final, conv["gold_sql"])
         assert {k: r[k] for k in ("db_id", "question", "gold_sql", "prompt_tokens")} == \
             {k: conv[k] for k in ("db_id", "question", "gold_sql", "prompt_tokens")}
-    assert "unverified" not in {r["status"] for r in sft}  # include_unverified is off by default
+    assert {r["status"] for r in sft} == {"verified"}  # include_unverified and sft_canonical_match are off by default
 
 
 def test_a_killed_run_resumes_without_regenerating_or_duplicating(resumed):
@@ -404,7 +453,7 @@ def test_cli_hinted_with_unverified_questions_in_the_sft_set(ray_local, tmp_path
 
     out = tmp_path / "synth_cli"
     rc = main(["synthesize", "--input", str(plan_input), "--data", str(bookstore_only), "--out", str(out),
-               "--samples", str(K), "--mode", "hinted", "--db-ids", "clinic", "--include-unverified",
+               "--samples", str(K), "--mode", "hinted", "--db-ids", "clinic", "--include-unverified", "--no-db-check", "none",
                "--exec-actors", "1", "--engine.backend", "openai", "--engine.endpoint", teacher.endpoint,
                "--engine.model", "fake-teacher", "--engine.temperature", "0.8", "--engine.max-retries", "0"])
     assert rc == 0
@@ -417,7 +466,32 @@ def test_cli_hinted_with_unverified_questions_in_the_sft_set(ray_local, tmp_path
 
     report = json.loads((out / "manifest.json").read_text())["report"]
     assert report["questions"]["unverified"] == 2 and report["questions"]["yield"] is None
-    assert report["sft"] == {"rows": 2, "verified": 0, "unverified": 2, "verified_left_out": 0}
+    assert report["sft"] == {"rows": 2, "verified": 0, "canonical_match": 0, "unverified": 2, "verified_left_out": 0}
+
+
+def test_cli_canonical_matches_enter_the_sft_set_only_when_allowed_and_counted_apart(
+        ray_local, tmp_path, teacher, plan_input, bookstore_only):
+    """Clinic has no database here: the gold-writing samples are canonical matches, never 'verified'."""
+    import json
+
+    from text2sql_ray.cli import main
+
+    out = tmp_path / "synth_canonical"
+    rc = main(["synthesize", "--input", str(plan_input), "--data", str(bookstore_only), "--out", str(out),
+               "--samples", str(K), "--db-ids", "bookstore,clinic", "--sft-canonical-match", "--exec-actors", "1",
+               "--engine.backend", "openai", "--engine.endpoint", teacher.endpoint, "--engine.model", "fake-teacher",
+               "--engine.temperature", "0.8", "--engine.max-retries", "0", "--timeout-s", "1"])
+    assert rc == 0
+    sft = rows_of(out, "sft.parquet")
+    assert [(r["question_id"], r["sample_index"], r["status"]) for r in sft] == [
+        (0, 0, "verified"), (27, 1, "verified"), (30, 0, "canonical_match"), (31, 1, "canonical_match")]
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert (counts["sft_rows"], counts["sft_execution_verified"], counts["sft_canonical_match"],
+            counts["sft_unverified"]) == (4, 2, 2, 0)
+    q = manifest["report"]["questions"]
+    assert (q["with_verified_sample"], q["with_canonical_match"], q["yield"]) == (2, 2, 0.3333)  # yield: execution only
+    assert "Canonical matches may enter the SFT set" in (out / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------------------------------

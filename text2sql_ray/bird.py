@@ -29,10 +29,14 @@ class BirdSplit:
     name: str
     questions: list[dict]
     tables: dict[str, dict] = field(default_factory=dict)
+    dataset: str = "bird"
+    """'bird' or 'spider' (see load_spider)."""
+    db_dir_name: str = ""
+    """Folder of the databases under root; empty = BIRD's <name>_databases (Spider: 'database')."""
 
     @property
     def db_root(self) -> Path:
-        return self.root / f"{self.name}_databases"
+        return self.root / (self.db_dir_name or f"{self.name}_databases")
 
     def db_dir(self, db_id: str) -> Path:
         return self.db_root / db_id
@@ -132,9 +136,15 @@ def load_questions(path: Path) -> list[dict]:
     return out
 
 
-def load_split(root: str | Path) -> BirdSplit:
-    """Load a BIRD split directory (questions and schema JSON; databases are opened lazily)."""
+def load_split(root: str | Path, split: str = "") -> BirdSplit:
+    """Load a BIRD split directory (questions and schema JSON; databases are opened lazily).
+
+    A Spider directory (or one of its question files) goes to `load_spider`; `split` ('train' or
+    'dev') picks its question file when it holds both. A BIRD directory holds one split: `split` is unused.
+    """
     root = Path(root)
+    if is_spider_path(root):
+        return load_spider(root, split)
     if not root.is_dir():
         raise FileNotFoundError(f"BIRD split directory {root} does not exist.")
     name = find_split_name(root)
@@ -148,6 +158,78 @@ def load_split(root: str | Path) -> BirdSplit:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{tables_path}: not a Spider/BIRD tables file ({e}).") from None
     return BirdSplit(root=root, name=name, questions=questions, tables=tables)
+
+
+# --------------------------------------------------------------------------------------------------
+# Spider (Yu et al., EMNLP 2018), as the official spider.zip unpacks: train_spider.json and dev.json
+# (questions: db_id, question, query), tables.json (every database's schema), database/<db>/<db>.sqlite.
+# Loaded into the same BirdSplit shape: SQL = query, evidence "" (Spider has none), difficulty ""
+# (none either), question_id = the question's 0-based position in its file (Spider has no ids).
+# --------------------------------------------------------------------------------------------------
+
+SPIDER_FILES = {"train": "train_spider.json", "dev": "dev.json"}
+SPIDER_REQUIRED = ("db_id", "question", "query")
+
+
+def is_spider_dir(root: Path) -> bool:
+    """A Spider directory: tables.json and database/ side by side (BIRD names them <split>_*)."""
+    return (root / "tables.json").is_file() and (root / "database").is_dir()
+
+
+def is_spider_path(path: Path) -> bool:
+    """A Spider directory, or a question file (.json) inside one."""
+    if path.is_file():
+        return path.suffix == ".json" and path.name != "tables.json" and is_spider_dir(path.parent)
+    return is_spider_dir(path)
+
+
+def load_spider(path: str | Path, split: str = "") -> BirdSplit:
+    """A Spider directory (or a question file in one) as a BirdSplit named 'train' or 'dev'.
+
+    The question file: `path` itself when it is a file; else SPIDER_FILES[split]; else (split empty)
+    train_spider.json when present, dev.json otherwise. Rows without db_id, question or query are
+    errors naming the file and row. A question whose database/<db_id>/<db_id>.sqlite is absent stays in
+    `questions` (db_path None): evaluate skips and names it, convert uses its tables.json schema.
+    """
+    path = Path(path)
+    if path.is_file():
+        root, qfile = path.parent, path
+    else:
+        root = path
+        if split and split not in SPIDER_FILES:
+            raise ValueError(f"Spider split {split!r} is not one of {', '.join(SPIDER_FILES)}.")
+        names = [SPIDER_FILES[split]] if split else list(SPIDER_FILES.values())
+        found = [n for n in names if (root / n).is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"{root} looks like a Spider directory (tables.json, database/) but holds no {' or '.join(names)}; "
+                "point --data at the folder spider.zip unpacks to, or at a question file in it."
+            )
+        qfile = root / found[0]
+    name = next((k for k, v in SPIDER_FILES.items() if v == qfile.name), qfile.stem)
+    try:
+        data = json.loads(qfile.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{qfile}: not valid JSON at line {e.lineno} ({e.msg}).") from None
+    rows = data if isinstance(data, list) else None
+    if rows is None:
+        raise ValueError(f"{qfile}: expected a JSON list of Spider questions, got {type(data).__name__}.")
+    questions = []
+    for i, row in enumerate(rows):
+        missing = [k for k in SPIDER_REQUIRED if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{qfile}: row {i} lacks field(s) {', '.join(missing)}; every Spider question needs "
+                             f"{SPIDER_REQUIRED}.")
+        questions.append({"question_id": i, "position": i, "db_id": str(row["db_id"]),
+                          "question": str(row["question"]), "SQL": str(row["query"]), "evidence": "",
+                          "difficulty": ""})
+    tables_path = root / "tables.json"
+    try:
+        tables = {entry["db_id"]: entry for entry in json.loads(tables_path.read_text(encoding="utf-8"))}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{tables_path}: not a Spider tables file ({e}).") from None
+    return BirdSplit(root=root, name=name, questions=questions, tables=tables, dataset="spider",
+                     db_dir_name="database")
 
 
 def resolve_data(data: str, split: str) -> str:

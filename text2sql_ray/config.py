@@ -171,7 +171,7 @@ class ConvertConfig:
     split by database, an evaluation split (dev, test) stays whole in <split>.parquet."""
 
     data: str = ""
-    """BIRD split directory (train.json or dev.json, *_databases/, *_tables.json); empty = bundled demo train."""
+    """BIRD split directory (train.json or dev.json, *_databases/, *_tables.json) or Spider directory (reads train_spider.json); empty = bundled demo train."""
     out: str = "runs/convert"
     """Output directory."""
     limit: int = 0
@@ -216,7 +216,7 @@ class SynthesizeConfig:
     out: str = "runs/synthesize"
     """Output directory."""
     data: str = ""
-    """BIRD split directory holding the databases used for verification; empty = the one in the convert manifest."""
+    """BIRD split or Spider directory holding the databases used for verification; empty = the one in the convert manifest."""
     samples: int = 4
     """Chains of thought sampled per question (k)."""
     mode: str = "blind"
@@ -229,6 +229,10 @@ class SynthesizeConfig:
     """Which verified sample becomes the SFT target: 'shortest', 'first' or 'random' (seeded by engine.seed)."""
     include_unverified: bool = False
     """Put questions without a database (unverifiable) into the SFT set (a sample with SQL, chosen by `select`)."""
+    no_db_check: str = "canonical"
+    """Questions without a database: 'canonical' marks samples whose SQL equals the gold after sqlglot canonicalisation 'canonical_match' (weaker than execution, counted apart); 'none' leaves all 'unverified'."""
+    sft_canonical_match: bool = False
+    """Let 'canonical_match' chains (questions without a database) into the SFT set; their rows keep that status."""
     retry_failed: bool = True
     """On a rerun into the same out dir, generate again the questions whose samples all failed to generate."""
     timeout_s: float = 30.0
@@ -242,6 +246,7 @@ class SynthesizeConfig:
         _check_finite(self, "synthesize")
         _check_choice("synthesize.mode", self.mode, ("blind", "hinted"))
         _check_choice("synthesize.select", self.select, ("shortest", "first", "random"))
+        _check_choice("synthesize.no_db_check", self.no_db_check, ("canonical", "none"))
         if self.samples < 1:
             raise ConfigError("synthesize.samples must be >= 1.")
         if self.limit < 0 or self.exec_actors < 0 or self.timeout_s <= 0:
@@ -470,7 +475,7 @@ class EvaluateConfig:
     """`t2s evaluate`: BIRD execution accuracy of predictions, a model, or an endpoint."""
 
     data: str = ""
-    """BIRD split directory (dev.json, dev_databases/, ...); empty = bundled demo dev."""
+    """BIRD split directory (dev.json, dev_databases/, ...) or Spider directory (reads dev.json); empty = bundled demo dev."""
     predictions: str = ""
     """Predictions file: official predict_dev.json or JSONL rows {"question_id", "sql"}."""
     model: str = ""

@@ -253,7 +253,7 @@ def run(cfg: ConvertConfig) -> Path:
 
     started = time.time()
     data_dir = Path(bird.resolve_data(cfg.data, "train")).resolve()
-    split = bird.load_split(data_dir)
+    split = bird.load_split(data_dir, "train")  # a Spider dir holds train and dev: convert reads train
     questions = split.questions[: cfg.limit] if cfg.limit else split.questions
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,9 +268,14 @@ def run(cfg: ConvertConfig) -> Path:
         log.info("convert: %s is an evaluation split: all its questions go to %s.parquet (no train/validation "
                  "split; --split-eval true asks for one)", split.name, split.name)
     in_tables = [d for d in db_ids if d in split.tables]
-    log.info("convert: %d questions over %d databases from %s (%d with a SQLite file, %d in %s_tables.json); "
-             "validation databases: %s", len(questions), len(db_ids), data_dir,
-             sum(split.db_path(d) is not None for d in db_ids), len(in_tables), split.name, ", ".join(val) or "none")
+    without_sqlite = [d for d in db_ids if split.db_path(d) is None]
+    tables_file = "tables.json" if split.dataset == "spider" else f"{split.name}_tables.json"
+    log.info("convert: %d %s questions over %d databases from %s (%d with a SQLite file, %d in %s); "
+             "validation databases: %s", len(questions), split.dataset, len(db_ids), data_dir,
+             len(db_ids) - len(without_sqlite), len(in_tables), tables_file, ", ".join(val) or "none")
+    if without_sqlite:
+        log.info("convert: no SQLite file for %d database(s) (their schema comes from %s, without sample values): %s",
+                 len(without_sqlite), tables_file, ", ".join(without_sqlite))
 
     t_ray = time.time()
     ensure_ray()
@@ -344,6 +349,7 @@ def run(cfg: ConvertConfig) -> Path:
     manifest_path = write_manifest(
         out, "convert", cfg, started,
         data_dir=str(data_dir),
+        dataset=split.dataset,
         split_name=split.name,
         prompt=prompt_record(cfg.prompt, cfg.tokenizer),
         counts=counts,
@@ -352,6 +358,7 @@ def run(cfg: ConvertConfig) -> Path:
             "input": len(db_ids),
             **{name: len({r["db_id"] for r in by_split[name]}) for name in kept},
             "validation_db_ids": val,
+            "without_sqlite": without_sqlite,
             "no_schema": sorted({r["db_id"] for r in by_split["rejected"] if r["reason"].startswith("no_schema")}),
         },
         schema={

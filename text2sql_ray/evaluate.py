@@ -5,7 +5,8 @@
     t2s evaluate --data <dir> --endpoint http://host:8000/v1 --out <dir> [--engine.concurrency C] [--samples K ...]
     t2s evaluate --compare <run dir A> <run dir B> --out <dir>
 
-Predictions: the official ``predict_dev.json`` (``{"0": "SQL\\t----- bird -----\\tdb_id"}``) or JSONL
+``--data`` is a BIRD split or a Spider directory (its ``dev.json``; Spider has no difficulty, so the
+report gives the overall EX only). Predictions: the official ``predict_dev.json`` (``{"0": "SQL\\t----- bird -----\\tdb_id"}``) or JSONL
 rows ``{"question_id": N, "sql": "..."}``. Scoring follows the official BIRD rule (see sqlexec.py):
 a question is correct iff its predicted and gold results are equal as sets of row tuples, under one
 budget for the pair. The denominator is every question asked whose database is on disk: a missing
@@ -97,7 +98,7 @@ def run(cfg: EvaluateConfig) -> Path:
         raise ConfigError(
             "evaluate --samples > 1 (maj@k) needs --model or --endpoint; drop it with --predictions."
         )
-    split = bird.load_split(bird.resolve_data(cfg.data, "dev"))
+    split = bird.load_split(bird.resolve_data(cfg.data, "dev"), "dev")
     sql_by_qid = bird.read_predictions(cfg.predictions, split.questions)
     out = Path(cfg.out)
     report = score(split, sql_by_qid, cfg, out)
@@ -265,6 +266,7 @@ def score(
                     "Check the database files and the question file.", n_gold_errors)
     report = build_report(rows, missing, broken)
     report.update(
+        dataset=split.dataset,
         data=str(split.root),
         num_actors=cfg.num_actors,
         timeout_s=cfg.timeout_s,
@@ -293,13 +295,26 @@ def difficulty_order(names) -> list[str]:
     return [d for d in DIFFICULTIES if d in names] + sorted(names - set(DIFFICULTIES))
 
 
+def labelled_difficulties(names) -> list[str]:
+    """difficulty_order of the names, or [] when every question is UNLABELLED (a dataset without difficulty)."""
+    order = difficulty_order(names)
+    return [] if order == [UNLABELLED] else order
+
+
+def dataset_title(report: dict) -> str:
+    return "Spider" if report.get("dataset") == "spider" else "BIRD"
+
+
 def build_report(rows: list[dict], missing: dict[str, int], unreadable: dict[str, str] | None = None) -> dict:
-    """Counts and EX (percent of scored questions) overall and per difficulty, error kinds, skips."""
+    """Counts and EX (percent of scored questions) overall and per difficulty, error kinds, skips.
+
+    by_difficulty is empty when no question has a difficulty (Spider): the overall EX is the only figure.
+    """
     unreadable = unreadable or {}
     scored = [r for r in rows if not r["skipped"]]
     n_correct = sum(1 for r in scored if r["correct"])
     by_diff = {}
-    for d in difficulty_order(r["difficulty"] for r in rows):
+    for d in labelled_difficulties(r["difficulty"] for r in rows):
         asked = [r for r in rows if r["difficulty"] == d]
         sc = [r for r in asked if not r["skipped"]]
         c = sum(1 for r in sc if r["correct"])
@@ -335,10 +350,14 @@ def report_markdown(report: dict) -> str:
         return "-" if x is None else f"{x:.2f}"
 
     lines = [
-        "# BIRD execution accuracy",
+        f"# {dataset_title(report)} execution accuracy",
         "",
         f"Data: `{report.get('data', '')}`",
         "",
+    ]
+    if not report["by_difficulty"]:
+        lines += ["No question has a difficulty label (Spider has none): EX is over all scored questions.", ""]
+    lines += [
         "| difficulty | asked | scored | correct | EX % |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -411,7 +430,7 @@ def plot_ex_by_difficulty(report: dict, path: str | Path) -> Path:
     ax.set_ylim(0, 115)
     ax.set_ylabel("execution accuracy (%)")
     ax.set_title(
-        f"BIRD EX by difficulty ({report['n_scored']} scored, "
+        f"{dataset_title(report)} EX by difficulty ({report['n_scored']} scored, "
         f"{report['n_skipped_missing_db'] + report.get('n_skipped_unreadable_db', 0)} skipped)"
     )
     fig.tight_layout()
@@ -618,7 +637,7 @@ def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
     started = started or time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    split = bird.load_split(bird.resolve_data(cfg.data, "dev"))
+    split = bird.load_split(bird.resolve_data(cfg.data, "dev"), "dev")
     questions = select_questions(split, cfg.limit)
     engine = engine_config(cfg)
     served_model = ""
@@ -829,7 +848,7 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path) -> dict:
 
     by_diff = {
         d: stats([q for q in both if a[q]["difficulty"] == d])
-        for d in difficulty_order(a[q]["difficulty"] for q in both)
+        for d in labelled_difficulties(a[q]["difficulty"] for q in both)
     }
 
     def detail(q):

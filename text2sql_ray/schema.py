@@ -416,15 +416,16 @@ class SchemaCache:
     >>> cache.get("superhero").text                                              # doctest: +SKIP
     """
 
-    def __init__(self, root: str | Path, name: str, tables: dict[str, dict], cfg: PromptConfig, tokenizer=None):
-        self.split = BirdSplit(root=Path(root), name=name, questions=[], tables=tables)
+    def __init__(self, root: str | Path, name: str, tables: dict[str, dict], cfg: PromptConfig, tokenizer=None,
+                 db_dir_name: str = ""):
+        self.split = BirdSplit(root=Path(root), name=name, questions=[], tables=tables, db_dir_name=db_dir_name)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self._cache: dict[str, SchemaText | NoSchemaError] = {}
 
     @classmethod
     def from_split(cls, split: BirdSplit, cfg: PromptConfig, tokenizer=None) -> SchemaCache:
-        return cls(split.root, split.name, split.tables, cfg, tokenizer)
+        return cls(split.root, split.name, split.tables, cfg, tokenizer, split.db_dir_name)
 
     def has_schema(self, db_id: str) -> bool:
         """Cheap check (no reading): a database file exists or tables.json has the db_id."""

@@ -29,12 +29,19 @@ time, so throughput covers killed runs too. At the end:
   ``--db-ids`` included), deduplicated by (question_id, sample_index) (a later part wins),
   with ``status``: ``verified`` (result equals the gold result), ``wrong``, ``exec_error`` (the SQL,
   or the gold SQL, failed or timed out), ``no_sql`` (no SQL in the text), ``gen_error`` (the generation
-  failed; the row says why) or ``unverified`` (the question's database is not on disk: every sample of
-  it, whatever its text; ``gen_error`` / ``sql`` still say what happened).
+  failed; the row says why) or, for a question whose database is not on disk (nothing can be executed),
+  ``canonical_match`` (``no_db_check`` 'canonical': the final SQL equals the gold SQL after sqlglot
+  canonicalisation, ``canonical_sql``; a weaker verdict than execution: it shows the teacher wrote the
+  gold query, and a different correct query stays unrecognised) or ``unverified`` (every other sample of
+  such a question, whatever its text; ``gen_error`` / ``sql`` still say what happened). ``correct`` is
+  None for both: only execution sets it. The parts hold the execution verdicts; the canonical verdict
+  is applied when samples.parquet is written (``apply_no_db_check``), so changing it needs no regeneration.
 * ``sft.parquet``: one row per question with a verified sample (``select``: shortest / first / random),
   in the convert output's columns (+ ``sample_index``, ``sql``, ``status``); ``messages`` = the convert
   row's system and user turns + the verified chain as the assistant turn, normalised to end with exactly
-  one ```sql block (``sft_answer``). Unverifiable questions join only with ``include_unverified``. In
+  one ```sql block (``sft_answer``). Questions without a database join only with
+  ``sft_canonical_match`` (their ``canonical_match`` chains, status kept on the row) or
+  ``include_unverified`` (any chain with SQL, a canonical match first). In
   ``hinted`` mode a chain that talks about the hint ("the reference query") is never an SFT target.
 * ``manifest.json`` and ``report.md``: the yield (questions with >= 1 verified sample, overall and per
   difficulty; verified samples / samples), counts per status, tokens and samples per second.
@@ -58,7 +65,9 @@ from .common import ensure_ray, log, read_manifest, write_json, write_manifest, 
 from .config import ConvertConfig, SynthesizeConfig
 from .prompts import _fences, extract_sql, format_answer, strip_sql, teacher_messages_for
 
-STATUSES = ("verified", "wrong", "exec_error", "no_sql", "gen_error", "unverified")
+STATUSES = ("verified", "wrong", "exec_error", "no_sql", "gen_error", "canonical_match", "unverified")
+NO_DB_STATUSES = ("canonical_match", "unverified")
+"""The statuses of samples of questions without a database (never execution-verified)."""
 SAMPLE_COLUMNS = (
     "question_id", "db_id", "difficulty", "sample_index", "text", "sql", "correct", "exec_error", "gold_error",
     "timed_out", "gen_error", "gen_tokens", "status",
@@ -131,6 +140,72 @@ def verdict(sql: str, gen_error: str | None, has_db: bool, pair=None) -> Verdict
     failed = bool(pair.pred_error or pair.gold_error or pair.timed_out)
     return Verdict("exec_error" if failed else "wrong", False, pair.pred_error or None, pair.gold_error or None,
                    bool(pair.timed_out))
+
+
+def canonical_sql(sql: str) -> str | None:
+    """One query as sqlglot prints it after reading it as SQLite, or None when it is not exactly one query.
+
+    Canonical: keywords, spacing, quoting style, `<>`/`!=`, optional AS and trailing semicolons no longer
+    matter; unquoted identifiers are lower-cased (SQLite ignores their case); quoted identifiers and
+    string literals keep their case, so `'Bob'` and `'bob'` stay different.
+
+    >>> canonical_sql("select Name from T where x <> 1;") == canonical_sql('SELECT name FROM "t" WHERE x != 1')
+    True
+    >>> canonical_sql("SELECT a FROM t WHERE n = 'Bob'") == canonical_sql("SELECT a FROM t WHERE n = 'bob'")
+    False
+    """
+    import sqlglot
+    from sqlglot import expressions as exp
+    from sqlglot.errors import ParseError, TokenError
+
+    try:
+        statements = [t for t in sqlglot.parse(strip_sql(sql), read="sqlite") if t is not None]
+    except (ParseError, TokenError, ValueError):
+        return None
+    if len(statements) != 1 or not isinstance(statements[0], exp.Query):  # "SELEC x" parses as a column alias
+        return None
+    tree = statements[0]
+    for ident in tree.find_all(exp.Identifier):
+        if not ident.quoted:
+            ident.set("this", ident.this.lower())
+        ident.set("quoted", True)
+    try:
+        return tree.sql(dialect="sqlite", normalize_functions="lower", comments=False)
+    except Exception:  # noqa: BLE001  (sqlglot cannot print an odd tree: no verdict, never a crash)
+        return None
+
+
+def matches_gold_canonically(sql: str, gold_sql: str) -> bool:
+    """Whether `sql` and `gold_sql` are the same query after `canonical_sql` (False when either does not parse)."""
+    a = canonical_sql(sql) if (sql or "").strip() else None
+    return a is not None and a == canonical_sql(gold_sql)
+
+
+def apply_no_db_check(samples: list[dict], gold_by_qid: dict[int, str], method: str) -> list[dict]:
+    """Give the samples of questions without a database their verdict: 'canonical_match' or 'unverified'.
+
+    Only rows whose status is one of NO_DB_STATUSES change (they carry no execution verdict); with
+    method 'canonical' a row with SQL, no generation error and a known gold SQL that matches it
+    (`matches_gold_canonically`) becomes 'canonical_match', every other such row 'unverified'.
+    Method 'none': all 'unverified'. `correct` stays None either way. Returns new dicts.
+    """
+    if method not in ("canonical", "none"):
+        raise ValueError(f"no_db_check={method!r} is not 'canonical' or 'none'.")
+    cache: dict[tuple[str, str], bool] = {}
+    out = []
+    for smp in samples:
+        if smp["status"] not in NO_DB_STATUSES:
+            out.append(smp)
+            continue
+        gold = gold_by_qid.get(int(smp["question_id"]))
+        match = False
+        if method == "canonical" and gold and smp["sql"] and not smp["gen_error"]:
+            key = (smp["sql"], gold)
+            if key not in cache:
+                cache[key] = matches_gold_canonically(smp["sql"], gold)
+            match = cache[key]
+        out.append({**smp, "status": "canonical_match" if match else "unverified", "correct": None})
+    return out
 
 
 def sample_rows(row: dict, k: int, summarize, timeout_s: float, max_rows: int = 1_000_000) -> list[dict]:
@@ -256,11 +331,12 @@ def mentions_hint(text: str) -> bool:
 
 
 def select_sample(samples: list[dict], rule: str, seed: int, include_unverified: bool = False,
-                  hinted: bool = False) -> dict | None:
+                  hinted: bool = False, canonical: bool = False) -> dict | None:
     """The sample of one question that becomes its SFT target, or None.
 
-    Candidates: the verified samples; if there are none and `include_unverified`, the unverified ones
-    with SQL; with `hinted`, never a chain that mentions the hint (`mentions_hint`). 'shortest': fewest
+    Candidates, first tier that has any: the verified samples; the canonical_match ones when
+    `canonical` or `include_unverified`; the unverified ones with SQL when `include_unverified`. With
+    `hinted`, never a chain that mentions the hint (`mentions_hint`). 'shortest': fewest
     characters of the SFT answer (ties: lowest sample_index); 'first': lowest sample_index; 'random':
     seeded by (seed, question_id), independent of order and batching.
     """
@@ -268,6 +344,8 @@ def select_sample(samples: list[dict], rule: str, seed: int, include_unverified:
         return not (hinted and mentions_hint(s["text"]))
 
     cands = [s for s in samples if s["status"] == "verified" and usable(s)]
+    if not cands and (canonical or include_unverified):
+        cands = [s for s in samples if s["status"] == "canonical_match" and s["sql"] and usable(s)]
     if not cands and include_unverified:
         cands = [s for s in samples if s["status"] == "unverified" and s["sql"] and usable(s)]
     if not cands:
@@ -302,14 +380,14 @@ def sft_row(conv: dict, sample: dict) -> dict:
 
 
 def build_sft(samples: list[dict], conv_by_qid: dict[int, dict], rule: str, seed: int,
-              include_unverified: bool, hinted: bool = False) -> list[dict]:
+              include_unverified: bool, hinted: bool = False, canonical: bool = False) -> list[dict]:
     """SFT rows (sorted by question_id) from every question's samples (see `select_sample`)."""
     by_q: dict[int, list[dict]] = {}
     for s in samples:
         by_q.setdefault(int(s["question_id"]), []).append(s)
     rows = []
     for qid in sorted(by_q):
-        chosen = select_sample(by_q[qid], rule, seed, include_unverified, hinted)
+        chosen = select_sample(by_q[qid], rule, seed, include_unverified, hinted, canonical)
         if chosen is not None and qid in conv_by_qid:
             rows.append(sft_row(conv_by_qid[qid], chosen))
     return rows
@@ -329,7 +407,8 @@ def yield_report(samples: list[dict], sft_rows: list[dict]) -> dict:
         statuses = {r["status"] for r in rows}
         return {
             "verified": "verified" in statuses,
-            "unverified": "unverified" in statuses,
+            "unverified": bool(statuses & set(NO_DB_STATUSES)),
+            "canonical_match": "canonical_match" in statuses,
             "gold_error": any(r["gold_error"] for r in rows),
             "gen_failed": all(r["gen_error"] for r in rows),
         }
@@ -349,6 +428,8 @@ def yield_report(samples: list[dict], sft_rows: list[dict]) -> dict:
         d["yield"] = _rate(d["verified"], d["verifiable"])
     order = {"simple": 0, "moderate": 1, "challenging": 2}
     per_diff = dict(sorted(per_diff.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])))
+    if list(per_diff) == ["unknown"]:  # no question has a difficulty (Spider): the overall figures say it all
+        per_diff = {}
     by_status = {s: 0 for s in STATUSES}
     for s in samples:
         by_status[s["status"]] += 1
@@ -360,6 +441,8 @@ def yield_report(samples: list[dict], sft_rows: list[dict]) -> dict:
             "verifiable": n_verifiable,
             "unverified": n_q - n_verifiable,
             "with_verified_sample": n_verified,
+            # questions without a database with >= 1 sample equal to the gold after canonicalisation (not execution)
+            "with_canonical_match": sum(1 for f in facts.values() if f["canonical_match"]),
             "yield": _rate(n_verified, n_verifiable),
             "yield_of_all": _rate(n_verified, n_q),
             "gold_error": sum(1 for f in facts.values() if f["gold_error"]),
@@ -370,7 +453,8 @@ def yield_report(samples: list[dict], sft_rows: list[dict]) -> dict:
             "total": n_s,
             "by_status": by_status,
             "verified_fraction": _rate(by_status["verified"], n_s),
-            "verified_fraction_of_verifiable": _rate(by_status["verified"], n_s - by_status["unverified"]),
+            "verified_fraction_of_verifiable": _rate(
+                by_status["verified"], n_s - by_status["unverified"] - by_status["canonical_match"]),
             "generation_failed": sum(1 for s in samples if s["gen_error"]),
             "tokens_generated": sum(tokens),
             "mean_tokens": round(sum(tokens) / len(tokens), 1) if tokens else None,
@@ -378,6 +462,7 @@ def yield_report(samples: list[dict], sft_rows: list[dict]) -> dict:
         "sft": {
             "rows": len(sft_rows),
             "verified": sum(1 for r in sft_rows if r["status"] == "verified"),
+            "canonical_match": sum(1 for r in sft_rows if r["status"] == "canonical_match"),
             "unverified": sum(1 for r in sft_rows if r["status"] == "unverified"),
             # questions with a verified sample but no SFT row (hinted: every verified chain mentions the hint)
             "verified_left_out": n_verified - sum(1 for r in sft_rows if r["status"] == "verified"),
@@ -402,11 +487,13 @@ def report_markdown(report: dict) -> str:
         "|---:|---:|---:|---:|---:|",
         f"| {q['total']} | {q['verifiable']} | {q['with_verified_sample']} | {pct(q['yield'])} | {pct(q['yield_of_all'])} |",
         "",
-        "| difficulty | questions | verifiable | verified | yield |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for name, d in report["by_difficulty"].items():
-        lines.append(f"| {name} | {d['questions']} | {d['verifiable']} | {d['verified']} | {pct(d['yield'])} |")
+    if report["by_difficulty"]:
+        lines += ["| difficulty | questions | verifiable | verified | yield |", "|---|---:|---:|---:|---:|"]
+        for name, d in report["by_difficulty"].items():
+            lines.append(f"| {name} | {d['questions']} | {d['verifiable']} | {d['verified']} | {pct(d['yield'])} |")
+    else:
+        lines.append("No question has a difficulty label (Spider has none): the figures above are the only split.")
     lines += ["", "| sample status | count |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in s["by_status"].items()]
     lines += [
@@ -417,10 +504,29 @@ def report_markdown(report: dict) -> str:
          f"(mean {s['mean_tokens']} per sample). Questions whose gold SQL failed: {q['gold_error']}; "
          f"whose generation failed entirely: {q['generation_failed']}."),
         "",
-        (f"SFT set: {report['sft']['rows']} rows ({report['sft']['verified']} verified, "
-         f"{report['sft']['unverified']} unverified); questions with a verified sample left out (every verified "
-         f"chain mentions the hinted query): {report['sft']['verified_left_out']}."),
+        (f"SFT set: {report['sft']['rows']} rows ({report['sft']['verified']} execution-verified, "
+         f"{report['sft'].get('canonical_match', 0)} canonical match, {report['sft']['unverified']} unverified); "
+         f"questions with a verified sample left out (every verified chain mentions the hinted query): "
+         f"{report['sft']['verified_left_out']}."),
     ]
+    if q["unverified"]:
+        check = report.get("no_db_check", "canonical")
+        allowed = report.get("sft_canonical_match")
+        lines += [
+            "",
+            "## Questions without a database (no execution possible)",
+            "",
+            (f"{q['unverified']} question(s) have no database on disk, so none of their samples is execution-verified. "
+             + (f"Weaker check ('canonical'): {q.get('with_canonical_match', 0)} of them have a sample whose final SQL "
+                f"equals the gold SQL after sqlglot canonicalisation ({s['by_status'].get('canonical_match', 0)} "
+                "samples, status `canonical_match`). It shows the teacher wrote the gold query. It does not show "
+                "that a different query is wrong, and it is not execution accuracy. "
+                if check == "canonical" else "No weaker check was made (no_db_check 'none'). ")
+             + ("Canonical matches may enter the SFT set (sft_canonical_match on)."
+                if allowed else "Canonical matches stay out of the SFT set (sft_canonical_match off).")
+             + (" Mode 'hinted': the teacher saw the gold SQL, so a canonical match may just copy the hint."
+                if report.get("mode") == "hinted" and check == "canonical" else "")),
+        ]
     if g and g["samples"]:
         lines += [
             "",
@@ -496,16 +602,17 @@ def read_input(path: Path) -> list[dict]:
 
 
 def resolve_databases(cfg: SynthesizeConfig, manifest: dict | None, input_path: Path) -> bird.BirdSplit | None:
-    """The BIRD split whose databases verify the samples: `cfg.data`, else the convert manifest's data_dir."""
+    """The BIRD or Spider split whose databases verify the samples: `cfg.data`, else the convert manifest's data_dir."""
     data = cfg.data or (manifest or {}).get("data_dir") or ""
     if not data:
-        if cfg.include_unverified:
+        if cfg.include_unverified or cfg.sft_canonical_match:
             log.warning("synthesize: no database source (no --data, no data_dir in a convert manifest beside %s): "
-                        "every sample is 'unverified'", input_path)
+                        "no sample can be execution-verified (only 'canonical_match' / 'unverified')", input_path)
             return None
         raise ValueError(
             f"synthesize: no databases to verify against: {input_path} has no convert manifest with data_dir; pass "
-            "--data <BIRD split dir holding the databases>, or --include-unverified to keep unverified chains."
+            "--data <BIRD or Spider dir holding the databases>, --sft-canonical-match to keep chains whose SQL equals "
+            "the gold SQL, or --include-unverified to keep unverified chains."
         )
     return bird.load_split(data)
 
@@ -627,6 +734,7 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     input_path, manifest = resolve_input(cfg, out)
     conv = read_input(input_path)
+    gold_by_qid = {int(r["question_id"]): r["gold_sql"] or "" for r in conv}  # all of them: earlier runs' samples too
     split = resolve_databases(cfg, manifest, input_path)
     if cfg.db_ids:
         wanted = set(cfg.db_ids)
@@ -716,16 +824,16 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
             return out
 
     t0 = time.time()
-    samples = read_parts(parts_dir)
+    samples = apply_no_db_check(read_parts(parts_dir), gold_by_qid, cfg.no_db_check)
     sft_rows = build_sft(samples, conv_by_qid, cfg.select, cfg.engine.seed, cfg.include_unverified,
-                         hinted=cfg.mode == "hinted")
+                         hinted=cfg.mode == "hinted", canonical=cfg.sft_canonical_match)
     write_parquet(out / "samples.parquet", pa.Table.from_pylist(samples, schema=samples_schema()))
     write_parquet(out / "sft.parquet", pa.Table.from_pylist(sft_rows, schema=sft_schema()))
     write_s = time.time() - t0
     report = yield_report(samples, sft_rows)
     report.update(
         teacher=_teacher_name(cfg), backend=cfg.engine.backend, mode=cfg.mode, samples_per_question=cfg.samples,
-        select=cfg.select,
+        select=cfg.select, no_db_check=cfg.no_db_check, sft_canonical_match=cfg.sft_canonical_match,
         generation={
             "questions": len(work), "samples": new_samples, "tokens": new_tokens, "seconds": round(gen_s, 3),
             "samples_per_s": round(new_samples / gen_s, 3) if gen_s else None,
@@ -745,7 +853,9 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
         data_dir=str(split.root) if split else None,
         databases_absent=absent,
         counts={"input_questions": len(conv), "selected_questions": len(selected), "samples": len(samples),
-                "sft_rows": len(sft_rows), "parts": len(part_files(parts_dir))},
+                "sft_rows": len(sft_rows), "sft_execution_verified": report["sft"]["verified"],
+                "sft_canonical_match": report["sft"]["canonical_match"], "sft_unverified": report["sft"]["unverified"],
+                "parts": len(part_files(parts_dir))},
         report=report,
         files={"samples": "samples.parquet", "sft": "sft.parquet", "report": "report.md", "parts": PARTS_DIR},
         timing={"ray_start_s": round(ray_start_s, 3), "generate_and_verify_s": round(gen_s, 3),

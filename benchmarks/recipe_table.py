@@ -1,0 +1,356 @@
+"""The recipe's results table on real models: baselines, no-CoT SFT, CoT SFT, CoT SFT + maj@8, on BIRD dev and Spider dev.
+
+    python benchmarks/recipe_table.py --config jobs/recipe_small_gpu.yaml \\
+        --student <0.5B .gguf or dir> --teacher <1.5B .gguf or dir> \\
+        --bird /work/shared/data/bird --spider /work/shared/data/spider [--engine hf|vllm] [--out DIR] [--results STEM]
+
+A thin driver over the stages (each step is the stage's own `run(cfg)`, built from the job file's sections with
+the fields below replaced; `--set stage.field=value` overrides any field of a section first):
+
+1. convert BIRD train and Spider train twice each: no-CoT prompts (gold SQL as the answer) and CoT prompts
+   (the synthesis input); the job file's `convert:` section, `prompt.cot` set per use;
+2. synthesize on Spider train (it has databases: every chain is verified by execution); `synthesize:`;
+3. train twice from the student (`train:` section, same hyper-parameters): no-CoT SFT on the gold SQL of
+   BIRD train + Spider train; CoT SFT on the execution-verified chains (+ with `--cot-mix-gold` the no-CoT rows too);
+4. evaluate four models x two benchmarks (`evaluate:`): the student with the seed's prompt (bare DDL, SQL
+   only), the student with our prompt (rich schema, SQL only), the no-CoT SFT model (SQL only), the CoT SFT
+   model (CoT prompt; greedy and maj@k in one run, `--maj-k`, temperature `--maj-temperature`);
+5. the table: `<results>.md` (+ `<results>.json`, `<results>.png`) and every row's predictions in the official
+   predict_dev.json format as `<results>/<row>_<bird|spider>_predict_dev.json` (all questions of the file, in
+   order; questions whose database is absent, or that a row could not answer, hold an empty SQL and score 0).
+
+Every step writes under `--out` and records a fingerprint of its config in `<out>/recipe_state.json`; a rerun
+skips steps whose fingerprint and manifest are there (a killed run resumes; a changed option reruns that step
+and the steps after it that read it). Nothing trains or selects on BIRD dev or Spider dev.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from text2sql_ray import convert, evaluate, synthesize, train
+from text2sql_ray.common import log, read_manifest, setup_logging, write_json, write_parquet, write_text
+from text2sql_ray.config import build_config
+from text2sql_ray.pipeline import fingerprint
+
+BENCHMARKS = ("bird", "spider")
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table: which model, with which prompt, and what it was trained on."""
+
+    name: str
+    label: str
+    model: str
+    """'student', 'sft_nocot' or 'sft_cot'."""
+    prompt: dict
+    """PromptConfig fields replaced in the job file's evaluate.prompt."""
+    training: str
+    maj: bool = False
+    """Also report maj@k (from the same evaluation run) as the next line."""
+
+
+ROWS = (
+    Row("base_seed", "baseline, seed prompt", "student", {"schema_style": "ddl", "cot": False},
+        "none (bare CREATE TABLEs, SQL only: the seed's prompt)"),
+    Row("base_ours", "baseline, our prompt", "student", {"cot": False},
+        "none (rich schema: keys, sample values, descriptions; SQL only)"),
+    Row("sft_nocot", "no-CoT SFT", "sft_nocot", {"cot": False}, "LoRA on gold SQL of BIRD train + Spider train"),
+    Row("sft_cot", "CoT SFT", "sft_cot", {"cot": True},
+        "LoRA on execution-verified teacher chains (Spider train)", maj=True),
+)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "jobs" / "recipe_small_gpu.yaml"), help="job file (stage sections)")
+    p.add_argument("--student", required=True,
+                   help="student model (.gguf file, dir or hub name; \"\" = the embedded SmolLM2): train.model")
+    p.add_argument("--teacher", required=True, help="teacher model (same forms): synthesize.engine.model")
+    p.add_argument("--bird", default="",
+                   help="folder holding BIRD train/ and dev/ (or give --bird-train/--bird-dev); 'demo' = the bundled demo")
+    p.add_argument("--bird-train", default="", help="BIRD train split dir (text only is enough: no-CoT SFT)")
+    p.add_argument("--bird-dev", default="", help="BIRD dev split dir")
+    p.add_argument("--spider", required=True, help="Spider dir (train_spider.json, dev.json, tables.json, database/)")
+    p.add_argument("--engine", choices=("hf", "vllm"), default=None,
+                   help="generation backend of synthesize and evaluate (default: the job file's engine.backend)")
+    p.add_argument("--maj-k", type=int, default=8, help="samples per question for the maj@k row")
+    p.add_argument("--maj-temperature", type=float, default=0.8, help="sampling temperature of the maj@k row")
+    p.add_argument("--cot-mix-gold", action="store_true",
+                   help="CoT SFT also trains on the no-CoT gold rows (BIRD + Spider train; their own system prompt)")
+    p.add_argument("--out", default="runs/recipe_small_gpu", help="run directory (every step's output)")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "recipe_small_gpu"),
+                   help="results stem: STEM.md, STEM.json, STEM.png and STEM/ (predictions)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="override a field of a job-file section, e.g. --set train.epochs=2 (repeatable)")
+    args = p.parse_args(argv)
+    if args.bird == "demo":  # the bundled demo (BIRD format) in place of BIRD: the CPU profile
+        from text2sql_ray.bird import resolve_data
+
+        args.bird_train, args.bird_dev = resolve_data("", "train"), resolve_data("", "dev")
+    args.bird_train = args.bird_train or (str(Path(args.bird) / "train") if args.bird else "")
+    args.bird_dev = args.bird_dev or (str(Path(args.bird) / "dev") if args.bird else "")
+    if not (args.bird_train and args.bird_dev):
+        p.error("give --bird DIR (holding train/ and dev/) or both --bird-train and --bird-dev")
+    return args
+
+
+def section_configs(args) -> dict:
+    """The job file's sections as configs, with --set overrides (and --student/--teacher/--engine) applied."""
+    overrides: dict[str, list] = {s: [] for s in ("convert", "synthesize", "train", "evaluate")}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        stage = key.split(".", 1)[0]
+        if not sep or stage not in overrides or "." not in key:
+            raise SystemExit(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(overrides)}")
+        overrides[stage].append((key.split(".", 1)[1], value))
+    overrides["train"].append(("model", args.student))
+    overrides["synthesize"].append(("engine.model", args.teacher))
+    if args.engine is not None:
+        overrides["synthesize"].append(("engine.backend", args.engine))
+        overrides["evaluate"].append(("engine.backend", args.engine))
+    return {s: build_config(s, args.config, o) for s, o in overrides.items()}
+
+
+class Steps:
+    """Runs steps in order; skips one whose config fingerprint and output manifest are already there."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.state_path = run_dir / "recipe_state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.seconds: dict[str, float] = dict(self.state.get("_seconds", {}))
+
+    def run(self, name: str, module, cfg, after: tuple[str, ...] = ()) -> Path:
+        fp = fingerprint(cfg, "".join(self.state.get(a, "") for a in after))
+        out = Path(cfg.out)
+        if self.state.get(name) == fp and read_manifest(out) is not None:
+            log.info("recipe: %s is up to date (%s)", name, out)
+            return out
+        log.info("recipe: %s -> %s", name, out)
+        t0 = time.time()
+        module.run(cfg)
+        self.seconds[name] = round(time.time() - t0, 1)
+        self.state[name] = fp
+        self.state["_seconds"] = self.seconds
+        write_json(self.state_path, self.state)
+        return out
+
+
+def mix_sft(out: Path, sources: list[tuple[str, Path]]) -> dict:
+    """One sft.parquet from several SFT/convert Parquet files (convert's columns), with counts per source."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from text2sql_ray.convert import OUTPUT_COLUMNS, output_schema
+
+    tables, counts = [], {}
+    for name, path in sources:
+        t = pq.read_table(path).select(list(OUTPUT_COLUMNS)).cast(output_schema())
+        tables.append(t)
+        counts[name] = {"file": str(path), "rows": t.num_rows}
+    table = pa.concat_tables(tables) if tables else output_schema().empty_table()
+    write_parquet(out / "sft.parquet", table)
+    write_json(out / "mix.json", {"rows": table.num_rows, "sources": counts})
+    return {"rows": table.num_rows, "sources": counts}
+
+
+def _ex_of(report: dict, maj: bool) -> dict:
+    if maj:
+        m = report.get("maj_at_k") or {}
+        return {"ex": m.get("ex"), "n_correct": m.get("n_correct"), "n_scored": m.get("n_scored")}
+    return {"ex": report.get("ex"), "n_correct": report.get("n_correct"), "n_scored": report.get("n_scored")}
+
+
+def run_recipe(args) -> dict:
+    cfgs = section_configs(args)
+    conv_t, syn_t, train_t, eval_t = cfgs["convert"], cfgs["synthesize"], cfgs["train"], cfgs["evaluate"]
+    run_dir = Path(args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = Steps(run_dir)
+    rep = dataclasses.replace
+
+    # 1. conversions (train splits only)
+    nocot_prompt, cot_prompt = rep(conv_t.prompt, cot=False), rep(conv_t.prompt, cot=True)
+    conv = {}
+    for src, data in (("bird_train", args.bird_train), ("spider_train", args.spider)):
+        for kind, prompt in (("nocot", nocot_prompt), ("cot", cot_prompt)):
+            if src == "bird_train" and kind == "cot":
+                continue  # no databases for BIRD train here: no execution-verified chains from it
+            c = rep(conv_t, data=data, out=str(run_dir / "convert" / f"{src}_{kind}"), prompt=prompt)
+            conv[f"{src}_{kind}"] = steps.run(f"convert_{src}_{kind}", convert, c)
+
+    # 2. teacher chains on Spider train, verified by execution
+    syn_cfg = rep(syn_t, input=str(conv["spider_train_cot"]), data=args.spider, out=str(run_dir / "synthesize" / "spider_train"))
+    syn_dir = steps.run("synthesize_spider_train", synthesize, syn_cfg, after=("convert_spider_train_cot",))
+    syn_counts = (read_manifest(syn_dir) or {}).get("counts", {})
+
+    # 3. the two SFT sets and the two students
+    gold_sources = [("bird_train_gold", conv["bird_train_nocot"] / "train.parquet"),
+                    ("spider_train_gold", conv["spider_train_nocot"] / "train.parquet")]
+    mixes = {"sft_nocot": mix_sft(run_dir / "sft" / "nocot", gold_sources),
+             "sft_cot": mix_sft(run_dir / "sft" / "cot", [("spider_train_verified_chains", syn_dir / "sft.parquet")]
+                                + (gold_sources if args.cot_mix_gold else []))}
+    from text2sql_ray.models import resolve_model
+
+    # the student is evaluated exactly as training starts from it ("" = the embedded default, as a path)
+    models, not_trained = {"student": train_t.model or resolve_model("")}, {}
+    for name, kind in (("sft_nocot", "nocot"), ("sft_cot", "cot")):
+        if mixes[name]["rows"] == 0:
+            not_trained[name] = "no training rows (the teacher verified no chain)"
+            log.warning("recipe: %s has no training rows; its table row is left empty", name)
+            continue
+        t = rep(train_t, input=str(run_dir / "sft" / kind), out=str(run_dir / "train" / kind))
+        after = ("convert_bird_train_nocot", "convert_spider_train_nocot") + (
+            ("synthesize_spider_train",) if kind == "cot" else ())
+        models[name] = str(steps.run(f"train_{name}", train, t, after=after))
+
+    # 4. evaluations: every row on both benchmarks
+    bench_data = {"bird": args.bird_dev, "spider": args.spider}
+    results_stem = Path(args.results)
+    pred_dir = results_stem.parent / results_stem.name
+    if pred_dir.exists():
+        shutil.rmtree(pred_dir)
+    pred_dir.mkdir(parents=True)
+    table = []
+    for row in ROWS:
+        entries = [(row.name, row.label, False)] + ([(f"{row.name}_maj{args.maj_k}", f"{row.label} + maj@{args.maj_k}",
+                                                      True)] if row.maj else [])
+        results = {e[0]: {} for e in entries}
+        for bench in BENCHMARKS:
+            if row.model in not_trained:
+                for e in entries:
+                    results[e[0]][bench] = {"ex": None, "n_correct": None, "n_scored": None,
+                                            "note": not_trained[row.model]}
+                continue
+            engine = eval_t.engine
+            samples = 1
+            if row.maj:
+                samples, engine = args.maj_k, rep(engine, temperature=args.maj_temperature)
+            e_cfg = rep(eval_t, data=bench_data[bench], model=models[row.model], predictions="", endpoint="",
+                        compare=[], samples=samples, engine=rep(engine, model=""),
+                        prompt=rep(eval_t.prompt, **row.prompt), out=str(run_dir / "eval" / f"{row.name}_{bench}"))
+            after = (f"train_{row.model}",) if row.model != "student" else ()
+            out = steps.run(f"eval_{row.name}_{bench}", evaluate, e_cfg, after=after)
+            report = json.loads((out / "report.json").read_text())
+            for name, _, maj in entries:
+                src = out / (evaluate.MAJ_DIR if maj else "") / "predict_dev.json"
+                shutil.copyfile(src, pred_dir / f"{name}_{bench}_predict_dev.json")
+                results[name][bench] = {**_ex_of(report, maj), "n_questions": report.get("n_questions"),
+                                        "n_skipped_missing_db": report.get("n_skipped_missing_db"),
+                                        "predictions": f"{pred_dir.name}/{name}_{bench}_predict_dev.json"}
+        for name, label, maj in entries:
+            table.append({"row": name, "label": label, "training": row.training,
+                          "prompt": "seed (bare DDL)" if row.prompt.get("schema_style") == "ddl" else "ours (rich)",
+                          "cot": bool(row.prompt.get("cot")), "decoding": f"maj@{args.maj_k}, T={args.maj_temperature}"
+                          if maj else "greedy", "model": models.get(row.model, ""), **results[name]})
+
+    summary = {
+        "config": str(args.config), "student": train_t.model, "teacher": syn_t.engine.model,
+        "engine": {"synthesize": syn_t.engine.backend, "evaluate": eval_t.engine.backend},
+        "data": {"bird_train": args.bird_train, "bird_dev": args.bird_dev, "spider": args.spider},
+        "synthesis": syn_counts, "sft_sets": mixes, "rows": table, "step_seconds": steps.seconds,
+        "train": {k: getattr(train_t, k) for k in ("method", "epochs", "max_steps", "lr", "schedule", "warmup_ratio",
+                                                    "lora_r", "lora_alpha", "lora_dropout", "micro_batch_size",
+                                                    "grad_accum", "max_length", "packing", "max_grad_norm")},
+        "run_dir": str(run_dir),
+    }
+    write_json(results_stem.with_suffix(".json"), summary)
+    write_text(results_stem.with_suffix(".md"), table_markdown(summary))
+    plot_table(summary, results_stem.with_suffix(".png"))
+    log.info("recipe: table %s", results_stem.with_suffix(".md"))
+    return summary
+
+
+def table_markdown(s: dict) -> str:
+    def cell(r):
+        if r.get("ex") is None:
+            return "n/a" + (f" ({r['note']})" if r.get("note") else "")
+        return f"{r['ex']:.2f} ({r['n_correct']}/{r['n_scored']})"
+
+    lines = [
+        "# The recipe on small real models: BIRD dev and Spider dev execution accuracy",
+        "",
+        (f"Student `{s['student']}`, teacher `{s['teacher']}`; engines: synthesize `{s['engine']['synthesize']}`, "
+        f"evaluate `{s['engine']['evaluate']}`. Job file `{s['config']}`."),
+        "",
+        "| row | prompt | training | decoding | BIRD dev EX % (correct/scored) | Spider dev EX % (correct/scored) |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for r in s["rows"]:
+        lines.append(f"| {r['label']} | {r['prompt']}{', CoT' if r['cot'] else ''} | {r['training']} | {r['decoding']} "
+                     f"| {cell(r.get('bird', {}))} | {cell(r.get('spider', {}))} |")
+    first = s["rows"][0]
+    skipped = {b: first.get(b, {}).get("n_skipped_missing_db") for b in BENCHMARKS}
+    syn = s["synthesis"]
+    lines += [
+        "",
+        (f"Scored questions are those whose database is on disk (skipped: BIRD {skipped['bird']}, Spider "
+         f"{skipped['spider']} of the questions asked); EX is the official BIRD rule (set equality of result rows). "
+         "Greedy rows are temperature 0; the maj@k row votes by execution result over k samples of the CoT SFT model "
+         "(its greedy line is the row above, from the same run)."),
+        "",
+        (f"SFT sets: no-CoT {s['sft_sets']['sft_nocot']['rows']} rows, CoT {s['sft_sets']['sft_cot']['rows']} rows "
+         f"(teacher synthesis on Spider train: {syn.get('selected_questions', '?')} questions, "
+         f"{syn.get('samples', '?')} samples, {syn.get('sft_execution_verified', '?')} execution-verified chains kept). "
+         "Training (both SFT rows): " + ", ".join(f"{k} {v}" for k, v in s["train"].items()) + "."),
+        "",
+        "Predictions (official predict_dev.json format, every question of the file in order; empty = not scored or "
+        "not answered): " + ", ".join(f"`{r[b]['predictions']}`" for r in s["rows"] for b in BENCHMARKS
+                                      if r.get(b, {}).get("predictions")) + ".",
+        "",
+        "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in s["step_seconds"].items()) + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_table(s: dict, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from text2sql_ray.common import atomic_path
+
+    rows = s["rows"]
+    fig = Figure(figsize=(8, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    w = 0.38
+    xs = list(range(len(rows)))
+    for off, bench, color in ((-w / 2, "bird", "#4c72b0"), (w / 2, "spider", "#dd8452")):
+        vals = [r.get(bench, {}).get("ex") for r in rows]
+        bars = ax.bar([x + off for x in xs], [v or 0.0 for v in vals], w, label=f"{bench} dev", color=color)
+        for bar, v in zip(bars, vals):
+            ax.annotate("n/a" if v is None else f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([r["label"] for r in rows], rotation=15, fontsize=7)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("execution accuracy (%)")
+    ax.set_title("Recipe table: EX per row", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    summary = run_recipe(parse_args(argv))
+    print(table_markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""benchmarks/recipe_table.py end to end on CPU (jobs/recipe_tiny_cpu.yaml): every step runs through the real
+stages on a real local Ray, and the table, the plot and every row's predictions (official format) are written
+with the right counts; a rerun redoes nothing.
+
+Stand-ins, for what cannot run here: the student is the tiny random Llama (a real 0.5B model on CPU would take
+hours), and the teacher (a 1.5B model on a GPU in the real run) is a local OpenAI-compatible HTTP server that
+answers every hinted teacher prompt with a chain ending in the hinted query, so the CoT step has verified chains.
+The data are real: the bundled demo (BIRD format) as BIRD, and the first questions of the real Spider.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from fastapi import Request  # module level: the handler's annotation is resolved by name
+from local_http import LocalServer
+
+from text2sql_ray import bird
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # ~14 stage runs (each starts its own actors)
+
+REPO = Path(__file__).resolve().parents[1]
+SPIDER = Path(os.environ.get("T2S_SPIDER_DATA", REPO.parent / "shared" / "data" / "spider"))
+HINT = re.compile(r"A reference query, which may be wrong, is:\n```sql\n(.*?)\n```", re.DOTALL)
+
+
+class HintCopyingTeacher(LocalServer):
+    """/v1/chat/completions answering a hinted teacher prompt with a short chain that ends in the hinted SQL."""
+
+    def __init__(self):
+        from fastapi import FastAPI
+
+        self.requests = 0
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            self.requests += 1
+            m = HINT.search(body["messages"][-1]["content"])
+            sql = m.group(1) if m else "SELECT 1"
+            text = f"Step 1: find the table.\nStep 2: filter and aggregate.\n\n```sql\n{sql}\n```"
+            n = body.get("n", 1)
+            return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop"} for i in range(n)],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 9 * n, "total_tokens": 1 + 9 * n}}
+
+        super().__init__(app)
+
+
+@pytest.fixture(scope="module")
+def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
+    if not (SPIDER / "tables.json").is_file():
+        pytest.fail(f"real Spider data not found at {SPIDER}; set T2S_SPIDER_DATA")
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import recipe_table
+
+    tmp = tmp_path_factory.mktemp("recipe")
+    with HintCopyingTeacher() as teacher:
+        argv = ["--config", str(REPO / "jobs" / "recipe_tiny_cpu.yaml"), "--student", str(tiny_llama_dir),
+                "--teacher", "stand-in-teacher", "--bird", "demo", "--spider", str(SPIDER), "--maj-k", "2",
+                "--out", str(tmp / "run"), "--results", str(tmp / "results" / "table"),
+                "--set", "synthesize.engine.backend=openai", "--set", f"synthesize.engine.endpoint={teacher.endpoint}",
+                "--set", "synthesize.engine.max_retries=0"]
+        assert recipe_table.main(argv) == 0
+        first_state = json.loads((tmp / "run" / "recipe_state.json").read_text())
+        requests = teacher.requests
+        assert recipe_table.main(argv) == 0  # everything is up to date: nothing reruns
+        rerun = {"state": json.loads((tmp / "run" / "recipe_state.json").read_text()),
+                 "requests": teacher.requests}
+    return {"tmp": tmp, "first_state": first_state, "first_requests": requests, "rerun": rerun}
+
+
+ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_maj2"]
+
+
+def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recipe_run):
+    results = recipe_run["tmp"] / "results"
+    summary = json.loads((results / "table.json").read_text())
+    assert [r["row"] for r in summary["rows"]] == ROW_NAMES
+    for r in summary["rows"]:
+        for bench in ("bird", "spider"):
+            assert r[bench]["n_scored"] == 4 and r[bench]["n_questions"] == 4, (r["row"], bench)
+            assert 0.0 <= r[bench]["ex"] <= 100.0
+    assert [r["decoding"] for r in summary["rows"]][-2:] == ["greedy", "maj@2, T=0.8"]
+    assert summary["rows"][0]["prompt"] == "seed (bare DDL)" and not summary["rows"][0]["cot"]
+    assert summary["rows"][3]["cot"] and summary["rows"][3]["model"].endswith("train/cot")
+    md = (results / "table.md").read_text()
+    for label in ("baseline, seed prompt", "baseline, our prompt", "no-CoT SFT", "| CoT SFT |", "CoT SFT + maj@2"):
+        assert label in md
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 5
+    assert (results / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_row_writes_official_predictions_per_benchmark(recipe_run):
+    pred_dir = recipe_run["tmp"] / "results" / "table"
+    names = sorted(p.name for p in pred_dir.iterdir())
+    assert names == sorted(f"{r}_{b}_predict_dev.json" for r in ROW_NAMES for b in ("bird", "spider"))
+    spider_dev = bird.load_split(SPIDER, "dev").questions[:4]
+    for name in names:
+        preds = json.loads((pred_dir / name).read_text())
+        assert list(preds) == ["0", "1", "2", "3"], name
+        assert all("\t----- bird -----\t" in v for v in preds.values())
+        if "_spider_" in name:
+            assert [v.rsplit("\t", 1)[1] for v in preds.values()] == [q["db_id"] for q in spider_dev]
+
+
+def test_the_sft_sets_are_the_gold_rows_and_the_execution_verified_chains(recipe_run):
+    summary = json.loads((recipe_run["tmp"] / "results" / "table.json").read_text())
+    sets = summary["sft_sets"]
+    assert sets["sft_nocot"]["sources"]["bird_train_gold"]["rows"] == 8
+    assert sets["sft_nocot"]["sources"]["spider_train_gold"]["rows"] == 8
+    assert sets["sft_cot"]["rows"] == 4 == summary["synthesis"]["sft_execution_verified"]  # 4 Spider questions
+    assert summary["synthesis"]["sft_canonical_match"] == 0
+
+
+def test_a_rerun_redoes_no_step(recipe_run):
+    assert recipe_run["rerun"]["state"] == recipe_run["first_state"]
+    assert recipe_run["rerun"]["requests"] == recipe_run["first_requests"] > 0
+    steps = [k for k in recipe_run["first_state"] if not k.startswith("_")]
+    assert len(steps) == 3 + 1 + 2 + 8  # 3 conversions, synthesis, 2 trainings, 4 rows x 2 benchmarks
