@@ -437,6 +437,10 @@ class EvaluateConfig:
     """Tokenizer for the schema budget, as given to `t2s convert --tokenizer` (empty = chars/4): same prompts as training."""
     compare: list = field(default_factory=list)
     """Two evaluation output dirs to compare side by side instead of evaluating."""
+    engine_db: str = ""
+    """Also score on 'duckdb' or 'postgres' (databases copied there, SQL transpiled with sqlglot; see otherdb.py)."""
+    engine_db_url: str = ""
+    """postgresql:// URL of a role that may create schemas and roles (for engine_db 'postgres')."""
 
     def __post_init__(self):
         given = [n for n in ("predictions", "model", "endpoint") if getattr(self, n)]
@@ -448,6 +452,9 @@ class EvaluateConfig:
             raise ConfigError("evaluate.samples must be >= 1.")
         if self.limit < 0 or self.num_actors < 0:
             raise ConfigError("evaluate.limit and evaluate.num_actors must be >= 0 (0 = all questions / available CPUs).")
+        _check_choice("evaluate.engine_db", self.engine_db, ("", "duckdb", "postgres"))
+        if self.engine_db == "postgres" and not self.engine_db_url:
+            raise ConfigError("evaluate.engine_db='postgres' needs --engine-db-url postgresql://USER@HOST:PORT/DB.")
         if self.compare and len(self.compare) != 2:
             raise ConfigError("evaluate.compare takes exactly two evaluation output directories.")
         if self.compare and given:
