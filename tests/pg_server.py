@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 ADMIN = "t2s_admin"
 
 
@@ -62,3 +64,13 @@ class PgCluster:
         finally:
             time.sleep(0.1)
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A real PostgreSQL server for the session (import this fixture into a test module)."""
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql; .ci/run does it)")
+    cluster = PgCluster()
+    yield cluster
+    cluster.stop()

@@ -145,17 +145,6 @@ def test_duckdb_load_is_cached_by_source_identity(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def pg():
-    from pg_server import PgCluster, pg_bindir
-
-    if pg_bindir() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql; .ci/run does it)")
-    cluster = PgCluster()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
 def pg_heroes(pg, tmp_path_factory):
     src = make_sqlite(tmp_path_factory.mktemp("pgsrc") / "heroes" / "heroes.sqlite")
     reader = otherdb.ensure_reader(pg.url)

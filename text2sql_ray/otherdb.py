@@ -57,9 +57,11 @@ class TranspileError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def transpile(sql: str, engine: str, columns: set[str] | None = None) -> str:
-    """SQLite SQL -> one statement for 'duckdb' or 'postgres' (identifiers lower-cased and quoted, LIKE -> ILIKE).
+def transpile(sql: str, engine: str, columns: set[str] | None = None, names: dict[str, str] | None = None) -> str:
+    """SQLite SQL -> one statement for 'duckdb' or 'postgres' (identifiers quoted, LIKE -> ILIKE).
 
+    Identifiers are lower-cased (the copies `load_*` make have lower-case names); with `names` (lower case ->
+    the database's real name, for a database we did not make) a known name is spelled as the database does.
     With `columns` (the database's column names, lower case): a quoted, unqualified column reference that
     names no column and no alias of the query becomes a string literal, as SQLite reads ``"English"``.
 
@@ -93,7 +95,7 @@ def transpile(sql: str, engine: str, columns: set[str] | None = None) -> str:
                     and ident.name.lower() not in columns and ident.name.lower() not in aliases):
                 col.replace(exp.Literal.string(ident.name))
     for ident in tree.find_all(exp.Identifier):
-        ident.set("this", ident.name.lower())
+        ident.set("this", (names or {}).get(ident.name.lower(), ident.name.lower()))
         ident.set("quoted", True)
     tree = tree.transform(lambda n: exp.ILike(this=n.this, expression=n.expression) if isinstance(n, exp.Like) else n)
     try:
@@ -425,10 +427,11 @@ class PostgresExecutor:
         import psycopg
 
         if self._con is None or self._con.closed:
-            self._con = psycopg.connect(self.conninfo, autocommit=False)
+            self._con = psycopg.connect(self.conninfo, autocommit=False,
+                                        options="-c default_transaction_read_only=on")
         return self._con
 
-    def execute(self, schema: str, sql: str, timeout_s: float = 30.0, max_rows: int = 1_000_000) -> ExecResult:
+    def execute(self, schema: str | None, sql: str, timeout_s: float = 30.0, max_rows: int = 1_000_000) -> ExecResult:
         import psycopg
         from psycopg import errors
 
@@ -440,8 +443,9 @@ class PostgresExecutor:
         try:
             cur = con.cursor()
             cur.execute("SET TRANSACTION READ ONLY")
-            cur.execute("SELECT set_config('statement_timeout', %s, true), set_config('search_path', %s, true)",
-                        (f"{max(1, int(timeout_s * 1000))}ms", schema))
+            cur.execute("SELECT set_config('statement_timeout', %s, true)", (f"{max(1, int(timeout_s * 1000))}ms",))
+            if schema is not None:
+                cur.execute("SELECT set_config('search_path', %s, true)", (schema,))
             cur.execute(sql)
             if cur.description is None:
                 return ExecResult(False, None, "no SQL statement to run (not a query)", False, time.monotonic() - start)
