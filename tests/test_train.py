@@ -20,7 +20,7 @@ from text2sql_ray.config import ConfigError, TrainConfig
 
 MAX_LENGTH = 192
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
-RUN_FILES = {"manifest.json", "loss_curve.png", "ray_train"}
+RUN_FILES = {"manifest.json", "loss_curve.png", "ray_train", "tensorboard"}
 
 
 def _conversation(q: dict) -> list[dict]:

@@ -292,9 +292,17 @@ class TrainConfig:
     """Checkpoints kept in storage (the newest ones)."""
     max_failures: int = 0
     """Worker-group restarts from the latest checkpoint after a failure before the run gives up."""
+    report_to: str = "tensorboard"
+    """Where rank 0 logs step metrics: comma-separated 'tensorboard' (<out>/tensorboard), 'mlflow', 'wandb', or 'none'."""
 
     def __post_init__(self):
         _check_choice("train.method", self.method, ("lora", "full"))
+        from .tracking import parse_report_to
+
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _check_choice("train.schedule", self.schedule, ("cosine", "constant"))
         _check_choice("train.dtype", self.dtype, ("auto", "bfloat16", "float32"))
         if self.method == "lora" and self.deepspeed:

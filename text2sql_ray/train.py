@@ -31,6 +31,7 @@ from typing import Any
 from . import models
 from .common import atomic_path, log, setup_logging, write_manifest
 from .config import TrainConfig, from_dict, to_dict
+from .tracking import check_report_to, open_logger
 
 IGNORE = -100
 """Label of a token that is not trained on (the ignore_index of cross-entropy)."""
@@ -684,6 +685,7 @@ def train_loop_per_worker(loop: dict) -> None:
     fail_at = int(loop.get("fail_at_step") or 0)
     metrics: dict = {"step": step}
     last_report = time.monotonic()
+    tracker = open_logger(cfg.report_to, loop["metrics_dir"], Path(cfg.out).name, loop["cfg"]) if rank == 0 else None
     model.train()
     while step < total:
         epoch, skip = state["epoch"], state["micro_in_epoch"]
@@ -734,6 +736,8 @@ def train_loop_per_worker(loop: dict) -> None:
                      "label_tokens": int(n_label), "step_time_s": round(dt, 4), "tokens_per_s": round(n_tokens / dt, 1),
                      "grad_norm": grad_norm, "epoch": epoch}
             state["history"].append(entry)
+            if tracker is not None:
+                tracker.log(entry, step)
             state.update(step=step, epoch=epoch, micro_in_epoch=consumed)
             metrics = dict(entry)
             if consumed + cfg.grad_accum > micro_per_epoch:  # the epoch is used up: the next step starts a new one
@@ -752,6 +756,8 @@ def train_loop_per_worker(loop: dict) -> None:
                 raise RuntimeError(f"injected failure after step {step} ({FAIL_ENV})")
         for _ in batches:  # finish the epoch's iterator so the next epoch starts cleanly
             pass
+    if tracker is not None:
+        tracker.close()
     save_checkpoint(True, metrics)
 
 
@@ -884,6 +890,7 @@ def run(cfg: TrainConfig) -> Path:
             f"{storage} holds checkpoints of another run (method={previous.get('method')}, model="
             f"{previous.get('model')!r}); use a new --out (or --storage-path) or delete that folder."
         )
+    check_report_to(cfg.report_to)
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
 
@@ -924,6 +931,7 @@ def run(cfg: TrainConfig) -> Path:
         "cfg": to_dict(cfg), "model_path": model_path, "model_spec": cfg.model, "ds_preset": ds_preset,
         "pad_id": int(pad_id), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0),
+        "metrics_dir": str(out / "tensorboard"),  # rank 0's TensorBoard event files (tracking.py)
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
