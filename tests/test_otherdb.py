@@ -39,6 +39,7 @@ QUERIES = [
     "SELECT T1.id, COUNT(T2.name) FROM Hero AS T1 LEFT JOIN Power AS T2 ON T1.id = T2.hero_id GROUP BY T1.id",
     "SELECT AVG(height), SUM(weight) FROM Hero",
     "SELECT code FROM Hero WHERE id = 2",
+    "SELECT SUBSTR(code, -1), SUBSTR(`Full Name`, -3, 2) FROM Hero WHERE id <= 2",  # from the end in SQLite
 ]
 
 

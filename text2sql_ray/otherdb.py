@@ -17,7 +17,8 @@ mtime; a PostgreSQL copy is one schema per database (named after the db_id, lowe
 holds the same key, so a second run loads nothing.
 
 Transpiling (``transpile``): sqlglot reads SQLite and writes the target dialect, one statement only;
-identifiers are lower-cased and quoted; ``LIKE`` becomes ``ILIKE`` (SQLite's LIKE ignores ASCII case).
+identifiers are lower-cased and quoted; ``LIKE`` becomes ``ILIKE`` (SQLite's LIKE ignores ASCII case);
+for PostgreSQL, ``SUBSTR(x, -k)`` (from the end in SQLite) becomes ``SUBSTR(x, LENGTH(x) + 1 - k)``.
 
 The sandbox: DuckDB files open ``read_only`` with external access (files, URLs, extensions) off and the
 configuration locked; the budget calls ``interrupt()`` on the connection when it runs out. PostgreSQL
@@ -98,10 +99,30 @@ def transpile(sql: str, engine: str, columns: set[str] | None = None, names: dic
         ident.set("this", (names or {}).get(ident.name.lower(), ident.name.lower()))
         ident.set("quoted", True)
     tree = tree.transform(lambda n: exp.ILike(this=n.this, expression=n.expression) if isinstance(n, exp.Like) else n)
+    if engine == "postgres":  # SQLite's SUBSTR(x, -k) counts from the end; PostgreSQL's does not
+        tree = tree.transform(_substr_from_end)
     try:
         return tree.sql(dialect=dialect)
     except SqlglotError as e:
         raise TranspileError(f"sqlglot cannot write it for {engine}: {_first_line(e)}") from None
+
+
+def _substr_from_end(node):
+    """SUBSTR(x, -k [, n]) -> SUBSTR(x, LENGTH(x) + 1 - k [, n]) (a negative literal start only)."""
+    from sqlglot import exp
+
+    if not isinstance(node, exp.Substring):
+        return node
+    start = node.args.get("start")
+    k = None
+    if isinstance(start, exp.Neg) and isinstance(start.this, exp.Literal) and start.this.is_int:
+        k = int(start.this.name)
+    elif isinstance(start, exp.Literal) and start.is_int and int(start.name) < 0:
+        k = -int(start.name)
+    if not k:
+        return node
+    pos = exp.Add(this=exp.Length(this=node.this.copy()), expression=exp.Literal.number(1 - k))
+    return exp.Substring(this=node.this, start=pos, length=node.args.get("length"))
 
 
 def _first_line(e: BaseException) -> str:
