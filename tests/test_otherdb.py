@@ -40,6 +40,7 @@ QUERIES = [
     "SELECT AVG(height), SUM(weight) FROM Hero",
     "SELECT code FROM Hero WHERE id = 2",
     "SELECT SUBSTR(code, -1), SUBSTR(`Full Name`, -3, 2) FROM Hero WHERE id <= 2",  # from the end in SQLite
+    "SELECT COUNT(*) * 100 / 3, 7 / 2.0, -7 / 2 FROM Hero",  # integer division between integers
 ]
 
 

@@ -20,9 +20,9 @@ Transpiling (``transpile``): sqlglot reads SQLite and writes the target dialect,
 identifiers are lower-cased and quoted; ``LIKE`` becomes ``ILIKE`` (SQLite's LIKE ignores ASCII case);
 for PostgreSQL, ``SUBSTR(x, -k)`` (from the end in SQLite) becomes ``SUBSTR(x, LENGTH(x) + 1 - k)``.
 
-The sandbox: DuckDB files open ``read_only`` with external access (files, URLs, extensions) off and the
-configuration locked; the budget calls ``interrupt()`` on the connection when it runs out. PostgreSQL
-queries run as a login role that owns nothing and holds only USAGE on the schemas and SELECT on their
+The sandbox: DuckDB files open ``read_only`` with external access (files, URLs, extensions) off,
+``integer_division`` on (SQLite's ``7 / 2`` is 3) and the configuration locked; the budget calls
+``interrupt()`` on the connection when it runs out. PostgreSQL queries run as a login role that owns nothing and holds only USAGE on the schemas and SELECT on their
 tables, each in a READ ONLY transaction that is rolled back, under ``SET LOCAL statement_timeout`` (the
 server cancels a runaway query itself). Results are compared after ``normalize_rows`` (Decimal -> float,
 floats to 10 significant digits, integral floats -> int, dates -> ISO text), on both sides.
@@ -329,6 +329,7 @@ class DuckDBExecutor:
         c = self._conns.get(path)
         if c is None:
             c = duckdb.connect(path, read_only=True, config={"enable_external_access": False})
+            c.execute("SET integer_division = true")  # SQLite's int / int is integer division (7 / 2 = 3)
             c.execute("SET lock_configuration = true")
             self._conns[path] = c
         return c
