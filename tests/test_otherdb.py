@@ -41,6 +41,8 @@ QUERIES = [
     "SELECT code FROM Hero WHERE id = 2",
     "SELECT SUBSTR(code, -1), SUBSTR(`Full Name`, -3, 2) FROM Hero WHERE id <= 2",  # from the end in SQLite
     "SELECT COUNT(*) * 100 / 3, 7 / 2.0, -7 / 2 FROM Hero",  # integer division between integers
+    # a column neither grouped nor aggregated (SQLite allows it; it becomes MIN(...) elsewhere)
+    "SELECT T1.`Full Name`, COUNT(*) FROM Hero AS T1 JOIN Power AS T2 ON T1.id = T2.hero_id GROUP BY T1.id",
 ]
 
 
@@ -217,9 +219,10 @@ def hero_split(tmp_path) -> Path:
     make_sqlite(root / "dev_databases" / "heroes" / "heroes.sqlite")
     qs = [{"question_id": i, "db_id": "heroes", "question": f"q{i}", "evidence": "", "SQL": sql,
            "difficulty": "simple"} for i, sql in enumerate(QUERIES)]
-    # SQLite accepts a bare column beside GROUP BY; DuckDB and PostgreSQL refuse it: a gold the check must name
+    # SQLite compares the text column with a number (it converts the number); DuckDB and PostgreSQL refuse:
+    # a gold query the check must name
     qs.append({"question_id": 5, "db_id": "heroes", "question": "q5", "evidence": "", "difficulty": "simple",
-               "SQL": "SELECT T1.`Full Name`, COUNT(*) FROM Hero AS T1 JOIN Power AS T2 ON T1.id = T2.hero_id GROUP BY T1.id"})
+               "SQL": "SELECT COUNT(*) FROM Hero WHERE code = 7"})
     qs.append({"question_id": 6, "db_id": "missing_db", "question": "q6", "evidence": "", "SQL": "SELECT 1",
                "difficulty": "simple"})
     (root / "dev.json").write_text(json.dumps(qs))

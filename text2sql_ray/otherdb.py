@@ -18,7 +18,8 @@ holds the same key, so a second run loads nothing.
 
 Transpiling (``transpile``): sqlglot reads SQLite and writes the target dialect, one statement only;
 identifiers are lower-cased and quoted; ``LIKE`` becomes ``ILIKE`` (SQLite's LIKE ignores ASCII case);
-for PostgreSQL, ``SUBSTR(x, -k)`` (from the end in SQLite) becomes ``SUBSTR(x, LENGTH(x) + 1 - k)``.
+for PostgreSQL, ``SUBSTR(x, -k)`` (from the end in SQLite) becomes ``SUBSTR(x, LENGTH(x) + 1 - k)``; a column
+of a grouped query that is neither grouped nor aggregated (SQLite allows it) becomes ``MIN(column)``.
 
 The sandbox: DuckDB files open ``read_only`` with external access (files, URLs, extensions) off,
 ``integer_division`` on (SQLite's ``7 / 2`` is 3) and the configuration locked; the budget calls
@@ -101,10 +102,48 @@ def transpile(sql: str, engine: str, columns: set[str] | None = None, names: dic
     tree = tree.transform(lambda n: exp.ILike(this=n.this, expression=n.expression) if isinstance(n, exp.Like) else n)
     if engine == "postgres":  # SQLite's SUBSTR(x, -k) counts from the end; PostgreSQL's does not
         tree = tree.transform(_substr_from_end)
+    for select in list(tree.find_all(exp.Select)):
+        _bare_columns_to_min(select)
     try:
         return tree.sql(dialect=dialect)
     except SqlglotError as e:
         raise TranspileError(f"sqlglot cannot write it for {engine}: {_first_line(e)}") from None
+
+
+def _bare_columns_to_min(select) -> None:
+    """SQLite lets a grouped query name a column that is neither grouped nor aggregated (`SELECT T1.name ...
+    GROUP BY T1.id`: one of the group's values); DuckDB and PostgreSQL refuse it. Such columns become
+    MIN(column): the same value whenever the column is fixed by the group key, the usual case."""
+    from sqlglot import exp
+
+    group = select.args.get("group")
+    if not group or not group.expressions:
+        return
+    keys = {k.sql() for k in group.expressions}
+    key_names = {(k.table, k.name) for k in group.expressions if isinstance(k, exp.Column)}
+    aliases = {e.alias for e in select.expressions if isinstance(e, exp.Alias)}
+
+    def grouped(col) -> bool:
+        if (col.table, col.name) in key_names or (not col.table and col.name in aliases):
+            return True
+        if any(name == col.name and (not table or not col.table) for table, name in key_names):
+            return True
+        node = col
+        while node is not None and node is not select:  # an enclosing expression that is a group key
+            if node.sql() in keys:
+                return True
+            node = node.parent
+        return False
+
+    parts = list(select.expressions) + [select.args[a] for a in ("having", "order") if select.args.get(a)]
+    for part in parts:
+        for col in list(part.find_all(exp.Column)):
+            owner = col.find_ancestor(exp.AggFunc, exp.Window, exp.Select, exp.Subquery)
+            if owner is not None and owner is not select:
+                continue  # aggregated, windowed or in a subquery of its own
+            if col.find_ancestor(exp.Select) is not select or grouped(col):
+                continue
+            col.replace(exp.Min(this=col.copy()))
 
 
 def _substr_from_end(node):
