@@ -43,6 +43,7 @@ QUERIES = [
     "SELECT COUNT(*) * 100 / 3, 7 / 2.0, -7 / 2 FROM Hero",  # integer division between integers
     # a column neither grouped nor aggregated (SQLite allows it; it becomes MIN(...) elsewhere)
     "SELECT T1.`Full Name`, COUNT(*) FROM Hero AS T1 JOIN Power AS T2 ON T1.id = T2.hero_id GROUP BY T1.id",
+    "SELECT `Full Name`, SUM(height) FROM Hero WHERE id = 2",
 ]
 
 

@@ -19,7 +19,8 @@ holds the same key, so a second run loads nothing.
 Transpiling (``transpile``): sqlglot reads SQLite and writes the target dialect, one statement only;
 identifiers are lower-cased and quoted; ``LIKE`` becomes ``ILIKE`` (SQLite's LIKE ignores ASCII case);
 for PostgreSQL, ``SUBSTR(x, -k)`` (from the end in SQLite) becomes ``SUBSTR(x, LENGTH(x) + 1 - k)``; a column
-of a grouped query that is neither grouped nor aggregated (SQLite allows it) becomes ``MIN(column)``.
+of a grouped or aggregating query that is neither grouped nor aggregated (SQLite allows it) becomes
+``MIN(column)``.
 
 The sandbox: DuckDB files open ``read_only`` with external access (files, URLs, extensions) off,
 ``integer_division`` on (SQLite's ``7 / 2`` is 3) and the configuration locked; the budget calls
@@ -111,16 +112,19 @@ def transpile(sql: str, engine: str, columns: set[str] | None = None, names: dic
 
 
 def _bare_columns_to_min(select) -> None:
-    """SQLite lets a grouped query name a column that is neither grouped nor aggregated (`SELECT T1.name ...
-    GROUP BY T1.id`: one of the group's values); DuckDB and PostgreSQL refuse it. Such columns become
-    MIN(column): the same value whenever the column is fixed by the group key, the usual case."""
+    """SQLite lets a grouped or aggregating query name a column that is neither grouped nor aggregated
+    (`SELECT T1.name ... GROUP BY T1.id`, `SELECT name, SUM(x) FROM t WHERE id = 1`: one of the group's
+    values); DuckDB and PostgreSQL refuse it. Such columns become MIN(column): the same value whenever the
+    column is fixed by the group key (or the filter), the usual case."""
     from sqlglot import exp
 
     group = select.args.get("group")
-    if not group or not group.expressions:
-        return
-    keys = {k.sql() for k in group.expressions}
-    key_names = {(k.table, k.name) for k in group.expressions if isinstance(k, exp.Column)}
+    group_by = list(group.expressions) if group else []
+    if not group_by and not any(a.find_ancestor(exp.Select) is select and not a.find_ancestor(exp.Window)
+                                for e in select.expressions for a in e.find_all(exp.AggFunc)):
+        return  # neither grouped nor aggregated: nothing to do
+    keys = {k.sql() for k in group_by}
+    key_names = {(k.table, k.name) for k in group_by if isinstance(k, exp.Column)}
     aliases = {e.alias for e in select.expressions if isinstance(e, exp.Alias)}
 
     def grouped(col) -> bool:
