@@ -85,3 +85,6 @@ def tiny_llama_dir(tmp_path_factory, smol_dir) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+from pg_server import pg  # noqa: F401  (fixture: a throwaway PostgreSQL server for the session)

@@ -21,7 +21,7 @@ from text2sql_ray.config import ConfigError, TrainConfig
 
 MAX_LENGTH = 192
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
-RUN_FILES = {"manifest.json", "loss_curve.png", "ray_train", "rejected.jsonl", "steps.jsonl"}
+RUN_FILES = {"manifest.json", "loss_curve.png", "ray_train", "rejected.jsonl", "steps.jsonl", "tensorboard"}
 LORA_ARGS = ["--max-steps", "4", "--checkpoint-every", "2", "--max-length", str(MAX_LENGTH), "--packing",
              "--micro-batch-size", "3", "--cpus-per-worker", "0.5", "--lr", "1e-2", "--warmup-ratio", "0",
              "--max-rejected-fraction", "0.9"]

@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "serve": ("text2sql_ray.serve", "OpenAI-compatible API for a model (Ray Serve)"),
     "evaluate": ("text2sql_ray.evaluate", "BIRD execution accuracy on parallel SQLite actors"),
     "pipeline": ("text2sql_ray.pipeline", "every stage in order under one run directory"),
+    "ask": ("text2sql_ray.ask", "a question about your SQLite/DuckDB/PostgreSQL database: SQL and first rows"),
 }
 
 
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bird import download_main
 
         return download_main(rest)
+    if stage == "ask":  # not a stage: one question, its own flags (`t2s ask --help`)
+        from .ask import main as ask_main
+
+        return ask_main(rest)
     cmds = available()
     if stage not in cmds:
         print(f"t2s: unknown stage {stage!r}.\n\n{_usage()}", file=sys.stderr)

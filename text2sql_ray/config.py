@@ -337,10 +337,18 @@ class TrainConfig:
     """Checkpoints kept in storage (the newest ones)."""
     max_failures: int = 0
     """Worker-group restarts from the latest checkpoint after a failure before the run gives up."""
+    report_to: str = "tensorboard"
+    """Where rank 0 logs step metrics: comma-separated 'tensorboard' (<out>/tensorboard), 'mlflow', 'wandb', or 'none'."""
 
     def __post_init__(self):
         _check_finite(self, "train")
         _check_choice("train.method", self.method, ("lora", "full"))
+        from .tracking import parse_report_to
+
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _check_choice("train.schedule", self.schedule, ("cosine", "constant"))
         _check_choice("train.dtype", self.dtype, ("auto", "bfloat16", "float32"))
         if self.method == "lora" and self.deepspeed:
@@ -504,6 +512,10 @@ class EvaluateConfig:
     """Tokenizer for the schema budget, as given to `t2s convert --tokenizer` (empty = chars/4); a train output's recorded one by default."""
     compare: list = field(default_factory=list)
     """Two evaluation output dirs to compare side by side instead of evaluating."""
+    engine_db: str = ""
+    """Also score on 'duckdb' or 'postgres' (databases copied there, SQL transpiled with sqlglot; see otherdb.py)."""
+    engine_db_url: str = ""
+    """postgresql:// URL of a role that may create schemas and roles (for engine_db 'postgres')."""
 
     def __post_init__(self):
         _check_finite(self, "evaluate")
@@ -516,6 +528,9 @@ class EvaluateConfig:
             raise ConfigError("evaluate.samples must be >= 1.")
         if self.limit < 0 or self.num_actors < 0:
             raise ConfigError("evaluate.limit and evaluate.num_actors must be >= 0 (0 = all questions / available CPUs).")
+        _check_choice("evaluate.engine_db", self.engine_db, ("", "duckdb", "postgres"))
+        if self.engine_db == "postgres" and not self.engine_db_url:
+            raise ConfigError("evaluate.engine_db='postgres' needs --engine-db-url postgresql://USER@HOST:PORT/DB.")
         if self.compare and len(self.compare) != 2:
             raise ConfigError("evaluate.compare takes exactly two evaluation output directories.")
         if self.compare and given:

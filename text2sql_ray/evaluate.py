@@ -277,6 +277,10 @@ def score(
             "total": round(time.time() - t_start, 3),
         },
     )
+    if cfg.engine_db:  # the same predictions and gold SQL on DuckDB / PostgreSQL (otherdb.py)
+        from .otherdb import score_on_engine
+
+        report["engine_db"] = score_on_engine(split, questions, sql_by_qid, cfg, out_dir)
     write_jsonl(out_dir / "results.jsonl", rows)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", report_markdown(report))

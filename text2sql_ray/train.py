@@ -48,6 +48,7 @@ from typing import Any
 from . import models
 from .common import atomic_path, log, read_manifest, setup_logging, write_jsonl, write_manifest
 from .config import PromptConfig, TrainConfig, check_schema_budget, from_dict, to_dict
+from .tracking import check_report_to, open_logger
 
 IGNORE = -100
 """Label of a token that is not trained on (the ignore_index of cross-entropy)."""
@@ -809,6 +810,7 @@ def train_loop_per_worker(loop: dict) -> None:
     fail_at = int(loop.get("fail_at_step") or 0)
     metrics: dict = {"step": step}
     last_report = time.monotonic()
+    tracker = open_logger(cfg.report_to, loop["metrics_dir"], Path(cfg.out).name, loop["cfg"]) if rank == 0 else None
     model.train()
     while step < total:
         t0 = time.perf_counter()
@@ -857,6 +859,8 @@ def train_loop_per_worker(loop: dict) -> None:
         state["history"].append(entry)
         state.update(step=step, epoch=epoch)
         metrics = {k: v for k, v in entry.items() if k != "example_ids"}
+        if tracker is not None:
+            tracker.log(metrics, step)
         if rank == 0 and (step % cfg.log_every == 0 or step == total):
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s %.3fs/step", step, total, entry["loss"], lr,
                      entry["tokens_per_s"], dt)
@@ -869,6 +873,8 @@ def train_loop_per_worker(loop: dict) -> None:
             last_report = time.monotonic()
         if fail_at and step == fail_at and not state["resumed_from"]:
             raise RuntimeError(f"injected failure after step {step} ({FAIL_ENV})")
+    if tracker is not None:
+        tracker.close()
     save_checkpoint(True, metrics)
 
 
@@ -1038,6 +1044,7 @@ def run(cfg: TrainConfig) -> Path:
             f"{storage} holds checkpoints of another run (method={previous.get('method')}, model="
             f"{previous.get('model')!r}); use a new --out (or --storage-path) or delete that folder."
         )
+    check_report_to(cfg.report_to)
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
 
@@ -1102,6 +1109,7 @@ def run(cfg: TrainConfig) -> Path:
         "cfg": to_dict(cfg), "model_path": model_path, "model_spec": cfg.model, "ds_preset": ds_preset,
         "pad_id": int(pad_id), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0), "data": data_ref,
+        "metrics_dir": str(out / "tensorboard"),  # rank 0's TensorBoard event files (tracking.py)
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
