@@ -8,6 +8,7 @@ set -uo pipefail
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/t2s_out}
 mkdir -p "$OUT" /tmp/runs
+cd "$SRC" || exit 1  # the checkout to test: python -m puts the working dir first on sys.path
 B=/tmp/bundle
 MODEL=${MODEL:-$B/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf}
 DEV=$B/bird_dev
