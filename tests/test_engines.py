@@ -4,6 +4,9 @@ local HTTP server, and the vllm backend's config, pre/postprocessing and GPU gua
 vLLM cannot exist here (it is not installed and there is no GPU), so the vllm tests build the real
 `ray.data.llm` processor config and processor without running them, and stand in for the vLLM
 engine stage with a Ray Data map that produces the engine's output columns (a mock, for that reason).
+The prompt token ids the engine would get are real: our tokenization stage runs on the real
+tokenizers, and is compared with training's ids and with Ray's own (real) template + tokenize stages.
+tests/test_vllm_gpu.py (`pytest -m gpu`) runs the real engine.
 """
 
 from __future__ import annotations
@@ -23,17 +26,21 @@ from text2sql_ray.engines import (
     GenerationError,
     HFGenerator,
     OpenAIGenerator,
+    VLLMPromptTokens,
     _repeat_generations,
     _vllm_pipeline,
     build_vllm_processor,
+    chat_prompt,
     generate,
     generate_messages,
     normalize_messages,
+    prompt_token_ids,
     sample_seed,
     split_total,
     vllm_finish_row,
     vllm_preprocess_row,
     vllm_processor_kwargs,
+    vllm_prompt_tokens,
 )
 
 
@@ -358,11 +365,15 @@ def test_vllm_processor_config_carries_parallelism_batching_and_error_tolerance(
 
     kwargs = vllm_processor_kwargs(vllm_cfg(accelerator_type="H100"))
     assert kwargs["model_source"] == "meta-llama/Llama-3.3-70B-Instruct"
-    assert kwargs["engine_kwargs"] == {"tensor_parallel_size": 8, "max_model_len": 16384, "dtype": "auto"}
+    # dtype 'auto' is bf16 on a GPU, as for the hf engine
+    assert kwargs["engine_kwargs"] == {"tensor_parallel_size": 8, "max_model_len": 16384, "dtype": "bfloat16"}
     assert (kwargs["concurrency"], kwargs["batch_size"], kwargs["should_continue_on_error"]) == (2, 64, True)
+    # our token ids reach the engine: Ray's chat-template and tokenize stages are off
+    assert (kwargs["chat_template_stage"], kwargs["tokenize_stage"], kwargs["detokenize_stage"]) == (False, False, True)
     config = vLLMEngineProcessorConfig(**kwargs)
     assert config.engine_kwargs["tensor_parallel_size"] == 8 and config.accelerator_type == "H100"
     assert config.get_concurrency() == {"min_size": 1, "max_size": 2} and config.batch_size == 64
+    assert vllm_processor_kwargs(vllm_cfg(dtype="float16"))["engine_kwargs"]["dtype"] == "float16"
 
 
 def test_vllm_lora_adapter_becomes_base_model_plus_per_row_model(tmp_path, tiny_llama_dir):
@@ -375,15 +386,18 @@ def test_vllm_lora_adapter_becomes_base_model_plus_per_row_model(tmp_path, tiny_
     kwargs = vllm_processor_kwargs(cfg)
     assert kwargs["model_source"] == str(tiny_llama_dir)
     assert kwargs["engine_kwargs"]["enable_lora"] is True and kwargs["engine_kwargs"]["max_lora_rank"] == 16
-    row = vllm_preprocess_row({"question_id": 1, "messages": chat("q")}, cfg, lora=str(tmp_path))
-    assert row["model"] == str(tmp_path)
+    row = vllm_preprocess_row({"question_id": 1, "messages": chat("q"), "__t2s_prompt_ids": [5, 6]}, cfg,
+                              lora=str(tmp_path))
+    assert row["model"] == str(tmp_path) and row["tokenized_prompt"] == [5, 6]
 
 
-def test_vllm_preprocess_sets_per_row_sampling_params_and_keeps_the_row():
+def test_vllm_preprocess_sets_token_ids_per_row_sampling_params_and_keeps_the_row():
     cfg = vllm_cfg(seed=3)
     src = {"question_id": 7, "messages": chat("q"), "db_id": "x"}
-    row = vllm_preprocess_row({**src, "__t2s_sample": 2, "__t2s_uid": "u"}, cfg)
-    assert row["messages"] == chat("q") and row["__t2s_row"] == src and row["__t2s_input_error"] == ""
+    tokens = {"__t2s_prompt_ids": [11, 12, 13], "__t2s_input_error": ""}
+    row = vllm_preprocess_row({**src, **tokens, "__t2s_sample": 2, "__t2s_uid": "u"}, cfg)
+    assert row["tokenized_prompt"] == [11, 12, 13] and "messages" not in row and "prompt" not in row
+    assert row["__t2s_row"] == src and row["__t2s_input_error"] == ""
     assert row["sampling_params"] == {
         "n": 1,
         "temperature": 0.8,
@@ -392,8 +406,13 @@ def test_vllm_preprocess_sets_per_row_sampling_params_and_keeps_the_row():
         "seed": sample_seed(3, "7", 2),
         "detokenize": False,
     }
-    bad = vllm_preprocess_row({"question_id": 8, "messages": []}, cfg)
-    assert "non-empty list" in bad["__t2s_input_error"] and bad["sampling_params"]["max_tokens"] == 1
+    bad = vllm_preprocess_row(
+        {"question_id": 8, "messages": [], "__t2s_prompt_ids": [], "__t2s_input_error": "ValueError: empty"}, cfg
+    )
+    assert bad["__t2s_input_error"] == "ValueError: empty" and bad["sampling_params"]["max_tokens"] == 1
+    assert bad["tokenized_prompt"] == [0]  # a one-token placeholder: the row still comes back
+    untokenized = vllm_preprocess_row({"question_id": 9, "messages": chat("q")}, cfg)
+    assert "VLLMPromptTokens" in untokenized["__t2s_input_error"]
     ok = vllm_finish_row({**row, "generated_text": "SELECT 1", "num_generated_tokens": 3}, n=1)
     assert ok == {**src, "generations": ["SELECT 1"], "gen_tokens": [3], "gen_error": ""}
     assert _repeat_generations(ok, n=2)["generations"] == ["SELECT 1", "SELECT 1"]
@@ -405,7 +424,7 @@ def test_vllm_preprocess_sets_per_row_sampling_params_and_keeps_the_row():
         "messages": [],
         "generations": [],
         "gen_tokens": [],
-        "gen_error": bad["__t2s_input_error"],
+        "gen_error": "ValueError: empty",
     }
 
 
@@ -421,21 +440,95 @@ def test_vllm_processor_builds_with_our_stages_and_settings(ray_local, tiny_llam
     proc = build_vllm_processor(
         vllm_cfg(model=str(tiny_llama_dir), tensor_parallel_size=1), n=2, require_gpu=False
     )
-    assert proc.list_stage_names() == [
-        "ChatTemplateStage",
-        "TokenizeStage",
-        "vLLMEngineStage",
-        "DetokenizeStage",
-    ]
+    assert proc.list_stage_names() == ["vLLMEngineStage", "DetokenizeStage"]
     engine = proc.get_stage_by_name("vLLMEngineStage")
     assert engine.fn_constructor_kwargs["engine_kwargs"]["tensor_parallel_size"] == 1
     assert engine.fn_constructor_kwargs["should_continue_on_error"] is True
     assert engine.fn_constructor_kwargs["batch_size"] == 64
 
 
+# --------------------------------------------------------------------------------------------------
+# One BOS: the ids vLLM gets are the ids training and the hf engine use (issue 10, item 9)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama3_tok_dir(tmp_path_factory, smol_dir):
+    from chat_tokenizers import llama3_style_tokenizer
+
+    out = tmp_path_factory.mktemp("llama3_style_tok")
+    llama3_style_tokenizer(smol_dir, out)
+    return out
+
+
+def ray_stage_ids(model_dir, messages) -> list[int]:
+    """The ids Ray 2.60's own ray.data.llm stages would send vLLM: its real ChatTemplateUDF + TokenizeUDF."""
+    from ray.llm._internal.batch.stages.chat_template_stage import ChatTemplateUDF
+    from ray.llm._internal.batch.stages.tokenize_stage import TokenizeUDF
+
+    async def run():
+        template = ChatTemplateUDF("__data", ["messages"], model=str(model_dir))
+        (templated,) = [r async for r in template.udf([{"messages": messages, "__idx_in_batch": 0}])]
+        tokenize = TokenizeUDF("__data", ["prompt"], model=str(model_dir))
+        (tokenized,) = [r async for r in tokenize.udf([{"prompt": templated["prompt"], "__idx_in_batch": 0}])]
+        return tokenized["tokenized_prompt"]
+
+    return list(asyncio.run(run()))
+
+
+@pytest.mark.parametrize("template", ["llama3", "chatml"])
+def test_vllm_prompt_ids_equal_training_and_hf_ids_with_one_bos(template, llama3_tok_dir, smol_dir):
+    from transformers import AutoTokenizer
+
+    from text2sql_ray.train import IGNORE, tokenize_conversation
+
+    model_dir = llama3_tok_dir if template == "llama3" else smol_dir
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    msgs = chat("How many members joined in 2019?")
+    ours, error = VLLMPromptTokens(str(model_dir)).ids(msgs)
+    assert error == "" and ours == prompt_token_ids(tok, msgs)
+
+    # training: the ids before the answer, unlabelled, are exactly ours
+    answer = {"role": "assistant", "content": "SELECT COUNT(*) FROM member"}
+    trained = tokenize_conversation([*msgs, answer], tok, max_length=4096)
+    assert trained.input_ids[: len(ours)] == ours
+    assert set(trained.labels[: len(ours)]) == {IGNORE} and trained.labels[len(ours)] != IGNORE
+
+    # the hf engine's batch encoding (left padding removed) is the same ids
+    hf = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    hf.pad_token = hf.pad_token or hf.eos_token
+    enc = hf([chat_prompt(hf, msgs), chat_prompt(hf, chat("x"))], add_special_tokens=False, padding=True)
+    row0 = [t for t, m in zip(enc["input_ids"][0], enc["attention_mask"][0]) if m]
+    assert row0 == ours
+
+    ray_ids = ray_stage_ids(model_dir, msgs)
+    if template == "llama3":
+        bos = tok.bos_token_id
+        assert ours.count(bos) == 1 and ours[0] == bos
+        assert ray_ids == [bos, *ours]  # what Ray's own stages would send: a second BOS in front
+    else:
+        assert ray_ids == ours  # ChatML adds no BOS: both paths agree
+
+
+def test_vllm_prompt_tokens_stage_on_ray_data_records_bad_rows(ray_local, llama3_tok_dir):
+    tok_ids = VLLMPromptTokens(str(llama3_tok_dir))
+    ds = ray_local.data.from_items(ROWS, override_num_blocks=2)
+    out = by_qid(vllm_prompt_tokens(ds, vllm_cfg(model=str(llama3_tok_dir))).take_all())
+    assert sorted(out) == [r["question_id"] for r in ROWS]
+    for r in ROWS:
+        row = out[r["question_id"]]
+        if r["question_id"] == BROKEN:
+            assert "no text content" in row["__t2s_input_error"] and list(row["__t2s_prompt_ids"]) == []
+        else:
+            assert row["__t2s_input_error"] == ""
+            assert list(row["__t2s_prompt_ids"]) == tok_ids.ids(r["messages"])[0]
+            assert row["db_id"] == r["db_id"]
+
+
 def fake_vllm_processor(ds):
     """Stands in for the vLLM processor (vLLM cannot run here): runs our preprocess, answers like the
-    engine (generated_text/num_generated_tokens), and fails one row as should_continue_on_error does."""
+    engine (generated_text/num_generated_tokens), and fails one row as should_continue_on_error does.
+    Its text names the prompt's length and first id, so tests see which ids the engine got."""
     from functools import partial
 
     cfg = vllm_cfg()
@@ -443,11 +536,11 @@ def fake_vllm_processor(ds):
     def engine(row):
         if row["__t2s_row"]["question_id"] == 3 and row["__t2s_sample"] == 1:
             return {**row, "__inference_error__": "CUDA out of memory", "generated_text": ""}
-        p = row["sampling_params"]
-        text = f"{row['messages'][-1]['content']}|seed={p['seed']}"
+        p, ids = row["sampling_params"], list(row["tokenized_prompt"])
+        text = f"{len(ids)}:{ids[0]}|seed={p['seed']}"
         return {
             **row,
-            "prompt": "templated",
+            "prompt": "",
             "generated_text": text,
             "num_generated_tokens": 4,
             "__inference_error__": "",
@@ -456,14 +549,16 @@ def fake_vllm_processor(ds):
     return ds.map(partial(vllm_preprocess_row, cfg=cfg)).map(engine)
 
 
-def test_vllm_pipeline_expands_samples_and_regroups_rows(ray_local):
+def test_vllm_pipeline_expands_samples_and_regroups_rows(ray_local, llama3_tok_dir):
     ds = ray_local.data.from_items(ROWS, override_num_blocks=2)
+    ds = vllm_prompt_tokens(ds, vllm_cfg(model=str(llama3_tok_dir)))
     out = by_qid(_vllm_pipeline(ds, fake_vllm_processor, n=2, num_partitions=2).take_all())
     assert len(out) == len(ROWS)
     row0 = out[0]
     assert set(row0) == {"question_id", "db_id", "messages", *OUTPUT_COLUMNS}
     seeds = [sample_seed(0, "0", j) for j in range(2)]
-    assert list(row0["generations"]) == [f"How many heroes?|seed={s}" for s in seeds]
+    ids = VLLMPromptTokens(str(llama3_tok_dir)).ids(ROWS[0]["messages"])[0]
+    assert list(row0["generations"]) == [f"{len(ids)}:{ids[0]}|seed={s}" for s in seeds]
     assert list(row0["gen_tokens"]) == [4, 4] and row0["gen_error"] == ""
     assert "no text content" in out[BROKEN]["gen_error"] and list(out[BROKEN]["generations"]) == []
     assert out[3]["gen_error"] == "CUDA out of memory" and len(out[3]["generations"]) == 1

@@ -16,11 +16,13 @@ Backends:
   `cfg.num_gpus` each), left-padded batches of `cfg.batch_size` prompts.
 - 'openai': any OpenAI-compatible endpoint, `cfg.concurrency` requests in flight, retries, timeouts.
 - 'vllm': `ray.data.llm` (`vLLMEngineProcessorConfig` + `build_processor`), GPU only; vllm itself is
-  imported by Ray's engine actors, never by this module.
+  imported by Ray's engine actors, never by this module. The engine gets our prompt token ids
+  (`prompt_token_ids`), not Ray's chat-template + tokenize stages.
 
 All three share the row logic: `normalize_messages` (the input check: a bad row becomes a `gen_error`,
-never a crash), `sample_seed` (per-sample seeds) and `Generation` (the per-row outcome). Prompts are
-built upstream; engines do not parse SQL.
+never a crash), `sample_seed` (per-sample seeds) and `Generation` (the per-row outcome); 'hf' and
+'vllm' share `chat_prompt` / `prompt_token_ids` (the ids training uses: one BOS, whatever the
+template). Prompts are built upstream; engines do not parse SQL.
 
 Seeds: sample j of a row uses `sample_seed(cfg.seed, key, j)`, where key is the row's `key_column`
 value (or, if the column is absent, the row's messages). 'hf' samples every sequence from its own
@@ -109,6 +111,23 @@ def split_total(total: int, k: int) -> list[int]:
         return []
     base, extra = divmod(int(total), k)
     return [base + (1 if i < extra else 0) for i in range(k)]
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat-templated text a generation continues (the template's generation prompt included)."""
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids every engine feeds the model for a chat: `chat_prompt` tokenized with add_special_tokens=False.
+
+    The chat template already writes the special tokens it wants (Llama 3's `<|begin_of_text|>`), so
+    tokenizing its text with add_special_tokens=True would add a second BOS. These are the ids
+    `train.tokenize_conversation` puts before an answer, the ids the hf engine generates from, and the
+    ids the vllm backend sends (`tokenized_prompt`; Ray 2.60's own ray.data.llm TokenizeStage calls
+    the tokenizer with its default add_special_tokens=True, so it is switched off).
+    """
+    return list(tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
 
 def _error_text(e: BaseException) -> str:
@@ -243,6 +262,7 @@ class HFGenerator:
         greedy = self.cfg.temperature == 0
         reps = 1 if greedy else n
         texts = [p for p in prompts for _ in range(reps)]
+        # add_special_tokens=False: the ids of `prompt_token_ids` (left padding aside).
         enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
             self.device
         )
@@ -274,8 +294,7 @@ class HFGenerator:
         for i, (messages, key) in enumerate(zip(messages_list, keys)):
             try:
                 msgs = normalize_messages(messages)
-                prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-                todo.append((i, prompt, row_key(key, msgs)))
+                todo.append((i, chat_prompt(self.tokenizer, msgs), row_key(key, msgs)))
             except Exception as e:  # noqa: BLE001  (a bad row is recorded, never fatal)
                 results[i] = Generation(error=_error_text(e))
         bs = self.cfg.batch_size
@@ -452,6 +471,10 @@ class OpenAIGenerator:
 # --------------------------------------------------------------------------------------------------
 # Ray 2.60's vLLMEngineStage keeps only outputs[0] of each request, so n samples are n rows: each
 # input row is expanded into n sample rows (own seed each) before the processor and regrouped after.
+# Prompt token ids are ours: `VLLMPromptTokens` (a Ray Data callable class, once per input row, before
+# the expansion) builds them with `prompt_token_ids`, and the processor runs with its chat-template and
+# tokenize stages off, so vLLM sees exactly the ids training and the hf engine use (Ray's TokenizeStage
+# would tokenize the templated text with add_special_tokens=True: two BOS for Llama 3).
 # should_continue_on_error=True turns an engine failure into that row's `__inference_error__`; error
 # rows bypass the processor's postprocess, so the processor's postprocess is the identity and one
 # `_vllm_finish_row` map afterwards handles both kinds of rows. The input row travels packed in one
@@ -459,6 +482,7 @@ class OpenAIGenerator:
 # column named "messages") come back untouched.
 
 _ROW, _UID, _SAMPLE, _INPUT_ERROR = "__t2s_row", "__t2s_uid", "__t2s_sample", "__t2s_input_error"
+_PROMPT_IDS = "__t2s_prompt_ids"
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -474,7 +498,8 @@ def vllm_processor_kwargs(cfg: EngineConfig) -> dict:
     engine_kwargs: dict[str, Any] = {
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "max_model_len": cfg.max_model_len,
-        "dtype": cfg.dtype,
+        # 'auto' is bf16 on a GPU, as for the hf engine (vLLM's own 'auto' keeps an fp16 config's fp16).
+        "dtype": "bfloat16" if cfg.dtype == "auto" else cfg.dtype,
     }
     if is_adapter_dir(source):
         adapter = json.loads((Path(source) / "adapter_config.json").read_text())
@@ -492,6 +517,10 @@ def vllm_processor_kwargs(cfg: EngineConfig) -> dict:
         "concurrency": cfg.concurrency,
         "batch_size": cfg.batch_size,
         "should_continue_on_error": True,
+        # Rows arrive with `tokenized_prompt` (VLLMPromptTokens); the text comes from the detokenize stage.
+        "chat_template_stage": False,
+        "tokenize_stage": False,
+        "detokenize_stage": True,
     }
     if cfg.accelerator_type:
         kwargs["accelerator_type"] = cfg.accelerator_type
@@ -517,32 +546,65 @@ def vllm_sampling_params(cfg: EngineConfig, seed: int, max_tokens: int | None = 
     }
 
 
+class VLLMPromptTokens:
+    """Ray Data callable class (batch_format="pyarrow") run before the vLLM processor: adds each row's
+    prompt token ids (`prompt_token_ids` with the model's tokenizer) and its input error ("" if usable).
+
+    A row whose messages are unusable gets no ids and the error; it still goes through the engine (a
+    one-token placeholder, see `vllm_preprocess_row`) and comes back with `gen_error`.
+    """
+
+    def __init__(self, model: str, messages_column: str = "messages"):
+        from .models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model)
+        self.messages_column = messages_column
+
+    def ids(self, messages: Any) -> tuple[list[int], str]:
+        try:
+            return prompt_token_ids(self.tokenizer, normalize_messages(messages)), ""
+        except Exception as e:  # noqa: BLE001  (a bad row is recorded, never fatal)
+            return [], _error_text(e)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        messages, _ = _table_inputs(batch, self.messages_column, None)
+        ids, errors = zip(*(self.ids(m) for m in messages)) if messages else ((), ())
+        for name in (_PROMPT_IDS, _INPUT_ERROR):
+            if name in batch.column_names:
+                batch = batch.drop_columns([name])
+        batch = batch.append_column(_PROMPT_IDS, pa.array(list(ids), type=pa.list_(pa.int64())))
+        return batch.append_column(_INPUT_ERROR, pa.array(list(errors), type=pa.string()))
+
+
 def vllm_preprocess_row(
     row: dict,
     cfg: EngineConfig,
-    messages_column: str = "messages",
     key_column: str | None = "question_id",
     lora: str | None = None,
+    messages_column: str = "messages",
 ) -> dict:
-    """Input row -> processor row: the packed original row, `messages`, `sampling_params` (pure).
+    """Row with prompt ids (from `VLLMPromptTokens`) -> processor row: the packed original row,
+    `tokenized_prompt`, `sampling_params` (pure).
 
-    A row whose messages are unusable still goes through (a one-token placeholder chat), marked with
-    its error, so the row comes back with `gen_error` instead of failing the chat-template stage.
+    An unusable row (its input error set, or no ids) is sent as a one-token placeholder prompt with
+    max_tokens=1 and keeps its error, so it comes back with `gen_error` instead of failing the batch.
     """
     row = dict(row)
     uid, j = row.pop(_UID, None), int(row.pop(_SAMPLE, 0))
-    raw = row.get(messages_column)
-    try:
-        msgs, error = normalize_messages(raw), ""
-    except ValueError as e:
-        msgs, error = [{"role": "user", "content": "."}], _error_text(e)
-    key = row_key(row.get(key_column) if key_column else None, raw)
+    ids = row.pop(_PROMPT_IDS, None)
+    error = row.pop(_INPUT_ERROR, "") or ""
+    ids = [] if ids is None else [int(t) for t in ids]
+    if not ids and not error:
+        error = "no prompt token ids: run the rows through VLLMPromptTokens before the vLLM processor"
+    key = row_key(row.get(key_column) if key_column else None, row.get(messages_column))
     out = {
         _ROW: row,
         _UID: uid or "",
         _SAMPLE: j,
         _INPUT_ERROR: error,
-        "messages": msgs,
+        "tokenized_prompt": [0] if error else ids,
         "sampling_params": vllm_sampling_params(
             cfg, sample_seed(cfg.seed, key, j), max_tokens=1 if error else None
         ),
@@ -630,8 +692,9 @@ def build_vllm_processor(
 ):
     """The `ray.data.llm` processor for this config (vllm is imported by its engine actors, not here).
 
-    Processor input rows are the output of `vllm_preprocess_row`'s caller, i.e. the user's rows (or
-    their per-sample expansion); its output rows still need `vllm_finish_row` (see `_generate_vllm`).
+    Its input rows are the user's rows after `vllm_prompt_tokens` (or their per-sample expansion); its
+    preprocess is `vllm_preprocess_row`, and its output rows still need `vllm_finish_row` (see
+    `_vllm_pipeline`).
     """
     from .common import ensure_ray
 
@@ -647,15 +710,31 @@ def build_vllm_processor(
     preprocess = partial(
         vllm_preprocess_row,
         cfg=cfg,
-        messages_column=messages_column,
         key_column=key_column,
         lora=vllm_lora_model(cfg),
+        messages_column=messages_column,
     )
     return build_processor(config, preprocess=preprocess, postprocess=None)
 
 
+def vllm_prompt_tokens(ds, cfg: EngineConfig, messages_column: str = "messages"):
+    """`ds` with the prompt-id columns `vllm_preprocess_row` reads (a CPU actor pool of `VLLMPromptTokens`)."""
+    import ray
+
+    return ds.map_batches(
+        VLLMPromptTokens,
+        fn_constructor_kwargs={"model": cfg.model, "messages_column": messages_column},
+        batch_size=max(cfg.batch_size, 64),
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.concurrency)),
+        num_cpus=min(cfg.num_cpus, 1.0),
+        udf_modifying_row_count=False,
+    )
+
+
 def _vllm_pipeline(ds, processor, n: int, num_partitions: int | None = None):
-    """Expand to samples, run `processor` (Dataset -> Dataset), finish and regroup rows.
+    """Expand rows (already holding prompt ids) to samples, run `processor` (Dataset -> Dataset),
+    finish and regroup rows.
 
     `num_partitions` is the regrouping shuffle's width (None: Ray's default, DataContext.min_parallelism).
     """
@@ -733,10 +812,11 @@ def generate(
             udf_modifying_row_count=False,
         )
     if cfg.backend == "vllm":
+        processor = build_vllm_processor(cfg, n, messages_column, key_column)
+        ds = vllm_prompt_tokens(ds, cfg, messages_column)
         if cfg.temperature == 0 and n > 1:  # greedy: one sequence per row, repeated
-            ds = _vllm_pipeline(ds, build_vllm_processor(cfg, 1, messages_column, key_column), 1)
-            return ds.map(partial(_repeat_generations, n=n))
-        return _vllm_pipeline(ds, build_vllm_processor(cfg, n, messages_column, key_column), n)
+            return _vllm_pipeline(ds, processor, 1).map(partial(_repeat_generations, n=n))
+        return _vllm_pipeline(ds, processor, n)
     raise ValueError(f"engine.backend={cfg.backend!r} is not one of 'hf', 'vllm', 'openai'.")
 
 

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The vLLM runs of benchmarks/README.md on a bare GPU machine (no registry; Python 3.12, torch 2.11 cu130).
+#   bash benchmarks/gpu/h200.sh STEP...      STEP: setup gputest eval speed synth serve
+# Expects /tmp/carry/bundle.tar.NN (benchmarks/gpu/make_bundle.sh: the wheels of wheels-vllm-0.26.0-cp312.txt,
+# the Qwen2.5-Coder-0.5B-Instruct GGUF, BIRD dev), moved there beforehand in chunks. Each step logs to
+# $OUT/<step>.log and keeps going when another step failed; run outputs are tarred into $OUT/runs.tgz.
+set -uo pipefail
+SRC=$(cd "$(dirname "$0")/../.." && pwd)
+OUT=${OUT:-/tmp/t2s_out}
+mkdir -p "$OUT" /tmp/runs
+cd "$SRC" || exit 1  # the checkout to test: python -m puts the working dir first on sys.path
+B=/tmp/bundle
+MODEL=${MODEL:-$B/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf}
+DEV=$B/bird_dev
+export T2S_CACHE=/tmp/t2s_cache HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 RAY_DATA_DISABLE_PROGRESS_BARS=1 VLLM_NO_USAGE_STATS=1 RAY_USAGE_STATS_ENABLED=0
+# flashinfer is not carried (see wheels-vllm-0.26.0-cp312.txt): vLLM samples top-p with its PyTorch/Triton path.
+export VLLM_USE_FLASHINFER_SAMPLER=0
+export PYTHONPATH=/tmp/site:$SRC PATH=/tmp/site/bin:$PATH
+t2s() { python3 -m text2sql_ray "$@"; }
+
+step_setup() {
+  if [ ! -f /tmp/site/.t2s_ok ]; then
+    cat /tmp/carry/bundle.tar.?? | tar -xf - -C /tmp || return 1
+    (cd $B && sha256sum -c --quiet SHA256SUMS) || return 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl || return 1
+    touch /tmp/site/.t2s_ok
+  fi
+  python3 - <<'EOF'
+import importlib.metadata as md, torch, vllm, ray
+print("vllm", vllm.__version__, "ray", ray.__version__, "torch", torch.__version__, torch.cuda.get_device_name(0))
+print("transformers", md.version("transformers"), "openai", md.version("openai"), "xgrammar", md.version("xgrammar"))
+EOF
+  t2s --help > /dev/null && echo "t2s imports"
+}
+
+step_gputest() {
+  T2S_GPU_TEST_MODEL=$MODEL python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" "$SRC/tests/test_vllm_gpu.py"
+}
+
+# Greedy EX of the same model with both engines on the 432 executable BIRD dev questions (rich prompt,
+# no CoT, 256 new tokens: the setting of shared/device/README.md's 15.97), then the per-question diff.
+step_eval() {
+  local common=(evaluate --data "$DEV" --model "$MODEL" --prompt.cot false --engine.max_new_tokens 256
+                --engine.max_model_len 8192 --engine.batch_size 64)
+  t2s "${common[@]}" --engine.backend vllm --out /tmp/runs/eval_vllm_05b
+  t2s "${common[@]}" --engine.backend hf --engine.num_gpus 1 --out /tmp/runs/eval_hf_05b
+  t2s evaluate --compare /tmp/runs/eval_hf_05b /tmp/runs/eval_vllm_05b --out /tmp/runs/compare_hf_vllm_05b
+}
+
+step_speed() {
+  python3 "$SRC/benchmarks/generate_speed.py" --model "$MODEL" --data "$DEV" --limit "${SPEED_LIMIT:-128}" \
+    --samples "${SPEED_K:-8}" --max-new-tokens 512 --hf-batch-size "${SPEED_HF_BATCH:-32}" \
+    --vllm-batch-size 128 --json /tmp/runs/generate_speed.json
+}
+
+# Teacher synthesis with vLLM: k=4 blind CoT samples per question, each executed against its database.
+step_synth() {
+  t2s synthesize --data "$DEV" --db-ids student_club,superhero,toxicology --samples 4 \
+    --engine.backend vllm --engine.model "$MODEL" \
+    --engine.max_new_tokens 512 --engine.batch_size 128 --engine.max_model_len 8192 --out /tmp/runs/synth_vllm_05b
+}
+
+step_serve() {
+  python3 - "$MODEL" <<'EOF'
+import sys, time
+from openai import OpenAI
+from text2sql_ray import serve
+from text2sql_ray.config import ServeConfig
+cfg = ServeConfig(model=sys.argv[1], model_id="qwen-0.5b", backend="vllm", blocking=False, port=8000, max_model_len=4096)
+t0 = time.time()
+served = serve.start(cfg)
+print("serve start", round(time.time() - t0, 1), "s", served.url, served.model_ids, flush=True)
+client = OpenAI(base_url=served.url, api_key="none")
+print("models", [m.id for m in client.models.list().data])
+msgs = [{"role": "system", "content": "You write SQLite SQL."},
+        {"role": "user", "content": "Table hero(id, name, power). How many heroes have the power 'flight'?"}]
+r = client.chat.completions.create(model="qwen-0.5b", messages=msgs, max_tokens=64, temperature=0)
+print("answer:", repr(r.choices[0].message.content), r.usage)
+chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+    model="qwen-0.5b", messages=msgs, max_tokens=64, temperature=0, stream=True) if c.choices]
+print("streamed equals:", "".join(chunks) == r.choices[0].message.content, len(chunks), "chunks")
+serve.stop(cfg.name)
+EOF
+}
+
+for step in "$@"; do
+  echo "=== $step $(date -u +%T)"
+  t0=$SECONDS
+  "step_$step" 2>&1 | tee "$OUT/$step.log"
+  echo "=== $step rc=${PIPESTATUS[0]} $((SECONDS - t0)) s" | tee -a "$OUT/$step.log"
+done
+(cd /tmp/runs && tar -czf "$OUT/runs.tgz" --exclude='convert' . 2>/dev/null) || true
