@@ -6,6 +6,7 @@ the package) and is started through `runuser`. fsync is off (a test cluster, thr
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import shutil
@@ -52,6 +53,8 @@ class PgCluster:
         self._run([str(bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-s",
                    "-o", f"-h 127.0.0.1 -p {self.port} -k {self.root} -F -c max_connections=20", "start"])
         self.url = f"postgresql://{ADMIN}@127.0.0.1:{self.port}/postgres"
+        self.stopped = False
+        atexit.register(self.stop)  # also when the session ends without fixture teardown
 
     def _run(self, cmd: list[str]) -> None:
         if self.as_root:
@@ -59,6 +62,9 @@ class PgCluster:
         subprocess.run(cmd, check=True, capture_output=True, timeout=120, cwd=self.root)
 
     def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         try:
             self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "-s", "stop"])
         finally:

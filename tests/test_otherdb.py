@@ -255,4 +255,5 @@ def test_evaluate_engine_db_scores_predictions_and_names_gold_gaps(engine, ray_l
     assert [r["question_id"] for r in rows if r["correct"]] == [0, 1, 3]
     assert "refused by the sandbox" in rows[4]["pred_error"] or "read-only" in rows[4]["pred_error"].lower()
     assert rows[5]["gold_check"] == "engine_error"
-    assert report["n_correct"] == 3  # SQLite EX is unchanged beside it
+    # SQLite EX beside it: question 5 too ("SELECT 1" gives its gold's [(1,)]), whose gold fails on the engine
+    assert report["n_correct"] == 4
