@@ -1,10 +1,10 @@
 """The audit's attacks on the SQL executor (issue 11 items 1 and 3), against the old and the new executor.
 
-    python benchmarks/exec_attacks.py [--old-ref main] [--cases zeroblob,doubling,bigrows,instr,pool,birdgold]
+    python benchmarks/exec_attacks.py [--old-ref 8d12b06] [--cases zeroblob,doubling,bigrows,instr,pool,birdgold]
                                       [--old-wall-cap 400] [--old-mem-cap-gb 12]
 
-"old" is the executor of git ref ``--old-ref`` (default ``main``): its ``text2sql_ray`` package is
-extracted into a temp dir and imported from there; the query runs as ``SqlExecutor.compare_pair``
+"old" is the executor of git ref ``--old-ref`` (default ``8d12b06``, main before the hardening):
+its ``text2sql_ray`` package is extracted into a temp dir and imported from there; the query runs as ``SqlExecutor.compare_pair``
 against the gold ``SELECT 1`` in the process that calls it, as it did inside each executor actor.
 "new" is this worktree's ``IsolatedExecutor.compare_pair`` (the executor actors' class now): the pair
 runs in its child process. Each (executor, case) runs in a fresh Python process; its peak RSS is the
@@ -124,7 +124,7 @@ def spawn(pythonpath: str, case: str, db: str, wall_cap: float, mem_cap: int) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--old-ref", default="main")
+    ap.add_argument("--old-ref", default="8d12b06")  # main before the executor hardening (issue 11)
     ap.add_argument("--cases", default="zeroblob,doubling,bigrows,instr,pool,birdgold")
     ap.add_argument("--old-wall-cap", type=float, default=400.0)
     ap.add_argument("--old-mem-cap-gb", type=float, default=12.0)

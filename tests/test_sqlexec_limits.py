@@ -356,5 +356,5 @@ def test_maj_at_k_agrees_with_the_official_pair_rule_on_real_bird_dev_gold(ray_l
     assert [rs[0].pred_rows for rs in checked] == [p.pred_rows for p in pairs]
     assert [rs[0].pred_digest for rs in checked] == [p.pred_digest for p in pairs]
     # "SELECT 1" is right exactly where the gold result is the single row (1,)
-    ex = SqlExecutor()
-    assert [rs[1].correct for rs in checked] == [results_equal(ex.execute(d, g).rows, [(1,)]) for d, _, g in items]
+    one = result_digest([(1,)])
+    assert [rs[1].correct for rs in checked] == [p.pred_digest == one for p in pairs]
