@@ -263,10 +263,11 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
 
 
 # --- The data order: fixed by the driver, indexed by every worker -----------------------------------
-# Ray Data's streaming split hands blocks to whichever worker asks first, so which rows a worker sees,
-# and in which order, changes from run to run, and a resumed run skipping "the first N micro-batches"
-# skipped other rows than the ones it had trained on. Here the token ids of the kept examples sit in
-# the object store once, and every optimizer step's sequences are a function of (seed, step) alone.
+# Ray Data's streaming split hands blocks to workers as they ask for them: it does not promise which
+# rows a worker sees in which order, so a resumed run that skips "the first N micro-batches" of a new
+# iterator is exact only as long as that order happens to repeat. Here the token ids of the kept
+# examples sit in the object store once, and every optimizer step's sequences are a function of
+# (seed, step) alone, with a full reshuffle every epoch.
 
 
 def layout_sequences(lengths: list[int], packing: bool, max_length: int, seed: int) -> list[list[int]]:
