@@ -490,7 +490,7 @@ def test_vllm_prompt_ids_equal_training_and_hf_ids_with_one_bos(template, llama3
 
     # training: the ids before the answer, unlabelled, are exactly ours
     answer = {"role": "assistant", "content": "SELECT COUNT(*) FROM member"}
-    trained = tokenize_conversation([*msgs, answer], tok, max_length=4096)
+    trained = tokenize_conversation([*msgs, answer], tok)
     assert trained.input_ids[: len(ours)] == ours
     assert set(trained.labels[: len(ours)]) == {IGNORE} and trained.labels[len(ours)] != IGNORE
 

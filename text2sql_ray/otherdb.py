@@ -360,6 +360,20 @@ def load_duckdb(sqlite_path: str | Path, duck_path: str | Path | None = None) ->
     return duck_path
 
 
+def _fetch_capped(cur, max_rows: int, start: float) -> ExecResult:
+    """All rows of an executed DB-API cursor, fetched in chunks; more than max_rows is an error, never truncated."""
+    rows: list = []
+    while True:
+        chunk = cur.fetchmany(min(FETCH_CHUNK, max_rows + 1 - len(rows)))
+        rows.extend(chunk)
+        if len(rows) > max_rows:
+            return ExecResult(False, None, f"result has more than {max_rows} rows (max_rows); refused rather "
+                              "than truncated", False, time.monotonic() - start)
+        if not chunk:
+            break
+    return ExecResult(True, rows, None, False, time.monotonic() - start)
+
+
 class DuckDBExecutor:
     """Read-only queries on DuckDB files: external access off, configuration locked, interrupted at the budget."""
 
@@ -387,17 +401,7 @@ class DuckDBExecutor:
         timer = threading.Timer(timeout_s, con.interrupt)
         timer.start()
         try:
-            cur = con.execute(sql)
-            rows: list = []
-            while True:
-                chunk = cur.fetchmany(min(FETCH_CHUNK, max_rows + 1 - len(rows)))
-                rows.extend(chunk)
-                if len(rows) > max_rows:
-                    return ExecResult(False, None, f"result has more than {max_rows} rows (max_rows); refused rather "
-                                      "than truncated", False, time.monotonic() - start)
-                if not chunk:
-                    break
-            return ExecResult(True, rows, None, False, time.monotonic() - start)
+            return _fetch_capped(con.execute(sql), max_rows, start)
         except duckdb.InterruptException:
             return ExecResult(False, None, f"timeout: exceeded the {timeout_s:g} s budget (query interrupted)", True,
                               time.monotonic() - start)
@@ -514,16 +518,7 @@ class PostgresExecutor:
             cur.execute(sql)
             if cur.description is None:
                 return ExecResult(False, None, "no SQL statement to run (not a query)", False, time.monotonic() - start)
-            rows: list = []
-            while True:
-                chunk = cur.fetchmany(min(FETCH_CHUNK, max_rows + 1 - len(rows)))
-                rows.extend(chunk)
-                if len(rows) > max_rows:
-                    return ExecResult(False, None, f"result has more than {max_rows} rows (max_rows); refused rather "
-                                      "than truncated", False, time.monotonic() - start)
-                if not chunk:
-                    break
-            return ExecResult(True, rows, None, False, time.monotonic() - start)
+            return _fetch_capped(cur, max_rows, start)
         except errors.QueryCanceled as e:
             return ExecResult(False, None, f"timeout: cancelled by the server's statement_timeout ({timeout_s:g} s): "
                               f"{_first_line(e)}", True, time.monotonic() - start)
