@@ -374,6 +374,8 @@ def test_vllm_processor_config_carries_parallelism_batching_and_error_tolerance(
     assert config.engine_kwargs["tensor_parallel_size"] == 8 and config.accelerator_type == "H100"
     assert config.get_concurrency() == {"min_size": 1, "max_size": 2} and config.batch_size == 64
     assert vllm_processor_kwargs(vllm_cfg(dtype="float16"))["engine_kwargs"]["dtype"] == "float16"
+    assert vllm_processor_kwargs(vllm_cfg(max_num_seqs=512))["engine_kwargs"]["max_num_seqs"] == 512
+    assert vLLMEngineProcessorConfig(**vllm_processor_kwargs(vllm_cfg(max_num_seqs=512))).engine_kwargs["max_num_seqs"] == 512
 
 
 def test_vllm_lora_adapter_becomes_base_model_plus_per_row_model(tmp_path, tiny_llama_dir):

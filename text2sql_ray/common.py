@@ -55,7 +55,7 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-# Code points written as \uXXXX escapes although JSON allows them raw: lone surrogates (valid in JSON text
+# Code points written as JSON \u escapes although JSON allows them raw: lone surrogates (valid in JSON text
 # as escapes, but not encodable as UTF-8: writing one raw fails the whole file) and the line breaks that
 # str.splitlines() splits on beside \n and \r (U+0085, U+2028, U+2029; json.dumps escapes the others,
 # which are control characters). They only occur inside JSON strings, where the escape means the same.

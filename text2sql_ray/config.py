@@ -133,6 +133,9 @@ class EngineConfig:
     """vLLM tensor parallel degree (e.g. 8 for a 70B teacher on 8 GPUs)."""
     max_model_len: int = 8192
     """vLLM maximum context length."""
+    max_num_seqs: int = 0
+    """vLLM: most sequences in one engine step (0 = vLLM's default, 128 on an H200 with vllm 0.26: k samples of
+    64 questions already need 512; raise it for batch synthesis)."""
     request_timeout_s: float = 120.0
     """Timeout of one HTTP request ('openai')."""
     max_retries: int = 3
@@ -158,6 +161,8 @@ class EngineConfig:
             raise ConfigError("engine.temperature must be >= 0.")
         if self.batch_size < 1 or self.concurrency < 1 or self.max_new_tokens < 1:
             raise ConfigError("engine.batch_size, engine.concurrency and engine.max_new_tokens must be >= 1.")
+        if self.max_num_seqs < 0:
+            raise ConfigError("engine.max_num_seqs must be >= 0 (0 = vLLM's default).")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -501,6 +501,8 @@ def vllm_processor_kwargs(cfg: EngineConfig) -> dict:
         # 'auto' is bf16 on a GPU, as for the hf engine (vLLM's own 'auto' keeps an fp16 config's fp16).
         "dtype": "bfloat16" if cfg.dtype == "auto" else cfg.dtype,
     }
+    if cfg.max_num_seqs:
+        engine_kwargs["max_num_seqs"] = cfg.max_num_seqs
     if is_adapter_dir(source):
         adapter = json.loads((Path(source) / "adapter_config.json").read_text())
         rank = int(adapter.get("r", 16))
