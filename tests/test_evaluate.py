@@ -5,6 +5,7 @@ Real Ray (the session instance), real SQLite files, the real BIRD slice (432 exe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -90,15 +91,22 @@ def test_missing_prediction_counts_as_wrong_and_stays_in_denominator(ray_local, 
     )
 
 
-def test_missing_database_is_skipped_counted_and_named(ray_local, split_dir, tmp_path):
+
+@contextlib.contextmanager
+def warnings_logged():
+    """The messages of the project logger's warnings while the block runs (its logger does not propagate)."""
     seen: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: seen.append(record.getMessage())
     log.addHandler(handler)
     try:
-        report, rows = evaluate_mini(split_dir, tmp_path, GOOD)
+        yield seen
     finally:
         log.removeHandler(handler)
+
+def test_missing_database_is_skipped_counted_and_named(ray_local, split_dir, tmp_path):
+    with warnings_logged() as seen:
+        report, rows = evaluate_mini(split_dir, tmp_path, GOOD)
     assert report["n_skipped_missing_db"] == 2 and report["skipped_db_ids"] == {"gone": 2}
     assert [r["question_id"] for r in rows if r["skipped"]] == [2, 5]
     assert any("SKIPPING 2 of 7" in m and "gone (2)" in m for m in seen)
@@ -357,14 +365,8 @@ def test_unreadable_database_is_skipped_loudly_and_counted(ray_local, split_dir,
     shutil.copy(shop, split_dir / "dev_databases" / "gone" / "gone.sqlite")  # "gone" is present now: 2 questions
     data = shop.read_bytes()
     shop.write_bytes(b"\x00garbage " * 400 if damage == "garbage" else data[: len(data) // 2])
-    seen: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: seen.append(record.getMessage())
-    log.addHandler(handler)
-    try:
+    with warnings_logged() as seen:
         report, rows = evaluate_mini(split_dir, tmp_path, GOOD)
-    finally:
-        log.removeHandler(handler)
     assert (report["n_scored"], report["n_correct"], report["n_gold_errors"]) == (2, 2, 0)
     assert report["n_skipped_unreadable_db"] == 5 and report["n_skipped_missing_db"] == 0
     assert list(report["unreadable_db_ids"]) == ["shop"]

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
+from .schema import double_quoted
 from .sqlexec import ExecResult
 
 ENGINES = ("duckdb", "postgres")
@@ -232,20 +233,16 @@ def _affinity(decl: str) -> str:
     return "VARCHAR"
 
 
-def _dq(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def sqlite_tables(conn: sqlite3.Connection) -> list[TableCopy]:
     """The tables of a SQLite file (no sqlite_* internals), each column typed from the values it holds."""
     out = []
     names = [r[0] for r in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, 7) != 'sqlite_' ORDER BY rowid")]
     for name in names:
-        info = conn.execute(f"PRAGMA table_info({_dq(name)})").fetchall()
+        info = conn.execute(f"PRAGMA table_info({double_quoted(name)})").fetchall()
         cols = []
         for r in info:
-            kinds = {k for (k,) in conn.execute(f"SELECT DISTINCT typeof({_dq(r[1])}) FROM {_dq(name)}")} - {"null"}
+            kinds = {k for (k,) in conn.execute(f"SELECT DISTINCT typeof({double_quoted(r[1])}) FROM {double_quoted(name)}")} - {"null"}
             if not kinds:
                 kind = _affinity(r[2])
             elif kinds == {"integer"}:
@@ -266,7 +263,7 @@ def sqlite_columns(sqlite_path: str | Path) -> set[str]:
     con = _open_sqlite(Path(sqlite_path))
     try:
         names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
-        return {r[1].lower() for n in names for r in con.execute(f"PRAGMA table_info({_dq(n)})")}
+        return {r[1].lower() for n in names for r in con.execute(f"PRAGMA table_info({double_quoted(n)})")}
     finally:
         con.close()
 
@@ -288,9 +285,9 @@ def _convert(value, kind: str, stats: Counter):
 
 
 def _rows(conn: sqlite3.Connection, t: TableCopy, stats: Counter):
-    cols = ", ".join(_dq(c) for c in t.source_columns)
+    cols = ", ".join(double_quoted(c) for c in t.source_columns)
     kinds = [k for _, k in t.columns]
-    for row in conn.execute(f"SELECT {cols} FROM {_dq(t.source)}"):
+    for row in conn.execute(f"SELECT {cols} FROM {double_quoted(t.source)}"):
         stats["rows"] += 1
         yield tuple(_convert(v, k, stats) for v, k in zip(row, kinds))
 
@@ -344,11 +341,11 @@ def load_duckdb(sqlite_path: str | Path, duck_path: str | Path | None = None) ->
         con = duckdb.connect(str(tmp))
         try:
             for t in sqlite_tables(src):
-                con.execute(f"CREATE TABLE {_dq(t.name)} ({', '.join(f'{_dq(c)} {k}' for c, k in t.columns)})")
+                con.execute(f"CREATE TABLE {double_quoted(t.name)} ({', '.join(f'{double_quoted(c)} {k}' for c, k in t.columns)})")
                 rows = list(_rows(src, t, stats))
                 arrays = [pa.array([r[i] for r in rows], type=_ARROW[k]) for i, (_, k) in enumerate(t.columns)]
                 chunk = pa.Table.from_arrays(arrays, names=[f"c{i}" for i in range(len(t.columns))])  # noqa: F841
-                con.execute(f"INSERT INTO {_dq(t.name)} SELECT * FROM chunk")
+                con.execute(f"INSERT INTO {double_quoted(t.name)} SELECT * FROM chunk")
             con.execute("CHECKPOINT")
         finally:
             con.close()

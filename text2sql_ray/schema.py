@@ -127,7 +127,8 @@ def quote_ident(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
-def _dq(name: str) -> str:
+def double_quoted(name: str) -> str:
+    """An identifier in SQL double quotes (inner quotes doubled), safe for any table or column name."""
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -165,11 +166,11 @@ def read_sqlite_schema(db_path: str | Path, sample_values: int = 3, max_value_ch
         ).fetchall()
         tables = []
         for name, ddl in rows:
-            info = conn.execute(f"PRAGMA table_info({_dq(name)})").fetchall()
+            info = conn.execute(f"PRAGMA table_info({double_quoted(name)})").fetchall()
             columns = [Column(name=r[1], type=(r[2] or "").upper()) for r in info]
             pk = [r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5])]
             fks: dict[int, tuple[list[str], str, list]] = {}
-            for fk_id, _seq, ref_table, col, ref_col, *_ in conn.execute(f"PRAGMA foreign_key_list({_dq(name)})"):
+            for fk_id, _seq, ref_table, col, ref_col, *_ in conn.execute(f"PRAGMA foreign_key_list({double_quoted(name)})"):
                 cols, _, refs = fks.setdefault(fk_id, ([], ref_table, []))
                 cols.append(col)
                 refs.append(ref_col)
@@ -194,7 +195,7 @@ def read_sqlite_schema(db_path: str | Path, sample_values: int = 3, max_value_ch
 
 
 def _sample_values(conn: sqlite3.Connection, table: str, column: str, n: int, max_chars: int) -> list:
-    col, tab = _dq(column), _dq(table)
+    col, tab = double_quoted(column), double_quoted(table)
     sql = (
         f"SELECT DISTINCT {col} FROM (SELECT {col} FROM {tab} WHERE {col} IS NOT NULL AND {col} != '' "
         f"LIMIT {SAMPLE_SCAN_ROWS}) LIMIT {int(n)}"
