@@ -15,9 +15,15 @@ samples per question at `--temperature` (per-sample seeds), `--max-new-tokens` a
   caching shares each prompt's KV cache across its k samples).
 
 Timed from dataset creation to the last row, model load and engine start (vLLM: CUDA graph capture and
-torch.compile) included, so the ratio is conservative for vLLM on small loads. Ray start-up is timed
-apart. One run each, hf first; questions/s, samples/s, new tokens/s (stop token included, as
+torch.compile) included, so the end-to-end ratio is conservative for vLLM on small loads. Ray start-up is
+timed apart. One run each, hf first; questions/s, samples/s, new tokens/s (stop token included, as
 `gen_tokens` counts) and the vllm/hf ratio are printed, and written as JSON with `--json`.
+
+`--startup-probe 1` (default) first runs each engine on one question, one sample, one new token: that
+wall time is the engine's fixed cost (actor and model load, vLLM's engine process, compile and graph
+capture). The report then adds each engine's steady rate, samples / (wall - fixed cost), their ratio,
+the load at which the two engines' end-to-end times break even, and the end-to-end ratio projected to
+`--project-samples` samples (a synthesis run's size; a projection from the two measured lines, marked so).
 """
 
 from __future__ import annotations
@@ -90,6 +96,10 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=0,
                     help="vllm: most sequences per engine step (0 = vLLM's default, 128 with vllm 0.26 on an H200)")
     ap.add_argument("--engines", default="hf,vllm", help="which to run, in this order")
+    ap.add_argument("--startup-probe", type=int, default=1,
+                    help="1: time each engine's fixed cost first (1 question, 1 sample, 1 new token)")
+    ap.add_argument("--project-samples", type=int, default=28000,
+                    help="project the end-to-end ratio to this many samples (default: Spider train's 7000 x 4)")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args()
 
@@ -123,8 +133,17 @@ def main() -> int:
           flush=True)
     results = {}
     for name in args.engines.split(","):
+        probe = None
+        if args.startup_probe:
+            probe = run_engine(rows[:1], dataclasses.replace(configs[name], max_new_tokens=1), 1)
+            print(f"{name:5s}: fixed cost {probe['wall_s']:.1f} s (1 question, 1 sample, 1 new token)", flush=True)
         results[name] = run_engine(rows, configs[name], k)
         r = results[name]
+        if probe is not None:
+            r["startup_s"] = probe["wall_s"]
+            busy = max(r["wall_s"] - probe["wall_s"], 1e-3)
+            r["steady_samples_per_s"] = round(r["samples"] / busy, 2)
+            r["steady_new_tokens_per_s"] = round(r["new_tokens"] / busy, 1)
         print(f"{name:5s}: {r['wall_s']:8.1f} s  {r['questions_per_s']:7.3f} questions/s  {r['samples_per_s']:8.2f} "
               f"samples/s  {r['new_tokens_per_s']:9.1f} new tokens/s  ({r['new_tokens']} tokens, mean "
               f"{r['mean_new_tokens']}/sample, {r['errors']} errors)", flush=True)
@@ -136,7 +155,22 @@ def main() -> int:
         out["ratio_questions_per_s"] = round(results["vllm"]["questions_per_s"] / results["hf"]["questions_per_s"], 2)
         out["ratio_new_tokens_per_s"] = round(results["vllm"]["new_tokens_per_s"] / results["hf"]["new_tokens_per_s"], 2)
         print(f"vllm / hf: {out['ratio_questions_per_s']:.2f}x questions/s, {out['ratio_new_tokens_per_s']:.2f}x "
-              "new tokens/s", flush=True)
+              "new tokens/s (end to end, this load)", flush=True)
+        h, v = results["hf"], results["vllm"]
+        if "startup_s" in h and "startup_s" in v:
+            out["ratio_steady_samples_per_s"] = round(v["steady_samples_per_s"] / h["steady_samples_per_s"], 2)
+            # end-to-end time of N samples = fixed cost + N / steady rate, per engine
+            per_h, per_v = 1 / h["steady_samples_per_s"], 1 / v["steady_samples_per_s"]
+            gap = v["startup_s"] - h["startup_s"]
+            out["break_even_samples"] = round(gap / (per_h - per_v)) if per_h > per_v and gap > 0 else 0
+            n = args.project_samples
+            out["projected"] = {"samples": n, "hf_s": round(h["startup_s"] + n * per_h, 1),
+                                "vllm_s": round(v["startup_s"] + n * per_v, 1)}
+            out["projected"]["ratio"] = round(out["projected"]["hf_s"] / out["projected"]["vllm_s"], 2)
+            print(f"vllm / hf steady: {out['ratio_steady_samples_per_s']:.2f}x samples/s (fixed cost hf "
+                  f"{h['startup_s']:.1f} s, vllm {v['startup_s']:.1f} s); break-even at {out['break_even_samples']} "
+                  f"samples; projected to {n} samples: hf {out['projected']['hf_s']:.0f} s, vllm "
+                  f"{out['projected']['vllm_s']:.0f} s = {out['projected']['ratio']:.2f}x (projection)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -75,6 +75,9 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         assert recipe_table.main(argv) == 0  # everything is up to date: nothing reruns
         rerun = {"state": json.loads((tmp / "run" / "recipe_state.json").read_text()),
                  "requests": teacher.requests}
+        # two rows only, in another order: nothing reruns, the table keeps table order and marks the rest
+        assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "two"), "--rows", "base_ours,base_seed"]
+                                 + argv[-6:]) == 0
     return {"tmp": tmp, "first_state": first_state, "first_requests": requests, "rerun": rerun}
 
 
@@ -91,7 +94,7 @@ def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recip
             assert 0.0 <= r[bench]["ex"] <= 100.0
     assert [r["decoding"] for r in summary["rows"]][-2:] == ["greedy", "maj@2, T=0.8"]
     assert summary["rows"][0]["prompt"] == "seed (bare DDL)" and not summary["rows"][0]["cot"]
-    assert summary["rows"][3]["cot"] and summary["rows"][3]["model"].endswith("train/cot")
+    assert summary["rows"][3]["cot"] and summary["rows"][3]["model"].endswith(("train/cot", "train/cot/merged"))
     md = (results / "table.md").read_text()
     for label in ("baseline, seed prompt", "baseline, our prompt", "no-CoT SFT", "| CoT SFT |", "CoT SFT + maj@2"):
         assert label in md
@@ -119,6 +122,22 @@ def test_the_sft_sets_are_the_gold_rows_and_the_execution_verified_chains(recipe
     assert sets["sft_nocot"]["sources"]["spider_train_gold"]["rows"] == 8
     assert sets["sft_cot"]["rows"] == 4 == summary["synthesis"]["sft_execution_verified"]  # 4 Spider questions
     assert summary["synthesis"]["sft_canonical_match"] == 0
+
+
+def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
+    results = recipe_run["tmp"] / "results"
+    two = json.loads((results / "two.json").read_text())
+    assert [r["row"] for r in two["rows"]] == ["base_seed", "base_ours", "sft_nocot", "sft_cot"]
+    full = {r["row"]: r for r in json.loads((results / "table.json").read_text())["rows"]}
+    for r in two["rows"]:
+        for bench in ("bird", "spider"):
+            if r["row"].startswith("base_"):  # the same evaluation, not rerun: the same numbers
+                assert r[bench]["ex"] == full[r["row"]][bench]["ex"] and r[bench]["n_scored"] == 4
+            else:
+                assert r[bench]["ex"] is None and r[bench]["note"] == "not run"
+    assert sorted(p.name for p in (results / "two").iterdir()) == sorted(
+        f"{r}_{b}_predict_dev.json" for r in ("base_seed", "base_ours") for b in ("bird", "spider"))
+    assert "n/a (not run)" in (results / "two.md").read_text()
 
 
 def test_a_rerun_redoes_no_step(recipe_run):

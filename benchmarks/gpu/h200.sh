@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The vLLM runs of benchmarks/README.md on a bare GPU machine (no registry; Python 3.12, torch 2.11 cu130).
-#   bash benchmarks/gpu/h200.sh STEP...      STEP: setup gputest eval speed synth serve
+#   bash benchmarks/gpu/h200.sh STEP...      STEP: setup gputest eval speed synth serve recipe eval15
 # Expects /tmp/carry/bundle.tar.NN (benchmarks/gpu/make_bundle.sh: the wheels of wheels-vllm-0.26.0-cp312.txt,
-# the Qwen2.5-Coder-0.5B-Instruct GGUF, BIRD dev), moved there beforehand in chunks. Each step logs to
+# the Qwen2.5-Coder-0.5B-Instruct GGUF, BIRD dev), and for `recipe`/`eval15` /tmp/carry/extras.tar.NN (a tar of
+# extras/: the 1.5B GGUF, ../shared/data/spider as spider/, BIRD train as bird_train/, SHA256SUMS), moved there
+# beforehand in chunks. Each step logs to
 # $OUT/<step>.log and keeps going when another step failed; run outputs are tarred into $OUT/runs.tgz.
 set -uo pipefail
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
@@ -12,6 +14,8 @@ cd "$SRC" || exit 1  # the checkout to test: python -m puts the working dir firs
 B=/tmp/bundle
 MODEL=${MODEL:-$B/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf}
 DEV=$B/bird_dev
+X=/tmp/extras
+TEACHER=${TEACHER:-$X/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}
 export T2S_CACHE=/tmp/t2s_cache HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1 RAY_DATA_DISABLE_PROGRESS_BARS=1 VLLM_NO_USAGE_STATS=1 RAY_USAGE_STATS_ENABLED=0
 # flashinfer is not carried (see wheels-vllm-0.26.0-cp312.txt): vLLM samples top-p with its PyTorch/Triton path.
@@ -25,6 +29,9 @@ step_setup() {
     (cd $B && sha256sum -c --quiet SHA256SUMS) || return 1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl || return 1
     touch /tmp/site/.t2s_ok
+  fi
+  if [ ! -f $X/.ok ] && ls /tmp/carry/extras.tar.?? > /dev/null 2>&1; then
+    cat /tmp/carry/extras.tar.?? | tar -xf - -C /tmp && (cd $X && sha256sum -c --quiet SHA256SUMS) && touch $X/.ok || return 1
   fi
   python3 - <<'EOF'
 import importlib.metadata as md, torch, vllm, ray
@@ -51,7 +58,7 @@ step_eval() {
 step_speed() {
   python3 "$SRC/benchmarks/generate_speed.py" --model "$MODEL" --data "$DEV" --limit "${SPEED_LIMIT:-128}" \
     --samples "${SPEED_K:-8}" --max-new-tokens 512 --hf-batch-size "${SPEED_HF_BATCH:-32}" \
-    --vllm-batch-size 128 --json /tmp/runs/generate_speed.json
+    --vllm-batch-size 128 --max-num-seqs "${SPEED_SEQS:-512}" --json /tmp/runs/generate_speed.json
 }
 
 # Teacher synthesis with vLLM: k=4 blind CoT samples per question, each executed against its database.
@@ -59,6 +66,25 @@ step_synth() {
   t2s synthesize --data "$DEV" --db-ids student_club,superhero,toxicology --samples 4 \
     --engine.backend vllm --engine.model "$MODEL" \
     --engine.max_new_tokens 512 --engine.batch_size 128 --engine.max_model_len 8192 --out /tmp/runs/synth_vllm_05b
+}
+
+# The recipe table (jobs/recipe_small_gpu.yaml): 0.5B student, 1.5B teacher; rows in priority order (a killed
+# call resumes from /tmp/runs/recipe/recipe_state.json); vLLM for synthesis and the CoT rows, hf for the
+# SQL-only rows (their short answers finish before a fresh vLLM engine has started).
+step_recipe() {
+  python3 "$SRC/benchmarks/recipe_table.py" --config "$SRC/jobs/recipe_small_gpu.yaml" --student "$MODEL" \
+    --teacher "$TEACHER" --bird-train $X/bird_train --bird-dev "$DEV" --spider $X/spider --engine vllm --nocot-engine hf \
+    --rows "${RECIPE_ROWS:-sft_cot,sft_nocot,base_ours,base_seed}" --out /tmp/runs/recipe \
+    --results /tmp/runs/recipe_results/recipe_small_gpu --set synthesize.limit="${RECIPE_SYNTH_LIMIT:-2000}" \
+    --set synthesize.engine.max_num_seqs=512 --set evaluate.engine.max_num_seqs=512 \
+    --set convert.tokenizer="$MODEL" --set evaluate.tokenizer="$MODEL" ${RECIPE_SET:-}
+}
+
+# The 1.5B teacher's own baseline with vLLM (rich prompt, no CoT), as step_eval's setting.
+step_eval15() {
+  t2s evaluate --data "$DEV" --model "$TEACHER" --prompt.cot false --engine.max_new_tokens 256 \
+    --engine.max_model_len 8192 --engine.batch_size 64 --engine.max_num_seqs 512 --engine.backend vllm \
+    --out /tmp/runs/eval_vllm_15b
 }
 
 step_serve() {
@@ -80,6 +106,19 @@ print("answer:", repr(r.choices[0].message.content), r.usage)
 chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
     model="qwen-0.5b", messages=msgs, max_tokens=64, temperature=0, stream=True) if c.choices]
 print("streamed equals:", "".join(chunks) == r.choices[0].message.content, len(chunks), "chunks")
+card = client.models.retrieve("qwen-0.5b")
+print("model card:", card.model_dump())
+# a burst of concurrent requests (vLLM batches them): wall time and completion tokens/s through HTTP
+from concurrent.futures import ThreadPoolExecutor
+qs = [f"Table hero(id, name, power, age). Write a query that counts heroes older than {i}." for i in range(128)]
+def ask(q):
+    return client.chat.completions.create(model="qwen-0.5b", max_tokens=128, temperature=0,
+        messages=[{"role": "user", "content": q}]).usage.completion_tokens
+t0 = time.time()
+with ThreadPoolExecutor(64) as ex:
+    toks = list(ex.map(ask, qs))
+dt = time.time() - t0
+print(f"burst: {len(qs)} requests, 64 at a time, {dt:.1f} s, {sum(toks)} completion tokens, {sum(toks) / dt:.0f} tokens/s")
 serve.stop(cfg.name)
 EOF
 }
