@@ -19,9 +19,12 @@ torch.compile) included, so the end-to-end ratio is conservative for vLLM on sma
 timed apart. One run each, hf first; questions/s, samples/s, new tokens/s (stop token included, as
 `gen_tokens` counts) and the vllm/hf ratio are printed, and written as JSON with `--json`.
 
-`--startup-probe 1` (default) first runs each engine on one question, one sample, one new token: that
-wall time is the engine's fixed cost (actor and model load, vLLM's engine process, compile and graph
-capture). The report then adds each engine's steady rate, samples / (wall - fixed cost), their ratio,
+`--startup-probe 2` (default) first runs each engine twice on one question, one sample, one new token:
+the first probe is the cold start (vLLM: torch.compile into its cache, graph capture), the second the
+fixed cost every later run pays (actor and model load, vLLM's engine process, compile-cache load, graph
+capture), taken as the fixed cost. (On the H200 a single cold probe of vLLM took 153 s, longer than the
+warm timed run after it, 109 s: one probe is not enough.) The report then adds each engine's steady rate,
+samples / (wall - fixed cost), their ratio,
 the load at which the two engines' end-to-end times break even, and the end-to-end ratio projected to
 `--project-samples` samples (a synthesis run's size; a projection from the two measured lines, marked so).
 """
@@ -96,8 +99,9 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=0,
                     help="vllm: most sequences per engine step (0 = vLLM's default, 128 with vllm 0.26 on an H200)")
     ap.add_argument("--engines", default="hf,vllm", help="which to run, in this order")
-    ap.add_argument("--startup-probe", type=int, default=1,
-                    help="1: time each engine's fixed cost first (1 question, 1 sample, 1 new token)")
+    ap.add_argument("--startup-probe", type=int, default=2,
+                    help="probe runs per engine before the timed run (1 question, 1 sample, 1 new token); the last "
+                         "is its fixed cost (0: none)")
     ap.add_argument("--project-samples", type=int, default=28000,
                     help="project the end-to-end ratio to this many samples (default: Spider train's 7000 x 4)")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -133,13 +137,15 @@ def main() -> int:
           flush=True)
     results = {}
     for name in args.engines.split(","):
-        probe = None
-        if args.startup_probe:
-            probe = run_engine(rows[:1], dataclasses.replace(configs[name], max_new_tokens=1), 1)
-            print(f"{name:5s}: fixed cost {probe['wall_s']:.1f} s (1 question, 1 sample, 1 new token)", flush=True)
+        probes = []
+        for i in range(args.startup_probe):
+            probes.append(run_engine(rows[:1], dataclasses.replace(configs[name], max_new_tokens=1), 1)["wall_s"])
+            print(f"{name:5s}: probe {i + 1} (1 question, 1 sample, 1 new token) {probes[-1]:.1f} s", flush=True)
         results[name] = run_engine(rows, configs[name], k)
         r = results[name]
-        if probe is not None:
+        if probes:
+            probe = {"wall_s": probes[-1]}
+            r["probes_s"] = probes
             r["startup_s"] = probe["wall_s"]
             busy = max(r["wall_s"] - probe["wall_s"], 1e-3)
             r["steady_samples_per_s"] = round(r["samples"] / busy, 2)

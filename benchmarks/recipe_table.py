@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -96,6 +97,9 @@ def parse_args(argv):
                         "show 'not run'). Default: every row, table order")
     p.add_argument("--maj-k", type=int, default=8, help="samples per question for the maj@k row")
     p.add_argument("--maj-temperature", type=float, default=0.8, help="sampling temperature of the maj@k row")
+    p.add_argument("--synthesis", default="",
+                   help="an earlier `t2s synthesize` output dir (its sft.parquet and manifest) to use instead of the "
+                        "synthesis step, e.g. the committed benchmarks/results/recipe_small_gpu_synthesis")
     p.add_argument("--cot-mix-gold", action="store_true",
                    help="CoT SFT also trains on the no-CoT gold rows (BIRD + Spider train; their own system prompt)")
     p.add_argument("--out", default="runs/recipe_small_gpu", help="run directory (every step's output)")
@@ -157,21 +161,33 @@ class Steps:
         return out
 
 
-def mix_sft(out: Path, sources: list[tuple[str, Path]]) -> dict:
-    """One sft.parquet from several SFT/convert Parquet files (convert's columns), with counts per source."""
+def mix_sft(out: Path, sources: list[tuple[str, Path]], prompt_from: Path) -> dict:
+    """One sft.parquet from several SFT/convert Parquet files (convert's columns), with counts per source, and a
+    manifest carrying the prompt record of `prompt_from` (the convert run that built these prompts)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from text2sql_ray.convert import OUTPUT_COLUMNS, output_schema
 
+    from text2sql_ray.common import write_manifest
+    from text2sql_ray.prompts import recorded_prompt
+
+    started = time.time()
     tables, counts = [], {}
     for name, path in sources:
         t = pq.read_table(path).select(list(OUTPUT_COLUMNS)).cast(output_schema())
         tables.append(t)
         counts[name] = {"file": str(path), "rows": t.num_rows}
+    record = recorded_prompt(prompt_from)
     table = pa.concat_tables(tables) if tables else output_schema().empty_table()
     write_parquet(out / "sft.parquet", table)
     write_json(out / "mix.json", {"rows": table.num_rows, "sources": counts})
+    # the prompt record (convert's prompt config and tokenizer), so that train carries it and
+    # `t2s evaluate --model <train out>` builds the prompts it was trained on
+    prompt = {k: v for k, v in (record or {}).items() if k != "manifest"} or None
+    write_manifest(out, "mix", {"sources": [str(p) for _, p in sources]}, started,
+                   counts={"rows": table.num_rows, **{k: v["rows"] for k, v in counts.items()}},
+                   **({"prompt": prompt} if prompt else {}))
     return {"rows": table.num_rows, "sources": counts}
 
 
@@ -202,15 +218,25 @@ def run_recipe(args) -> dict:
 
     # 2. teacher chains on Spider train, verified by execution
     syn_cfg = rep(syn_t, input=str(conv["spider_train_cot"]), data=args.spider, out=str(run_dir / "synthesize" / "spider_train"))
-    syn_dir = steps.run("synthesize_spider_train", synthesize, syn_cfg, after=("convert_spider_train_cot",))
+    if args.synthesis:  # reuse an earlier synthesis: it stands for the step (its fingerprint is its manifest)
+        syn_dir = Path(args.synthesis)
+        manifest = read_manifest(syn_dir)
+        if manifest is None or manifest.get("stage") != "synthesize" or not (syn_dir / "sft.parquet").is_file():
+            raise SystemExit(f"--synthesis {syn_dir}: not a `t2s synthesize` output (manifest.json with stage "
+                             "'synthesize' and sft.parquet); give the dir `t2s synthesize --out` wrote")
+        steps.state["synthesize_spider_train"] = hashlib.sha256(
+            (json.dumps(manifest, sort_keys=True, default=str) + str(syn_dir.resolve())).encode()).hexdigest()[:16]
+        log.info("recipe: synthesis from %s (%s SFT rows), not rerun", syn_dir, manifest.get("counts", {}).get("sft_rows"))
+    else:
+        syn_dir = steps.run("synthesize_spider_train", synthesize, syn_cfg, after=("convert_spider_train_cot",))
     syn_counts = (read_manifest(syn_dir) or {}).get("counts", {})
 
     # 3. the two SFT sets; each student is trained when a row first needs it (so --rows orders the GPU time)
     gold_sources = [("bird_train_gold", conv["bird_train_nocot"] / "train.parquet"),
                     ("spider_train_gold", conv["spider_train_nocot"] / "train.parquet")]
-    mixes = {"sft_nocot": mix_sft(run_dir / "sft" / "nocot", gold_sources),
+    mixes = {"sft_nocot": mix_sft(run_dir / "sft" / "nocot", gold_sources, conv["bird_train_nocot"]),
              "sft_cot": mix_sft(run_dir / "sft" / "cot", [("spider_train_verified_chains", syn_dir / "sft.parquet")]
-                                + (gold_sources if args.cot_mix_gold else []))}
+                                + (gold_sources if args.cot_mix_gold else []), conv["spider_train_cot"])}
     from text2sql_ray.models import resolve_model
 
     # the student is evaluated exactly as training starts from it ("" = the embedded default, as a path)

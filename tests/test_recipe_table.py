@@ -78,6 +78,14 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         # two rows only, in another order: nothing reruns, the table keeps table order and marks the rest
         assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "two"), "--rows", "base_ours,base_seed"]
                                  + argv[-6:]) == 0
+        # an earlier synthesis reused (no teacher request); only the CoT row asked: its student is retrained
+        before = teacher.requests
+        assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "reuse"), "--rows", "sft_cot",
+                                              "--synthesis", str(tmp / "run" / "synthesize" / "spider_train")]
+                                 + argv[-6:]) == 0
+        rerun["reuse_requests"] = teacher.requests - before
+        with pytest.raises(SystemExit, match="not a `t2s synthesize` output"):
+            recipe_table.main(argv[:-6] + ["--synthesis", str(tmp / "run" / "sft" / "cot")] + argv[-6:])
     return {"tmp": tmp, "first_state": first_state, "first_requests": requests, "rerun": rerun}
 
 
@@ -138,6 +146,24 @@ def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
     assert sorted(p.name for p in (results / "two").iterdir()) == sorted(
         f"{r}_{b}_predict_dev.json" for r in ("base_seed", "base_ours") for b in ("bird", "spider"))
     assert "n/a (not run)" in (results / "two.md").read_text()
+
+
+def test_a_reused_synthesis_trains_the_cot_row_without_the_teacher(recipe_run):
+    results = recipe_run["tmp"] / "results"
+    assert recipe_run["rerun"]["reuse_requests"] == 0
+    reuse = {r["row"]: r for r in json.loads((results / "reuse.json").read_text())["rows"]}
+    assert reuse["sft_cot"]["bird"]["n_scored"] == 4 and reuse["sft_cot_maj2"]["spider"]["n_scored"] == 4
+    assert reuse["base_seed"]["bird"]["note"] == "not run"
+
+
+def test_the_students_record_the_prompts_they_were_trained_on(recipe_run):
+    from text2sql_ray.prompts import recorded_prompt
+
+    run = recipe_run["tmp"] / "run"
+    for kind, conv in (("nocot", "bird_train_nocot"), ("cot", "spider_train_cot")):
+        trained, converted = recorded_prompt(run / "train" / kind), recorded_prompt(run / "convert" / conv)
+        assert trained is not None and trained["config"] == converted["config"], kind
+        assert trained["config"]["cot"] is (kind == "cot")
 
 
 def test_a_rerun_redoes_no_step(recipe_run):

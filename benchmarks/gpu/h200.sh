@@ -58,7 +58,7 @@ step_eval() {
 step_speed() {
   python3 "$SRC/benchmarks/generate_speed.py" --model "$MODEL" --data "$DEV" --limit "${SPEED_LIMIT:-128}" \
     --samples "${SPEED_K:-8}" --max-new-tokens 512 --hf-batch-size "${SPEED_HF_BATCH:-32}" \
-    --vllm-batch-size 128 --max-num-seqs "${SPEED_SEQS:-512}" --json /tmp/runs/generate_speed.json
+    --vllm-batch-size 128 --max-num-seqs "${SPEED_SEQS:-512}" --startup-probe "${SPEED_PROBES:-2}" --json /tmp/runs/generate_speed.json
 }
 
 # Teacher synthesis with vLLM: k=4 blind CoT samples per question, each executed against its database.
