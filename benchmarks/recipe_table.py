@@ -153,11 +153,11 @@ def mix_sft(out: Path, sources: list[tuple[str, Path]]) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from text2sql_ray.convert import OUTPUT_COLUMNS, output_schema
+    from text2sql_ray.convert import output_schema
 
     tables, counts = [], {}
     for name, path in sources:
-        t = pq.read_table(path).select(list(OUTPUT_COLUMNS)).cast(output_schema())
+        t = pq.read_table(path).select(output_schema().names).cast(output_schema())
         tables.append(t)
         counts[name] = {"file": str(path), "rows": t.num_rows}
     table = pa.concat_tables(tables) if tables else output_schema().empty_table()

@@ -53,9 +53,6 @@ class BirdSplit:
     def missing_dbs(self) -> list[str]:
         return [d for d in self.db_ids if self.db_path(d) is None]
 
-    def gold_path(self) -> Path:
-        return self.root / f"{self.name}_gold.sql"
-
 
 def find_split_name(root: Path) -> str:
     """'dev', 'train' or another <name> with a <name>.json beside <name>_databases/ or <name>_tables.json."""
@@ -324,21 +321,6 @@ def read_descriptions(db_dir: str | Path) -> dict[str, list[dict]]:
 # --------------------------------------------------------------------------------------------------
 # Gold and prediction files
 # --------------------------------------------------------------------------------------------------
-
-
-def read_gold_sql(path: str | Path) -> list[tuple[str, str]]:
-    """The official gold file: one `SQL<TAB>db_id` per line, in question-file order."""
-    out = []
-    from .common import read_text_utf8
-
-    for lineno, line in enumerate(read_text_utf8(path).split("\n"), 1):  # not splitlines(): U+2028 is no line end
-        if not line.strip():
-            continue
-        sql, sep, db_id = line.strip().rpartition("\t")
-        if not sep:
-            raise ValueError(f"{path}:{lineno}: expected `SQL<TAB>db_id`.")
-        out.append((sql, db_id))
-    return out
 
 
 def format_official(questions: list[dict], sql_by_qid: dict[int, str]) -> dict[str, str]:

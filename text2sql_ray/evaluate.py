@@ -68,6 +68,7 @@ from .common import (
     atomic_path,
     ensure_ray,
     log,
+    pct,
     read_jsonl,
     write_json,
     write_jsonl,
@@ -349,9 +350,6 @@ def build_report(rows: list[dict], missing: dict[str, int], unreadable: dict[str
 
 def report_markdown(report: dict) -> str:
     """A readable report.md: EX table per difficulty, skips, error kinds, wall time."""
-
-    def pct(x):
-        return "-" if x is None else f"{x:.2f}"
 
     lines = [
         f"# {dataset_title(report)} execution accuracy",
@@ -778,9 +776,6 @@ def generation_markdown(report: dict) -> str:
     if not g:
         return ""
 
-    def pct(x):
-        return "-" if x is None else f"{x:.2f}"
-
     lines = [
         "",
         "## Generation",
@@ -883,9 +878,6 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path) -> dict:
 
 
 def compare_markdown(c: dict) -> str:
-    def pct(x):
-        return "-" if x is None else f"{x:.2f}"
-
     def signed(x):
         return "-" if x is None else f"{x:+.2f}"
 

@@ -137,11 +137,6 @@ class PairResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def result_key(rows: Iterable[tuple]) -> frozenset:
-    """Hashable key of a result: two results are equal under BIRD semantics iff their keys are equal."""
-    return frozenset(rows)
-
-
 def results_equal(a: Iterable[tuple], b: Iterable[tuple]) -> bool:
     """The official BIRD rule: same set of row tuples (order and duplicates ignored, 1 == 1.0)."""
     return set(a) == set(b)

@@ -61,20 +61,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import bird
-from .common import ensure_ray, log, read_manifest, write_json, write_manifest, write_parquet, write_text
+from .common import ensure_ray, log, pct, read_manifest, write_json, write_manifest, write_parquet, write_text
 from .config import ConvertConfig, SynthesizeConfig
 from .prompts import _fences, extract_sql, format_answer, strip_sql, teacher_messages_for
 
 STATUSES = ("verified", "wrong", "exec_error", "no_sql", "gen_error", "canonical_match", "unverified")
 NO_DB_STATUSES = ("canonical_match", "unverified")
 """The statuses of samples of questions without a database (never execution-verified)."""
-SAMPLE_COLUMNS = (
-    "question_id", "db_id", "difficulty", "sample_index", "text", "sql", "correct", "exec_error", "gold_error",
-    "timed_out", "gen_error", "gen_tokens", "status",
-)
 INPUT_COLUMNS = ("question_id", "db_id", "gold_sql", "messages")
 """Columns the input Parquet must have (convert's output has these and more)."""
-SFT_EXTRA_COLUMNS = ("sample_index", "sql", "status")
 PARTS_DIR = "samples"
 RUN_CONFIG = "run_config.json"
 RUNS_LOG = "runs.json"
@@ -473,9 +468,6 @@ def yield_report(samples: list[dict], sft_rows: list[dict]) -> dict:
 def report_markdown(report: dict) -> str:
     """report.md: the yield report as a few Markdown tables."""
 
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
     q, s, g = report["questions"], report["samples"], report.get("generation", {})
     lines = [
         "# Synthesis report",
@@ -485,13 +477,13 @@ def report_markdown(report: dict) -> str:
         "",
         "| questions | verifiable (database on disk) | with >= 1 verified sample | yield (of verifiable) | of all |",
         "|---:|---:|---:|---:|---:|",
-        f"| {q['total']} | {q['verifiable']} | {q['with_verified_sample']} | {pct(q['yield'])} | {pct(q['yield_of_all'])} |",
+        f"| {q['total']} | {q['verifiable']} | {q['with_verified_sample']} | {pct(q['yield'], True)} | {pct(q['yield_of_all'], True)} |",
         "",
     ]
     if report["by_difficulty"]:
         lines += ["| difficulty | questions | verifiable | verified | yield |", "|---|---:|---:|---:|---:|"]
         for name, d in report["by_difficulty"].items():
-            lines.append(f"| {name} | {d['questions']} | {d['verifiable']} | {d['verified']} | {pct(d['yield'])} |")
+            lines.append(f"| {name} | {d['questions']} | {d['verifiable']} | {d['verified']} | {pct(d['yield'], True)} |")
     else:
         lines.append("No question has a difficulty label (Spider has none): the figures above are the only split.")
     lines += ["", "| sample status | count |", "|---|---:|"]
@@ -499,8 +491,8 @@ def report_markdown(report: dict) -> str:
     lines += [
         f"| **all samples** | **{s['total']}** |",
         "",
-        (f"Verified samples / all samples: {pct(s['verified_fraction'])}; of samples of verifiable questions: "
-         f"{pct(s['verified_fraction_of_verifiable'])}. Tokens generated: {s['tokens_generated']} "
+        (f"Verified samples / all samples: {pct(s['verified_fraction'], True)}; of samples of verifiable questions: "
+         f"{pct(s['verified_fraction_of_verifiable'], True)}. Tokens generated: {s['tokens_generated']} "
          f"(mean {s['mean_tokens']} per sample). Questions whose gold SQL failed: {q['gold_error']}; "
          f"whose generation failed entirely: {q['generation_failed']}."),
         "",
