@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -476,3 +477,22 @@ def sqlite_file_problem(path: str | Path) -> str:
     except sqlite3.Error as e:
         return f"{path} cannot be read by SQLite ({e})"
     return ""
+
+
+def missing_db_counts(split: BirdSplit, questions: list[dict]) -> dict[str, int]:
+    """{db_id: questions} for the questions whose database file is not on disk (sorted by db_id)."""
+    c = Counter(q["db_id"] for q in questions if split.db_path(q["db_id"]) is None)
+    return dict(sorted(c.items()))
+
+
+def unreadable_dbs(split: BirdSplit, questions: list[dict]) -> dict[str, str]:
+    """{db_id: what is wrong} for the databases of `questions` whose file is on disk but is not a readable
+    SQLite database (garbage, truncated): without this check every gold SQL on it fails and each of its
+    questions scores 0 as a "gold error"."""
+    out = {}
+    for db_id in sorted({q["db_id"] for q in questions}):
+        path = split.db_path(db_id)
+        problem = sqlite_file_problem(path) if path is not None else ""
+        if problem:
+            out[db_id] = problem
+    return out

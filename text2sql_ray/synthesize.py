@@ -14,7 +14,7 @@ Per question (Ray Data, streaming):
    it as a possibly-wrong hint;
 2. ``engines.generate(..., n=k)``: k samples from the teacher (``hf`` / ``vllm`` / ``openai``);
 3. ``Verifier`` (an actor pool of SQLite executors, the evaluator's sandbox and BIRD rule,
-   ``sqlexec.check_sqls`` as in evaluate's maj@k): the final SQL of every sample (``prompts.extract_sql``)
+   ``verify.check_candidates`` as in evaluate's maj@k): the final SQL of every sample (``prompts.extract_sql``)
    runs against the question's database, each distinct SQL once with its own ``timeout_s`` budget (a
    hard deadline: the executor process is killed and replaced at it), the gold SQL once; one row per
    sample with its verdict.
@@ -208,19 +208,13 @@ def sample_rows(row: dict, k: int, summarize, timeout_s: float, max_rows: int = 
 
     `row` has question_id, db_id, difficulty, db_path ("" when the database is absent), gold_sql and the
     engine's generations / gen_tokens / gen_error. The samples' SQL is checked with
-    `sqlexec.check_sqls` (the execute-and-compare evaluate's maj@k uses): each distinct SQL runs once
-    with its own budget, the gold once. `summarize(db_path, sql, timeout_s, max_rows)` returns a
+    `verify.check_candidates` (the ``pair_budget=False`` rule evaluate's maj@k uses): each distinct SQL
+    runs once with its own budget, the gold once. `summarize(db_path, sql, timeout_s, max_rows)` returns a
     `sqlexec.ExecResult` (`IsolatedExecutor.summarize` in the verifier); an exception from it becomes
     that query's error. A sample the engine did not return (a failed row, or fewer than k texts) is a
     gen_error row.
     """
-    from .sqlexec import ExecResult, check_sqls
-
-    def safe_summarize(db, sql, t, m):
-        try:
-            return summarize(db, sql, t, m)
-        except Exception as e:  # noqa: BLE001  (recorded on the row, never fatal)
-            return ExecResult(False, None, f"executor error: {type(e).__name__}: {e}"[:2000], False, 0.0)
+    from .verify import Candidates, check_candidates
 
     texts = list(row.get("generations") or [])
     tokens = list(row.get("gen_tokens") or [])
@@ -234,7 +228,8 @@ def sample_rows(row: dict, k: int, summarize, timeout_s: float, max_rows: int = 
     to_run = [sql for _, gen_error, sql in samples if not gen_error and sql]
     checked = {}
     if to_run and db_path:
-        checked = dict(zip(to_run, check_sqls(safe_summarize, db_path, to_run, row["gold_sql"], timeout_s, max_rows)))
+        question = Candidates(db_path, to_run, row["gold_sql"])
+        checked = dict(zip(to_run, check_candidates(summarize, question, timeout_s, max_rows)))
     out = []
     for j, (text, gen_error, sql) in enumerate(samples):
         pair = checked.get(sql) if not gen_error and sql else None

@@ -76,3 +76,4 @@ def check_candidates(
             return ExecResult(False, None, f"executor error: {type(e).__name__}: {e}"[:2000], False, 0.0)
 
     return check_sqls(safe_summarize, q.db_path, q.sqls, q.gold_sql, timeout_s, max_rows)
+
