@@ -101,10 +101,8 @@ def skipped_databases(split: bird.BirdSplit, questions: list[dict], strict: bool
         )
         n_missing = sum(missing.values())
         if strict:
-            raise FileNotFoundError(
-                f"{n_missing} of {len(questions)} questions cannot be scored: {detail} "
-                "(--strict is on; drop it to skip these questions.)"
-            )
+            raise FileNotFoundError(f"{n_missing} of {len(questions)} questions cannot be scored: {detail} "
+                                    "(--strict is on; drop it to skip these questions.)")
         log.warning("SKIPPING %d of %d questions: %s They are counted in report.json (n_skipped_missing_db), "
                     "not scored.", n_missing, len(questions), detail)
     broken = bird.unreadable_dbs(split, questions)
@@ -119,10 +117,8 @@ def skipped_databases(split: bird.BirdSplit, questions: list[dict], strict: bool
                     n_broken, len(questions), detail)
     n_usable = sum(1 for q in questions if q["db_id"] not in missing and q["db_id"] not in broken)
     if questions and not n_usable:
-        raise FileNotFoundError(
-            f"none of the {len(questions)} questions can be scored: every one is on a missing or unreadable "
-            f"database under {split.db_root}; nothing to evaluate."
-        )
+        raise FileNotFoundError(f"none of the {len(questions)} questions can be scored: every one is on a missing "
+                                f"or unreadable database under {split.db_root}; nothing to evaluate.")
     return missing, broken
 
 
