@@ -835,6 +835,11 @@ def _run_pool(items, method, n_queries, failed, num_actors, timeout_s, max_rows,
     others are always retried. An actor still busy ``hang_grace_s`` after its batch's worst case is
     killed and handled the same way. Every item gets a result. ``actor_name`` names the actors
     ``<actor_name>-<k>`` (for ``ray.get_actor``, monitoring).
+
+    Why not Ray's own pools (benchmarks/pool_guarantees.py, Ray 2.60): with one item that kills its
+    process, ``ray.util.ActorPool.map_unordered`` ends the iteration with an error, and a Ray Data actor
+    pool with ``max_restarts``/``max_task_retries`` fails the whole dataset; neither charges only the
+    culprit nor bounds its retries by its own budget.
     """
     import ray
     from tqdm import tqdm
