@@ -45,7 +45,7 @@ def loop_convert(cfg: ConvertConfig, out: Path) -> float:
 
         tokenizer = load_tokenizer(cfg.tokenizer)
     cache = SchemaCache.from_split(split, cfg.prompt, tokenizer)
-    with_schema = sorted({q["db_id"] for q in questions if cache.has_schema(q["db_id"])})
+    with_schema = sorted({q["db_id"] for q in questions if split.db_path(q["db_id"]) is not None or q["db_id"] in split.tables})
     val = set(validation_dbs(with_schema, cfg.val_fraction, cfg.seed))
     rows = []
     for q in questions:

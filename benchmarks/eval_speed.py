@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from text2sql_ray import bird  # noqa: E402
-from text2sql_ray.sqlexec import SqlExecutor, _auto_batch, compare_pair, run_pairs  # noqa: E402
+from text2sql_ray.sqlexec import SqlExecutor, _auto_batch, run_pairs  # noqa: E402
 
 RUNAWAY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c"
 DEFAULT_BIRD = Path(os.environ.get("T2S_BIRD_DATA", REPO.parent / "shared" / "data" / "bird")) / "dev"
@@ -45,9 +45,14 @@ def serial(items, timeout_s):
     return [ex.compare_pair(d, p, g, timeout_s) for d, p, g in items]
 
 
+_EXECUTOR: SqlExecutor | None = None
+
+
 def _mp_one(args):
+    global _EXECUTOR
     d, p, g, timeout_s = args
-    return compare_pair(d, p, g, timeout_s)  # a per-process cached executor, like our actors
+    _EXECUTOR = _EXECUTOR or SqlExecutor()  # a per-process cached executor, like our actors
+    return _EXECUTOR.compare_pair(d, p, g, timeout_s)
 
 
 def with_pool(pool, items, timeout_s, workers):
@@ -146,7 +151,7 @@ def main() -> int:
     # A runaway query costs its budget, not more.
     db = base[0][0]
     budget = args.runaway_budget
-    t_alone, r = timed(lambda: compare_pair(db, RUNAWAY, "SELECT 1", budget))
+    t_alone, r = timed(lambda: SqlExecutor().compare_pair(db, RUNAWAY, "SELECT 1", budget))
     print()
     print(
         f"runaway query alone, {budget:g} s budget: {t_alone:.2f} s wall "

@@ -51,7 +51,8 @@ def bird_prompts(data: str, limit: int, cot: bool) -> list[dict]:
     """{question_id, messages} of the first `limit` BIRD questions whose database is on disk (evaluate's prompts)."""
     from text2sql_ray import bird
     from text2sql_ray.config import EvaluateConfig, PromptConfig
-    from text2sql_ray.evaluate import question_prompts, select_questions
+    from text2sql_ray.evaluate import select_questions
+    from text2sql_ray.generation import question_prompts
 
     cfg = EvaluateConfig(data=data, prompt=PromptConfig(cot=cot))
     split = bird.load_split(bird.resolve_data(data, "dev"))

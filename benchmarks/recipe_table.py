@@ -167,7 +167,7 @@ def mix_sft(out: Path, sources: list[tuple[str, Path]], prompt_from: Path) -> di
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from text2sql_ray.convert import OUTPUT_COLUMNS, output_schema
+    from text2sql_ray.convert import output_schema
 
     from text2sql_ray.common import write_manifest
     from text2sql_ray.prompts import recorded_prompt
@@ -175,7 +175,7 @@ def mix_sft(out: Path, sources: list[tuple[str, Path]], prompt_from: Path) -> di
     started = time.time()
     tables, counts = [], {}
     for name, path in sources:
-        t = pq.read_table(path).select(list(OUTPUT_COLUMNS)).cast(output_schema())
+        t = pq.read_table(path).select(output_schema().names).cast(output_schema())
         tables.append(t)
         counts[name] = {"file": str(path), "rows": t.num_rows}
     record = recorded_prompt(prompt_from)

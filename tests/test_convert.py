@@ -12,8 +12,6 @@ import pytest
 from text2sql_ray import bird
 from text2sql_ray.config import ConvertConfig, PromptConfig
 from text2sql_ray.convert import (
-    OUTPUT_COLUMNS,
-    REJECTED_COLUMNS,
     convert_row,
     gold_sql_problem,
     prompt_token_counts,
@@ -23,6 +21,8 @@ from text2sql_ray.convert import (
 from text2sql_ray.schema import SchemaCache
 
 FILES = ("train.parquet", "validation.parquet", "rejected.parquet")
+OUTPUT_COLUMNS = ("question_id", "db_id", "question", "evidence", "gold_sql", "difficulty", "messages", "prompt_tokens")
+REJECTED_COLUMNS = ("question_id", "db_id", "question", "evidence", "gold_sql", "difficulty", "reason")
 
 
 def make_split(root: Path) -> Path:

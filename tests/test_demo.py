@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from gold_file import read_gold_file
 
 from text2sql_ray import bird, demo
 from text2sql_ray.demo import make_data
@@ -159,7 +160,7 @@ def test_gold_sql_uses_bird_idioms(splits):
 
 def test_gold_files_agree_with_the_question_files(built, splits):
     for split, sp in splits.items():
-        gold = bird.read_gold_sql(built / split / f"{split}_gold.sql")
+        gold = read_gold_file(built / split / f"{split}_gold.sql")
         assert gold == [(q["SQL"], q["db_id"]) for q in sp.questions]
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from text2sql_ray import bird, cli
-from text2sql_ray.bird import DownloadError, download_bird
+from text2sql_ray.download import DOWNLOAD_MANIFEST, DownloadError, download_bird
 
 OFFLINE_HINT = "check your connection or download manually from https://bird-bench.github.io and pass --data"
 
@@ -193,7 +193,7 @@ def test_unpinned_download_records_and_prints_the_computed_sha256(tmp_path, serv
     url, payload = served_dev
     path = download_bird("dev", tmp_path / "bird", base_url=url, progress=False)
     digest = hashlib.sha256(payload).hexdigest()
-    manifest = json.loads((path / bird.DOWNLOAD_MANIFEST).read_text())
+    manifest = json.loads((path / DOWNLOAD_MANIFEST).read_text())
     assert manifest["sha256"] == digest and manifest["sha256_verified"] is False
     assert manifest["release"] == "dev_20240627" and manifest["questions"] == 2 and manifest["databases_present"] == 1
     assert f"--sha256 {digest}" in capsys.readouterr().out
@@ -203,7 +203,7 @@ def test_pinned_matching_sha256_is_marked_verified(tmp_path, served_dev):
     url, payload = served_dev
     digest = hashlib.sha256(payload).hexdigest()
     path = download_bird("dev", tmp_path / "bird", base_url=url, sha256=digest.upper(), progress=False)
-    assert json.loads((path / bird.DOWNLOAD_MANIFEST).read_text())["sha256_verified"] is True
+    assert json.loads((path / DOWNLOAD_MANIFEST).read_text())["sha256_verified"] is True
 
 
 def test_wrong_sha256_fails_clearly_and_leaves_no_partial_output(tmp_path, served_dev):

@@ -26,6 +26,7 @@ from text2sql_ray.engines import (
     GenerationError,
     HFGenerator,
     OpenAIGenerator,
+    Sampling,
     VLLMPromptTokens,
     _repeat_generations,
     _vllm_pipeline,
@@ -116,6 +117,35 @@ def test_hf_sampled_row_does_not_depend_on_its_batch_mates(hf_sampler):
     assert together[2].texts == alone[0].texts
     assert len(set(together[2].texts)) == 3  # the 3 samples differ from each other
     assert all(1 <= t <= 6 for g in together for t in g.tokens)
+
+
+def test_hf_per_call_sampling_equals_a_generator_configured_with_it(hf_sampler, tiny_llama_dir):
+    msgs = [chat("q"), chat("r")]
+    greedy = HFGenerator(EngineConfig(model=str(tiny_llama_dir), temperature=0.0, max_new_tokens=4, seed=5))
+    per_call = hf_sampler.generate(msgs, n=2, keys=[1, 2], sampling=Sampling(0.0, 1.0, 4))
+    assert [(g.texts, g.tokens) for g in per_call] == [(g.texts, g.tokens) for g in greedy.generate(msgs, n=2, keys=[1, 2])]
+    assert all(t <= 4 for g in per_call for t in g.tokens)
+    # the call's settings do not stick: the next call without them samples with the config's again
+    assert hf_sampler.cfg.temperature == 1.0
+    sampled = hf_sampler.generate(msgs, n=2, keys=[1, 2])
+    assert sampled[0].texts == hf_sampler.generate(msgs, n=2, keys=[1, 2], sampling=Sampling(1.0, 0.9, 6))[0].texts
+
+
+def test_hf_stream_deltas_join_to_the_generated_texts_with_their_seeds(hf_sampler):
+    import threading
+
+    events: list = []
+    stop = threading.Event()
+    tokens = hf_sampler.stream(chat("q"), 3, "k", lambda kind, i, payload: events.append((kind, i, payload)), stop)
+    whole = hf_sampler.generate([chat("q")], n=3, keys=["k"])[0]
+    texts = ["".join(p for kind, i, p in events if kind == "delta" and i == j) for j in range(3)]
+    assert texts == whole.texts and tokens == sum(whole.tokens)
+    assert sorted(i for kind, i, _ in events if kind == "finish") == [0, 1, 2]
+    greedy_events: list = []
+    n_tokens = hf_sampler.stream(chat("q"), 2, "k", lambda *e: greedy_events.append(e), stop, Sampling(0.0, 1.0, 5))
+    one = hf_sampler.generate([chat("q")], n=2, keys=["k"], sampling=Sampling(0.0, 1.0, 5))[0]
+    assert "".join(p for kind, i, p in greedy_events if kind == "delta") == one.texts[0]  # one sequence, index 0
+    assert {i for _, i, _ in greedy_events} == {0} and n_tokens == sum(one.tokens)
 
 
 def test_hf_in_process_records_bad_chats_and_generates_the_rest(hf_sampler):

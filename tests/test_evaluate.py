@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from gold_file import read_gold_file
 
 from text2sql_ray import bird, cli, evaluate
 from text2sql_ray.common import log, read_jsonl
@@ -250,7 +251,7 @@ def test_gold_sql_scores_432_of_432_on_real_bird_dev_through_the_cli(ray_local, 
 
 def test_official_gold_file_as_predictions_scores_432_on_real_bird_dev(ray_local, bird_dev, tmp_path):
     split = bird.load_split(bird_dev)
-    gold = bird.read_gold_sql(split.gold_path())
+    gold = read_gold_file(split.root / "dev_gold.sql")
     sql_by_qid = {q["question_id"]: sql for q, (sql, _) in zip(split.questions, gold)}
     bird.write_official(tmp_path / "predict_dev.json", split.questions, sql_by_qid)
     cfg = EvaluateConfig(

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from text2sql_ray import bird, cli, evaluate
+from text2sql_ray import bird, cli, evaluate, generation
 from text2sql_ray import serve as serve_mod
 from text2sql_ray.common import read_jsonl
 from text2sql_ray.config import ConfigError, EngineConfig, EvaluateConfig, PromptConfig, ServeConfig
-from text2sql_ray.sqlexec import compare_pair, execute, result_digest
+from text2sql_ray.sqlexec import SqlExecutor, execute, result_digest
+
+EXECUTOR = SqlExecutor()  # one in-process executor (its connection cache) for the whole module
 
 LIMIT = 6
 PROMPT = PromptConfig(cot=False, schema_style="ddl", sample_values=0, descriptions=False)
@@ -170,7 +172,7 @@ def test_eval_prompt_is_byte_identical_to_the_training_prompt_of_convert(split):
     from text2sql_ray.schema import SchemaCache
 
     cfg = EvaluateConfig(prompt=PromptConfig())  # the default, rich schema prompt
-    rows, errors = evaluate.question_prompts(split, split.questions, cfg)
+    rows, errors = generation.question_prompts(split, split.questions, cfg)
     assert not errors and len(rows) == len(split.questions)
     cache = SchemaCache.from_split(split, cfg.prompt)
     for q, row in zip(split.questions, rows):
@@ -180,12 +182,12 @@ def test_eval_prompt_is_byte_identical_to_the_training_prompt_of_convert(split):
 
 
 def test_endpoint_urls_become_openai_base_urls_and_modes_pick_their_engine():
-    assert evaluate.normalize_endpoint("http://h:8000") == "http://h:8000/v1"
-    assert evaluate.normalize_endpoint("http://h:8000/v1/") == "http://h:8000/v1"
-    assert evaluate.normalize_endpoint("http://h:8000/small/v1") == "http://h:8000/small/v1"
-    ep = evaluate.engine_config(EvaluateConfig(endpoint="http://h:8000", engine=EngineConfig(backend="vllm")))
+    assert generation.normalize_endpoint("http://h:8000") == "http://h:8000/v1"
+    assert generation.normalize_endpoint("http://h:8000/v1/") == "http://h:8000/v1"
+    assert generation.normalize_endpoint("http://h:8000/small/v1") == "http://h:8000/small/v1"
+    ep = generation.engine_config(EvaluateConfig(endpoint="http://h:8000", engine=EngineConfig(backend="vllm")))
     assert (ep.backend, ep.endpoint) == ("openai", "http://h:8000/v1")
-    m = evaluate.engine_config(EvaluateConfig(model="/m", engine=EngineConfig(backend="vllm")))
+    m = generation.engine_config(EvaluateConfig(model="/m", engine=EngineConfig(backend="vllm")))
     assert (m.backend, m.model) == ("vllm", "/m")
     with pytest.raises(ConfigError, match="for a server use --endpoint"):
         EvaluateConfig(model="/m", engine=EngineConfig(backend="openai", endpoint="http://h/v1"))
@@ -256,7 +258,7 @@ def test_maj_at_k_end_to_end_votes_by_execution_and_keeps_greedy_equal_to_the_pl
         assert g["vote"]["executed"] == sum(d is not None for d in digests)
         assert g["maj_sql"] == g["samples"][0 if winner is None else winner]["sql"]
         assert maj_results[qid]["pred_sql"] == g["maj_sql"]
-        correct = compare_pair(db, g["maj_sql"], questions[qid]["SQL"]).correct
+        correct = EXECUTOR.compare_pair(db, g["maj_sql"], questions[qid]["SQL"]).correct
         assert maj_results[qid]["correct"] == correct
         n_correct += correct
     assert maj["n_correct"] == n_correct

@@ -190,7 +190,7 @@ def stand_in_tokenizer(smol_dir):
 
 
 def test_eval_prompt_of_a_question_is_byte_identical_to_its_training_prompt(bird_dev, stand_in_tokenizer, monkeypatch):
-    from text2sql_ray import bird, evaluate, models
+    from text2sql_ray import bird, generation, models
     from text2sql_ray.convert import convert_row
     from text2sql_ray.prompts import prompt_record
     from text2sql_ray.schema import SchemaCache
@@ -204,10 +204,10 @@ def test_eval_prompt_of_a_question_is_byte_identical_to_its_training_prompt(bird
                                       if m["role"] != "assistant"] for q in questions}
         # the model a train output records (evaluate --model <train output>), and a model without a record
         # (the base model: the evaluate section's own options)
-        recorded, _ = evaluate.resolve_prompt(ev, {**prompt_record(conv.prompt, conv.tokenizer), "manifest": "m"})
+        recorded, _ = generation.resolve_prompt(ev, {**prompt_record(conv.prompt, conv.tokenizer), "manifest": "m"})
         for eval_cfg in (recorded, ev):
             assert (eval_cfg.prompt, eval_cfg.tokenizer) == (conv.prompt, conv.tokenizer), name
-            rows, errors = evaluate.question_prompts(split, questions, eval_cfg)
+            rows, errors = generation.question_prompts(split, questions, eval_cfg)
             assert not errors and {r["question_id"]: r["messages"] for r in rows} == trained, name
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from text2sql_ray import evaluate, serve
+from text2sql_ray import generation, serve
 from text2sql_ray.common import write_manifest
 from text2sql_ray.config import ConvertConfig, EvaluateConfig, PromptConfig, ServeConfig, build_config
 from text2sql_ray.prompts import prompt_record, recorded_prompt
@@ -41,7 +41,7 @@ def test_evaluate_model_uses_the_recorded_prompt_by_default(tmp_path, caplog):
     _, train = _chain(tmp_path)
     cfg = build_config("evaluate", None, [("model", str(train))])
     with caplog.at_level(logging.INFO, logger="text2sql_ray"):
-        resolved, source = evaluate.resolve_prompt(cfg)
+        resolved, source = generation.resolve_prompt(cfg)
     assert resolved.prompt == TRAINED and resolved.tokenizer == "tok-x"
     assert source["overrides"] == {} and "overrides" not in caplog.text
 
@@ -51,7 +51,7 @@ def test_evaluate_option_that_differs_from_the_record_wins_and_is_logged(tmp_pat
     # --prompt.cot true is the default value, yet given on the command line it overrides the record
     cfg = build_config("evaluate", None, [("model", str(train)), ("prompt.cot", "true"), ("tokenizer", "")])
     with caplog.at_level(logging.INFO, logger="text2sql_ray"):
-        resolved, source = evaluate.resolve_prompt(cfg)
+        resolved, source = generation.resolve_prompt(cfg)
     assert resolved.prompt == dataclasses.replace(TRAINED, cot=True) and resolved.tokenizer == ""
     assert source["overrides"] == {"prompt.cot": {"given": True, "recorded": False},
                                    "tokenizer": {"given": "", "recorded": "tok-x"}}
@@ -61,7 +61,7 @@ def test_evaluate_option_that_differs_from_the_record_wins_and_is_logged(tmp_pat
 
 def test_a_model_without_a_record_keeps_the_given_prompt(tmp_path):
     cfg = EvaluateConfig(model=str(tmp_path), prompt=TRAINED)
-    assert evaluate.resolve_prompt(cfg) == (cfg, None)
+    assert generation.resolve_prompt(cfg) == (cfg, None)
 
 
 def test_serve_puts_the_record_on_the_model_card_and_evaluate_endpoint_reads_it(tmp_path):
@@ -76,7 +76,7 @@ def test_serve_puts_the_record_on_the_model_card_and_evaluate_endpoint_reads_it(
     app = FastAPI()
     app.get("/v1/models/{model_id}")(lambda model_id: card if model_id == m.model_id else {"error": "no"})
     with LocalServer(app) as srv:
-        rec = evaluate.endpoint_prompt(srv.endpoint, m.model_id)
-        assert evaluate.endpoint_prompt(srv.endpoint, "other") is None
-    resolved, _ = evaluate.resolve_prompt(EvaluateConfig(endpoint=srv.endpoint), rec)
+        rec = generation.endpoint_prompt(srv.endpoint, m.model_id)
+        assert generation.endpoint_prompt(srv.endpoint, "other") is None
+    resolved, _ = generation.resolve_prompt(EvaluateConfig(endpoint=srv.endpoint), rec)
     assert resolved.prompt == TRAINED and resolved.tokenizer == "tok-x"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from gold_file import read_gold_file
 
 from text2sql_ray import bird, cli
 
@@ -52,7 +53,7 @@ def test_spider_dir_is_detected_and_loads_train_by_default_dev_on_request(spider
     dev = bird.load_split(spider, "dev")
     assert (dev.name, len(dev.questions), dev.missing_dbs()) == ("dev", 1034, ["wta_1"])
     assert sum(1 for q in dev.questions if dev.db_path(q["db_id"]) is None) == 62
-    assert [sql for sql, _ in bird.read_gold_sql(dev.gold_path())][:5] == [q["SQL"] for q in dev.questions[:5]]
+    assert [sql for sql, _ in read_gold_file(dev.root / "dev_gold.sql")][:5] == [q["SQL"] for q in dev.questions[:5]]
     by_file = bird.load_split(spider / "dev.json")  # a question file names the split itself
     assert (by_file.name, len(by_file.questions)) == ("dev", 1034)
 

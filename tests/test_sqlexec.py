@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from text2sql_ray import sqlexec
-from text2sql_ray.sqlexec import compare_pair, execute, result_digest, result_key, results_equal, run_pairs
+from text2sql_ray.sqlexec import SqlExecutor, execute, result_digest, results_equal, run_pairs
+
+EXECUTOR = SqlExecutor()  # one in-process executor (its connection cache) for the whole module
 
 RUNAWAY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c"
 
@@ -55,55 +57,55 @@ def sha256(path: Path) -> str:
 
 
 def test_row_order_is_ignored(db):
-    r = compare_pair(db, "SELECT a, b FROM t ORDER BY a", "SELECT a, b FROM t ORDER BY a DESC")
+    r = EXECUTOR.compare_pair(db, "SELECT a, b FROM t ORDER BY a", "SELECT a, b FROM t ORDER BY a DESC")
     assert r.correct and r.pred_rows == 3 and r.gold_rows == 3
 
 
 def test_duplicate_rows_are_ignored(db):
-    r = compare_pair(db, "SELECT a FROM dup", "SELECT DISTINCT a FROM dup")
+    r = EXECUTOR.compare_pair(db, "SELECT a FROM dup", "SELECT DISTINCT a FROM dup")
     assert r.correct and (r.pred_rows, r.gold_rows) == (3, 2)
 
 
 def test_column_order_is_significant(db):
-    r = compare_pair(db, "SELECT a, b FROM t", "SELECT b, a FROM t")
+    r = EXECUTOR.compare_pair(db, "SELECT a, b FROM t", "SELECT b, a FROM t")
     assert not r.correct and r.pred_error is None and r.gold_error is None
 
 
 def test_integer_equals_float(db):
-    assert compare_pair(db, "SELECT a FROM t WHERE a = 1", "SELECT c FROM t WHERE a = 1").correct  # 1 vs 1.0
+    assert EXECUTOR.compare_pair(db, "SELECT a FROM t WHERE a = 1", "SELECT c FROM t WHERE a = 1").correct  # 1 vs 1.0
 
 
 def test_text_never_equals_number(db):
-    assert not compare_pair(db, "SELECT '1'", "SELECT 1").correct
+    assert not EXECUTOR.compare_pair(db, "SELECT '1'", "SELECT 1").correct
 
 
 def test_both_empty_is_correct(db):
-    r = compare_pair(db, "SELECT a FROM t WHERE a > 99", "SELECT b FROM t WHERE 0")
+    r = EXECUTOR.compare_pair(db, "SELECT a FROM t WHERE a > 99", "SELECT b FROM t WHERE 0")
     assert r.correct and (r.pred_rows, r.gold_rows) == (0, 0)
 
 
 def test_one_empty_is_wrong(db):
-    assert not compare_pair(db, "SELECT a FROM t WHERE 0", "SELECT a FROM t").correct
+    assert not EXECUTOR.compare_pair(db, "SELECT a FROM t WHERE 0", "SELECT a FROM t").correct
 
 
 def test_error_in_gold_is_wrong(db):
-    r = compare_pair(db, "SELECT a FROM t", "SELECT nosuch FROM t")
+    r = EXECUTOR.compare_pair(db, "SELECT a FROM t", "SELECT nosuch FROM t")
     assert not r.correct and r.pred_error is None and "no such column: nosuch" in r.gold_error
 
 
 def test_error_in_prediction_is_wrong_and_gold_is_still_checked(db):
-    r = compare_pair(db, "SELEC a FROM t", "SELECT a FROM t")
+    r = EXECUTOR.compare_pair(db, "SELEC a FROM t", "SELECT a FROM t")
     assert not r.correct and "syntax error" in r.pred_error and r.gold_error is None and r.gold_rows == 3
 
 
 def test_timeout_in_prediction_is_wrong(db):
-    r = compare_pair(db, RUNAWAY, "SELECT 1", timeout_s=0.5)
+    r = EXECUTOR.compare_pair(db, RUNAWAY, "SELECT 1", timeout_s=0.5)
     assert not r.correct and r.timed_out and "timeout" in r.pred_error
 
 
 def test_one_budget_covers_the_pair(db):
     # a finishing prediction (~0.2-0.5 s), then a runaway gold: the pair costs one budget, not pred + budget
-    r = compare_pair(db, count_to(1_000_000), RUNAWAY, timeout_s=3.0)
+    r = EXECUTOR.compare_pair(db, count_to(1_000_000), RUNAWAY, timeout_s=3.0)
     assert r.pred_error is None and "timeout" in r.gold_error and r.timed_out and not r.correct
     assert r.seconds < 3.0 + 0.5
 
@@ -114,14 +116,14 @@ def test_multiple_statements_are_an_error(db):
 
 
 def test_empty_prediction_is_an_error(db):
-    r = compare_pair(db, "  ", "SELECT a FROM t WHERE 0")  # the official scorer would call this correct
+    r = EXECUTOR.compare_pair(db, "  ", "SELECT a FROM t WHERE 0")  # the official scorer would call this correct
     assert not r.correct and "no SQL statement" in r.pred_error
 
 
-def test_result_key_agrees_with_results_equal():
+def test_results_equal_ignores_row_order_and_duplicates_not_column_order():
     a, b, c = [(1, "x"), (2, "y"), (1, "x")], [(2.0, "y"), (1.0, "x")], [("x", 1), ("y", 2)]
-    assert results_equal(a, b) and result_key(a) == result_key(b)
-    assert not results_equal(a, c) and result_key(a) != result_key(c)
+    assert results_equal(a, b)
+    assert not results_equal(a, c)
 
 
 def test_result_digest_is_equal_iff_results_are_equal():
@@ -256,7 +258,7 @@ def test_run_pairs_matches_in_process_scoring(ray_local, db):
         (db, "DROP TABLE t", "SELECT 1"),
     ]
     pooled = run_pairs(items, num_actors=2, timeout_s=0.5, progress=False)
-    local = [compare_pair(d, p, g, timeout_s=0.5) for d, p, g in items]
+    local = [EXECUTOR.compare_pair(d, p, g, timeout_s=0.5) for d, p, g in items]
     assert [(r.correct, r.timed_out, r.pred_digest, r.gold_rows) for r in pooled] == [
         (r.correct, r.timed_out, r.pred_digest, r.gold_rows) for r in local
     ]

@@ -27,7 +27,6 @@ from text2sql_ray.config import ConvertConfig, EngineConfig, PromptConfig, Synth
 from text2sql_ray.sqlexec import ExecResult, PairResult
 from text2sql_ray.synthesize import (
     NO_DB_STATUSES,
-    SAMPLE_COLUMNS,
     STATUSES,
     apply_no_db_check,
     canonical_sql,
@@ -35,6 +34,7 @@ from text2sql_ray.synthesize import (
     read_parts,
     run,
     sample_rows,
+    samples_schema,
     select_sample,
     sft_answer,
     verdict,
@@ -236,7 +236,7 @@ def test_sample_rows_executes_identical_sql_once_and_fills_missing_samples():
     assert calls == ["SELECT 1", "SELECT 1", "SELECT boom"]  # the gold once, then each distinct sample SQL once
     assert "executor died" in rows[2]["exec_error"] and rows[3]["gen_error"] == "the engine returned 3 of 4 samples"
     assert [r["gen_tokens"] for r in rows] == [5, 6, 7, None] and [r["sample_index"] for r in rows] == [0, 1, 2, 3]
-    assert list(rows[0]) == list(SAMPLE_COLUMNS)
+    assert list(rows[0]) == samples_schema().names
 
 
 def test_sft_answer_ends_with_exactly_one_sql_block():

@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     """`t2s ask ...`: returns the exit status (0: the SQL ran)."""
     from .config import ConfigError
     from .engines import GenerationError
-    from .evaluate import normalize_endpoint
+    from .generation import normalize_endpoint
 
     args = _parser().parse_args(argv)
     try:

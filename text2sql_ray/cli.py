@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stage, rest = argv[0], argv[1:]
     if stage == "data":
-        from .bird import download_main
+        from .download import download_main
 
         return download_main(rest)
     if stage == "ask":  # not a stage: one question, its own flags (`t2s ask --help`)

@@ -210,3 +210,11 @@ def available_cpus() -> int:
     except Exception:  # pragma: no cover
         pass
     return max(1, os.cpu_count() or 1)
+
+
+def pct(x: float | None, fraction: bool = False) -> str:
+    """A percentage for a report table: `x` in percent as '12.34' ('-' for None); with ``fraction``, `x` in
+    [0, 1] as '12.3%' ('n/a' for None), synthesize's yield format."""
+    if fraction:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+    return "-" if x is None else f"{x:.2f}"

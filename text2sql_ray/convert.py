@@ -35,8 +35,6 @@ from .config import ConvertConfig, PromptConfig
 from .prompts import build_messages, prompt_record
 from .schema import NoSchemaError, SchemaCache, count_tokens
 
-OUTPUT_COLUMNS = ("question_id", "db_id", "question", "evidence", "gold_sql", "difficulty", "messages", "prompt_tokens")
-REJECTED_COLUMNS = ("question_id", "db_id", "question", "evidence", "gold_sql", "difficulty", "reason")
 SPLITS = ("train", "validation", "rejected")
 
 
@@ -221,14 +219,15 @@ def write_splits(out: Path, rows: list[dict], jsonl: bool = False,
     names = (*kept, "rejected")
     by_split = {s: [r for r in rows if r["split"] == s] for s in names}
     files = {}
+    columns, rejected_columns = output_schema().names, rejected_schema().names
     for name in kept:
-        table = pa.Table.from_pylist([{c: r[c] for c in OUTPUT_COLUMNS} for r in by_split[name]], schema=output_schema())
+        table = pa.Table.from_pylist([{c: r[c] for c in columns} for r in by_split[name]], schema=output_schema())
         files[name] = write_parquet(out / f"{name}.parquet", table).name
-    rejected = [{c: r[c] for c in REJECTED_COLUMNS} for r in by_split["rejected"]]
+    rejected = [{c: r[c] for c in rejected_columns} for r in by_split["rejected"]]
     files["rejected"] = write_parquet(out / "rejected.parquet", pa.Table.from_pylist(rejected, schema=rejected_schema())).name
     if jsonl:
         for name in kept:
-            write_jsonl(out / f"{name}.jsonl", ({c: r[c] for c in OUTPUT_COLUMNS} for r in by_split[name]))
+            write_jsonl(out / f"{name}.jsonl", ({c: r[c] for c in columns} for r in by_split[name]))
         write_jsonl(out / "rejected.jsonl", rejected)
         files.update({f"{n}_jsonl": f"{n}.jsonl" for n in names})
     return files

@@ -57,6 +57,17 @@ class Generation:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings of one `HFGenerator.generate` / `stream` call (Serve sets them per request);
+    a call without one uses the generator's `EngineConfig`."""
+
+    temperature: float
+    """0 = greedy."""
+    top_p: float
+    max_new_tokens: int
+
+
 class GenerationError(RuntimeError):
     """A generation failed in `generate_messages` (which returns texts only, so it raises)."""
 
@@ -209,11 +220,75 @@ class _PerRowSampler:
         return scores.fill_(float("-inf")).scatter_(1, picked, 0.0)  # `scores` is our own copy here
 
 
+class _DeltaStreamer:
+    """A transformers streamer over a batch of sequences: text deltas and finish reasons, per sequence.
+
+    `emit(kind, index, payload)` is called from the generation thread: ("delta", i, text) and
+    ("finish", i, reason). Text is decoded from all the tokens so far and sent as the new suffix, so
+    the deltas join to exactly the final text (a token that ends inside a UTF-8 character waits).
+    """
+
+    def __init__(self, tokenizer, eos_ids: set[int], rows: int, max_tokens: int, emit):
+        self.tokenizer, self.eos_ids, self.max_tokens, self.emit = tokenizer, eos_ids, max_tokens, emit
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.sent = [""] * rows
+        self.counts = [0] * rows
+        self.done = [False] * rows
+        self.prompt_seen = False
+
+    def _flush(self, i: int, final: bool = False) -> None:
+        text = self.tokenizer.decode(self.ids[i], skip_special_tokens=True)
+        if (text.endswith("\ufffd") and not final) or not text.startswith(self.sent[i]):
+            return
+        if len(text) > len(self.sent[i]):
+            self.emit("delta", i, text[len(self.sent[i]):])
+            self.sent[i] = text
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        for i, tok in enumerate(value.reshape(-1).tolist()):
+            if self.done[i]:
+                continue
+            self.counts[i] += 1
+            if tok in self.eos_ids:
+                self.done[i] = True
+                self._flush(i, final=True)
+                self.emit("finish", i, "stop")
+                continue
+            self.ids[i].append(tok)
+            self._flush(i)
+
+    def end(self) -> None:
+        for i in range(len(self.ids)):
+            if not self.done[i]:
+                self.done[i] = True
+                self._flush(i, final=True)
+                self.emit("finish", i, "length" if self.counts[i] >= self.max_tokens else "stop")
+
+
+class _StopFlag:
+    """A stopping criterion that ends generation when `event` is set (a streaming client went away)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class HFGenerator:
     """Transformers generation on one worker: a Ray Data callable class, and the code Serve reuses.
 
     `__call__(pyarrow.Table) -> pyarrow.Table` adds the output columns (Ray Data, batch_format="pyarrow").
-    `generate(messages_list, n, keys)` is the same generation for in-process callers.
+    `generate(messages_list, n, keys, sampling)` is the same generation for in-process callers, and
+    `stream(messages, n, key, emit, stop, sampling)` the same for one chat, token by token. `sampling`
+    (a `Sampling`) sets temperature, top_p and max_new_tokens for that call only (default: the config's);
+    sample j of a row is seeded from (cfg.seed, the row's key, j) on both paths. Not thread-safe: one
+    call at a time.
     """
 
     def __init__(
@@ -244,35 +319,43 @@ class HFGenerator:
         eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
 
-    def _generation_config(self):
+    def _sampling(self, sampling: Sampling | None) -> Sampling:
+        return sampling or Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.max_new_tokens)
+
+    def _generation_config(self, max_new_tokens: int):
         import copy
 
         gc = copy.deepcopy(self.model.generation_config)
         # Greedy search; sampling, when wanted, happens in _PerRowSampler (per-row seeds).
         gc.do_sample, gc.num_beams, gc.num_return_sequences = False, 1, 1
         gc.temperature, gc.top_p, gc.top_k = None, None, None
-        gc.max_new_tokens, gc.max_length = self.cfg.max_new_tokens, None
+        gc.max_new_tokens, gc.max_length = max_new_tokens, None
         gc.pad_token_id = self.tokenizer.pad_token_id
         return gc
 
-    def _generate_batch(self, prompts: list[str], keys: list[str], n: int) -> list[Generation]:
-        import torch
+    def _inputs(self, prompts: list[str], keys: list[str], reps: int, s: Sampling):
+        """Tokenized prompts (each `reps` times) and the logits processors of sampling `s`."""
         from transformers import LogitsProcessorList
 
-        greedy = self.cfg.temperature == 0
-        reps = 1 if greedy else n
         texts = [p for p in prompts for _ in range(reps)]
         # add_special_tokens=False: the ids of `prompt_token_ids` (left padding aside).
         enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
             self.device
         )
         processors = LogitsProcessorList()
-        if not greedy:
+        if s.temperature != 0:
             seeds = [sample_seed(self.cfg.seed, k, j) for k in keys for j in range(reps)]
-            processors.append(_PerRowSampler(seeds, self.cfg.temperature, self.cfg.top_p))
+            processors.append(_PerRowSampler(seeds, s.temperature, s.top_p))
+        return enc, processors
+
+    def _generate_batch(self, prompts: list[str], keys: list[str], n: int, s: Sampling) -> list[Generation]:
+        import torch
+
+        reps = 1 if s.temperature == 0 else n
+        enc, processors = self._inputs(prompts, keys, reps, s)
         with torch.inference_mode():
             out = self.model.generate(
-                **enc, generation_config=self._generation_config(), logits_processor=processors
+                **enc, generation_config=self._generation_config(s.max_new_tokens), logits_processor=processors
             )
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         results = []
@@ -286,8 +369,11 @@ class HFGenerator:
             results.append(Generation(outs * (n // reps), counts * (n // reps)))
         return results
 
-    def generate(self, messages_list: list, n: int = 1, keys: list | None = None) -> list[Generation]:
+    def generate(
+        self, messages_list: list, n: int = 1, keys: list | None = None, sampling: Sampling | None = None
+    ) -> list[Generation]:
         """One `Generation` per chat, in order; a bad chat or a failed generation is that row's error."""
+        s = self._sampling(sampling)
         keys = keys if keys is not None else [None] * len(messages_list)
         results: list[Generation | None] = [None] * len(messages_list)
         todo = []  # (index, prompt text, seed key)
@@ -301,7 +387,7 @@ class HFGenerator:
         for start in range(0, len(todo), bs):
             chunk = todo[start : start + bs]
             try:
-                outs = self._generate_batch([p for _, p, _ in chunk], [k for _, _, k in chunk], n)
+                outs = self._generate_batch([p for _, p, _ in chunk], [k for _, _, k in chunk], n, s)
             except Exception:  # noqa: BLE001  isolate the failing row(s): retry one by one
                 if self.device == "cuda":
                     import torch
@@ -310,12 +396,34 @@ class HFGenerator:
                 outs = []
                 for _, p, k in chunk:
                     try:
-                        outs += self._generate_batch([p], [k], n)
+                        outs += self._generate_batch([p], [k], n, s)
                     except Exception as e:  # noqa: BLE001
                         outs.append(Generation(error=_error_text(e)))
             for (i, _, _), g in zip(chunk, outs):
                 results[i] = g
         return results
+
+    def stream(self, messages: list[dict], n: int, key: str, emit, stop, sampling: Sampling | None = None) -> int:
+        """Generate for one chat token by token: `emit(kind, index, payload)` gets ("delta", i, text) and
+        ("finish", i, "stop" | "length") per sequence (see `_DeltaStreamer`); generation ends early once the
+        `threading.Event` `stop` is set. Greedy generates one sequence (index 0) for any n, sampling n.
+        Returns the completion tokens of all n answers. Raises on a bad chat or a failed generation."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        s = self._sampling(sampling)
+        rows = 1 if s.temperature == 0 else n
+        enc, processors = self._inputs([chat_prompt(self.tokenizer, messages)], [key], rows, s)
+        streamer = _DeltaStreamer(self.tokenizer, self.eos_ids, rows, s.max_new_tokens, emit)
+        with torch.inference_mode():
+            self.model.generate(
+                **enc,
+                generation_config=self._generation_config(s.max_new_tokens),
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]),
+                streamer=streamer,
+            )
+        return sum(streamer.counts) * (n // rows)
 
     def generate_messages(self, messages_list: list, n: int = 1) -> list[list[str]]:
         """n texts per chat; raises GenerationError if any chat fails."""

@@ -3,126 +3,84 @@
     t2s evaluate --data <BIRD split dir> --predictions <file> --out <dir> [--limit N] [--strict]
     t2s evaluate --data <dir> --model <dir or name> --out <dir> [--samples K --engine.temperature T]
     t2s evaluate --data <dir> --endpoint http://host:8000/v1 --out <dir> [--engine.concurrency C] [--samples K ...]
-    t2s evaluate --compare <run dir A> <run dir B> --out <dir>
+    t2s evaluate --compare <run dir A> <run dir B> --out <dir>          (reports.run_compare)
 
-``--data`` is a BIRD split or a Spider directory (its ``dev.json``; Spider has no difficulty, so the
-report gives the overall EX only). Predictions: the official ``predict_dev.json`` (``{"0": "SQL\\t----- bird -----\\tdb_id"}``) or JSONL
-rows ``{"question_id": N, "sql": "..."}``. Scoring follows the official BIRD rule (see sqlexec.py):
-a question is correct iff its predicted and gold results are equal as sets of row tuples, under one
-budget for the pair. The denominator is every question asked whose database is on disk: a missing
-prediction scores 0. Questions whose database file is missing or unreadable (garbage, truncated:
-``bird.sqlite_file_problem``) are skipped, counted and named in a loud warning (``--strict`` makes
-that an error; when no question is left to score the run fails).
+Every mode reads: questions -> (generate) -> extract SQL -> verify -> aggregate.
 
-Outputs in ``--out``: ``results.jsonl`` (one row per question, in question order: question_id, db_id,
-difficulty, correct, pred_error, gold_error, timed_out, seconds, skipped, missing_prediction,
-error_kind, pred_rows, gold_rows, attempts, pred_sql), ``report.json``,
-``report.md``, ``ex_by_difficulty.png``, ``predict_dev.json`` (official format, SQL verbatim: it re-scores
-to the same results) and ``manifest.json``.
+``--data`` is a BIRD split or a Spider directory (its ``dev.json``; Spider has no difficulty: the report
+gives the overall EX only). Predictions: the official ``predict_dev.json`` or JSONL rows
+``{"question_id": N, "sql": "..."}`` (`bird.read_predictions`). `score` verifies them with the official
+BIRD rule under one budget per pred+gold pair (`verify.verify`, ``pair_budget=True``) and aggregates
+(`reports.build_report`). The denominator is every question asked whose database is on disk: a missing
+prediction scores 0. Questions whose database file is missing or unreadable (``bird.sqlite_file_problem``)
+are skipped, counted and named in a loud warning (``--strict`` makes that an error; when no question
+is left to score the run fails). Outputs in ``--out``: ``results.jsonl`` (one row per question, in
+question order, `result_row`), ``report.json``, ``report.md``, ``ex_by_difficulty.png``,
+``predict_dev.json`` (official format, SQL verbatim: it re-scores to the same results), ``manifest.json``.
 
-Scoring is ``score(split, sql_by_qid, cfg, out_dir)``; every mode ends in it.
+``--model`` (``engines.generate`` on Ray Data, backend 'hf' or 'vllm') and ``--endpoint`` (the 'openai'
+backend against any OpenAI-compatible server; ``engine.model`` names the served model, empty = the first
+it lists) build each question's prompt exactly as ``t2s convert`` built the training prompt, from the
+prompt config a ``t2s train`` output records (generation.py), take ``prompts.extract_sql`` of each answer
+(`extract_answers`) and score it. A failed generation is a missing prediction (0). Extra output:
+``generations.jsonl`` (question_id, db_id, text, sql, tokens, error, samples, vote), which
+``t2s evaluate --predictions`` re-scores.
 
-Model mode (``--model``: ``engines.generate`` on Ray Data with ``cfg.engine``, backend 'hf' or 'vllm')
-and endpoint mode (``--endpoint``: the engines' 'openai' backend against any OpenAI-compatible
-server, e.g. ``t2s serve``; ``engine.model`` names the served model, empty = the first it lists)
-build each question's prompt exactly as ``t2s convert`` builds the training prompt
-(``prompts.build_messages`` with the ``schema.SchemaCache`` text for ``cfg.prompt`` and
-``cfg.tokenizer``). A ``t2s train`` output records the convert run's prompt config and tokenizer
-(``t2s serve`` shows it on the model card as ``t2s_prompt``); `resolve_prompt` uses that record by
-default, and an option given in the YAML or on the command line that differs from it wins with a
-warning (``generation.prompt_from`` in report.json names the record and the overrides). Take ``prompts.extract_sql``
-of each answer and score it. Questions whose database file is missing are not generated (they are
-skipped in scoring anyway). A failed generation is a missing prediction (0). Extra output:
-``generations.jsonl`` (question order: question_id, db_id, text, sql, tokens, error, samples, vote):
-``t2s evaluate --predictions <out>/generations.jsonl`` re-scores the greedy answers (a failed
-generation then reads as an empty prediction: 0 either way).
-
-``--samples k`` (k > 1, ``engine.temperature`` > 0): self-consistency. Greedy EX comes from a
-separate temperature-0 generation, so it equals a plain run's EX; then k samples per question at
-``engine.temperature``, each distinct sample SQL executed once on the question's database with its own
-budget (``sqlexec.run_checks``, the gold once with its own: a slow gold never removes a vote), and the answer whose
-execution result (``sqlexec.result_digest``) is most frequent wins (`majority_vote`: failed
-executions do not vote; a tie goes to the result whose first sample came earliest; when no sample
-executes, sample 0 stands). The winners are scored like predictions into ``<out>/maj_at_k/`` and
-reported beside greedy EX in report.json/report.md (``maj_at_k``: EX, per difficulty, and the
-share of questions where any sample was correct).
-
-``--compare A B``: a side-by-side report of two evaluation runs (``compare_runs``): EX overall and per
-difficulty on the questions both scored, the questions B fixed (wrong in A, right in B) and broke,
-by id; ``compare.md``, ``compare.json``, ``compare.png`` and ``manifest.json`` in ``--out``.
+``--samples k`` (k > 1, ``engine.temperature`` > 0): self-consistency (`majority_at_k`). Greedy EX comes
+from a separate temperature-0 generation, so it equals a plain run's EX; the k samples per question are
+verified with ``pair_budget=False`` (each distinct SQL once with its own budget, the gold once with its
+own: a slow gold never removes a vote); the most frequent execution result wins (`majority_vote`); the
+winners are scored like predictions into ``<out>/maj_at_k/`` and reported beside greedy EX.
 """
-
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
-from . import bird
-from .common import (
-    atomic_path,
-    ensure_ray,
-    log,
-    read_jsonl,
-    write_json,
-    write_jsonl,
-    write_manifest,
-    write_text,
-)
-from .config import ConfigError, EngineConfig, EvaluateConfig
-from .sqlexec import PairResult, error_kind, run_checks, run_pairs
+from . import bird, generation, reports
+from .common import ensure_ray, log, write_json, write_jsonl, write_manifest, write_text
+from .config import ConfigError, EvaluateConfig
+from .sqlexec import PairResult, error_kind
+from .verify import Candidates, verify
 
-DIFFICULTIES = ("simple", "moderate", "challenging")
-UNLABELLED = "unlabelled"
 OUTPUT_FILES = ("results.jsonl", "report.json", "report.md", "ex_by_difficulty.png", "predict_dev.json")
+GENERATION_FILES = ("generations.jsonl",)
+MAJ_DIR = "maj_at_k"
+COUNT_KEYS = ("n_questions", "n_skipped_missing_db", "n_skipped_unreadable_db", "n_scored", "n_correct")
 
 
 def run(cfg: EvaluateConfig) -> Path:
     """Evaluate predictions, a model or an endpoint against a BIRD split (or compare two runs); returns --out."""
     started = time.time()
     if cfg.compare:
-        return run_compare(cfg, started)
+        return reports.run_compare(cfg, started)
     if cfg.model or cfg.endpoint:
         return run_generation(cfg, started)
     if not cfg.predictions:
-        raise ConfigError(
-            "evaluate needs --predictions FILE "
-            '(official predict_dev.json or JSONL rows {"question_id", "sql"}), --model M or --endpoint URL.'
-        )
+        raise ConfigError("evaluate needs --predictions FILE (official predict_dev.json or JSONL rows "
+                          '{"question_id", "sql"}), --model M or --endpoint URL.')
     if cfg.samples != 1:
-        raise ConfigError(
-            "evaluate --samples > 1 (maj@k) needs --model or --endpoint; drop it with --predictions."
-        )
+        raise ConfigError("evaluate --samples > 1 (maj@k) needs --model or --endpoint; drop it with --predictions.")
     split = bird.load_split(bird.resolve_data(cfg.data, "dev"), "dev")
     sql_by_qid = bird.read_predictions(cfg.predictions, split.questions)
     out = Path(cfg.out)
     report = score(split, sql_by_qid, cfg, out)
     write_manifest(
-        out,
-        "evaluate",
-        cfg,
-        started,
+        out, "evaluate", cfg, started,
         inputs={"data": str(split.root), "split": split.name, "predictions": str(cfg.predictions)},
-        counts={k: report[k] for k in ("n_questions", "n_skipped_missing_db", "n_skipped_unreadable_db", "n_scored", "n_correct")},
-        metrics={
-            "ex": report["ex"],
-            "by_difficulty": {d: v["ex"] for d, v in report["by_difficulty"].items()},
-        },
+        counts={k: report[k] for k in COUNT_KEYS},
+        metrics={"ex": report["ex"], "by_difficulty": {d: v["ex"] for d, v in report["by_difficulty"].items()}},
         outputs=list(OUTPUT_FILES),
     )
-    log.info(
-        "evaluate: EX %s%% (%d/%d scored) -> %s", report["ex"], report["n_correct"], report["n_scored"], out
-    )
+    log.info("evaluate: EX %s%% (%d/%d scored) -> %s", report["ex"], report["n_correct"], report["n_scored"], out)
     return out
 
 
 # --------------------------------------------------------------------------------------------------
-# Scoring (shared by every mode)
+# Scoring (shared by every mode): questions -> verify -> aggregate
 # --------------------------------------------------------------------------------------------------
 
 
@@ -131,36 +89,10 @@ def select_questions(split: bird.BirdSplit, limit: int) -> list[dict]:
     return split.questions[:limit] if limit else list(split.questions)
 
 
-def missing_db_counts(split: bird.BirdSplit, questions: list[dict]) -> dict[str, int]:
-    """{db_id: questions} for the questions whose database file is not on disk (sorted by db_id)."""
-    c = Counter(q["db_id"] for q in questions if split.db_path(q["db_id"]) is None)
-    return dict(sorted(c.items()))
-
-
-def unreadable_dbs(split: bird.BirdSplit, questions: list[dict]) -> dict[str, str]:
-    """{db_id: what is wrong} for the databases of `questions` whose file is on disk but is not a readable
-    SQLite database (garbage, truncated): without this check every gold SQL on it fails and each of its
-    questions scores 0 as a "gold error"."""
-    out = {}
-    for db_id in sorted({q["db_id"] for q in questions}):
-        path = split.db_path(db_id)
-        problem = bird.sqlite_file_problem(path) if path is not None else ""
-        if problem:
-            out[db_id] = problem
-    return out
-
-
-def score(
-    split: bird.BirdSplit, sql_by_qid: dict[int, str], cfg: EvaluateConfig, out_dir: str | Path
-) -> dict:
-    """Execute and score predictions ({question_id: sql}) for the split's questions; write the outputs.
-
-    Returns the report (also written as report.json). Writes every file of OUTPUT_FILES.
-    """
-    t_start = time.time()
-    out_dir = Path(out_dir)
-    questions = select_questions(split, cfg.limit)
-    missing = missing_db_counts(split, questions)
+def skipped_databases(split: bird.BirdSplit, questions: list[dict], strict: bool) -> tuple[dict[str, int], dict[str, str]]:
+    """(missing {db_id: questions}, unreadable {db_id: problem}): warned about, or an error with --strict or
+    when no question is left to score."""
+    missing = bird.missing_db_counts(split, questions)
     if missing:
         listing = ", ".join(f"{d} ({n})" for d, n in missing.items())
         detail = (
@@ -168,23 +100,16 @@ def score(
             "Put <db_id>/<db_id>.sqlite there to score them."
         )
         n_missing = sum(missing.values())
-        if cfg.strict:
-            raise FileNotFoundError(
-                f"{n_missing} of {len(questions)} questions cannot be scored: {detail} "
-                "(--strict is on; drop it to skip these questions.)"
-            )
-        log.warning(
-            "SKIPPING %d of %d questions: %s "
-            "They are counted in report.json (n_skipped_missing_db), not scored.",
-            n_missing,
-            len(questions),
-            detail,
-        )
-    broken = unreadable_dbs(split, questions)
+        if strict:
+            raise FileNotFoundError(f"{n_missing} of {len(questions)} questions cannot be scored: {detail} "
+                                    "(--strict is on; drop it to skip these questions.)")
+        log.warning("SKIPPING %d of %d questions: %s They are counted in report.json (n_skipped_missing_db), "
+                    "not scored.", n_missing, len(questions), detail)
+    broken = bird.unreadable_dbs(split, questions)
     if broken:
         n_broken = sum(1 for q in questions if q["db_id"] in broken)
         detail = "; ".join(broken.values())
-        if cfg.strict:
+        if strict:
             raise ValueError(f"{n_broken} of {len(questions)} questions cannot be scored: {detail} "
                              "(--strict is on; replace the file(s) with intact copies.)")
         log.warning("SKIPPING %d of %d questions: unreadable database file(s): %s. Replace them with intact "
@@ -192,90 +117,74 @@ def score(
                     n_broken, len(questions), detail)
     n_usable = sum(1 for q in questions if q["db_id"] not in missing and q["db_id"] not in broken)
     if questions and not n_usable:
-        raise FileNotFoundError(
-            f"none of the {len(questions)} questions can be scored: every one is on a missing or unreadable "
-            f"database under {split.db_root}; nothing to evaluate."
-        )
+        raise FileNotFoundError(f"none of the {len(questions)} questions can be scored: every one is on a missing "
+                                f"or unreadable database under {split.db_root}; nothing to evaluate.")
+    return missing, broken
 
-    rows: list[dict] = []
-    jobs: list[tuple[int, tuple]] = []
-    for q in questions:
-        qid = q["question_id"]
-        db_path = split.db_path(q["db_id"])
-        has_pred = qid in sql_by_qid
-        row = {
-            "question_id": qid,
-            "db_id": q["db_id"],
-            "difficulty": q.get("difficulty") or UNLABELLED,
-            "correct": False,
-            "pred_error": None,
-            "gold_error": None,
-            "timed_out": False,
-            "seconds": 0.0,
-            "skipped": None,
-            "missing_prediction": not has_pred,
-            "error_kind": "",
-            "pred_rows": None,
-            "gold_rows": None,
-            "attempts": 0,
-            "pred_sql": sql_by_qid.get(qid),
-        }
-        if db_path is None:
-            row["skipped"] = f"missing database {q['db_id']}"
-        elif q["db_id"] in broken:
-            row["skipped"] = f"unreadable database {q['db_id']}"
-        elif not has_pred:
-            row["pred_error"] = "missing prediction"
-            row["error_kind"] = "missing prediction"
-        else:
-            jobs.append((len(rows), (str(db_path), sql_by_qid[qid], q["SQL"])))
-        rows.append(row)
+
+def result_row(q: dict, db_path: Path | None, sql_by_qid: dict[int, str], broken: dict[str, str]) -> dict:
+    """A question's results.jsonl row before verification: skipped, missing prediction, or still to verify."""
+    sql = sql_by_qid.get(q["question_id"])
+    row = {
+        "question_id": q["question_id"], "db_id": q["db_id"], "difficulty": q.get("difficulty") or reports.UNLABELLED,
+        "correct": False, "pred_error": None, "gold_error": None, "timed_out": False, "seconds": 0.0,
+        "skipped": None, "missing_prediction": q["question_id"] not in sql_by_qid, "error_kind": "", "pred_rows": None, "gold_rows": None,
+        "attempts": 0, "pred_sql": sql,
+    }
+    if db_path is None:
+        row["skipped"] = f"missing database {q['db_id']}"
+    elif q["db_id"] in broken:
+        row["skipped"] = f"unreadable database {q['db_id']}"
+    elif row["missing_prediction"]:
+        row["pred_error"] = row["error_kind"] = "missing prediction"
+    return row
+
+
+def score(
+    split: bird.BirdSplit, sql_by_qid: dict[int, str], cfg: EvaluateConfig, out_dir: str | Path
+) -> dict:
+    """Verify predictions ({question_id: sql}) for the split's questions (one budget per pred+gold pair,
+    the official rule) and aggregate; write every file of OUTPUT_FILES. Returns the report (report.json)."""
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    questions = select_questions(split, cfg.limit)
+    missing, broken = skipped_databases(split, questions, cfg.strict)
+    rows = [result_row(q, split.db_path(q["db_id"]), sql_by_qid, broken) for q in questions]
+    todo = [i for i, r in enumerate(rows) if not r["skipped"] and not r["missing_prediction"]]
     n_missing_pred = sum(1 for r in rows if r["missing_prediction"] and not r["skipped"])
     if n_missing_pred:
         log.warning("%d scored question(s) have no prediction; each counts as wrong.", n_missing_pred)
 
     ray_startup = execution = 0.0
-    if jobs:
+    if todo:
         t0 = time.time()
         ensure_ray()
         ray_startup = time.time() - t0
         t0 = time.time()
-        results: list[PairResult] = run_pairs(
-            [item for _, item in jobs],
-            num_actors=cfg.num_actors,
-            timeout_s=cfg.timeout_s,
-            max_rows=cfg.max_rows,
+        results = verify(
+            [Candidates(str(split.db_path(questions[i]["db_id"])), [rows[i]["pred_sql"]], questions[i]["SQL"])
+             for i in todo],
+            pair_budget=True, num_actors=cfg.num_actors, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows,
         )
         execution = time.time() - t0
-        for (i, _), r in zip(jobs, results):
+        for i, (r,) in zip(todo, results):
             rows[i].update(
-                correct=r.correct,
-                pred_error=r.pred_error,
-                gold_error=r.gold_error,
-                timed_out=r.timed_out,
+                correct=r.correct, pred_error=r.pred_error, gold_error=r.gold_error, timed_out=r.timed_out,
                 seconds=round(r.seconds, 6),
                 error_kind=error_kind(r.pred_error) or ("gold error" if r.gold_error else ""),
-                pred_rows=r.pred_rows,
-                gold_rows=r.gold_rows,
-                attempts=r.attempts,
+                pred_rows=r.pred_rows, gold_rows=r.gold_rows, attempts=r.attempts,
             )
 
     n_gold_errors = sum(1 for r in rows if r["gold_error"])
     if n_gold_errors:
         log.warning("%d gold SQL(s) failed to execute (each question scores 0); see gold_error in results.jsonl. "
                     "Check the database files and the question file.", n_gold_errors)
-    report = build_report(rows, missing, broken)
+    report = reports.build_report(rows, missing, broken)
     report.update(
-        dataset=split.dataset,
-        data=str(split.root),
-        num_actors=cfg.num_actors,
-        timeout_s=cfg.timeout_s,
+        dataset=split.dataset, data=str(split.root), num_actors=cfg.num_actors, timeout_s=cfg.timeout_s,
         max_rows=cfg.max_rows,
-        wall_time_s={
-            "ray_startup": round(ray_startup, 3),
-            "execution": round(execution, 3),
-            "total": round(time.time() - t_start, 3),
-        },
+        wall_time_s={"ray_startup": round(ray_startup, 3), "execution": round(execution, 3),
+                     "total": round(time.time() - t_start, 3)},
     )
     if cfg.engine_db:  # the same predictions and gold SQL on DuckDB / PostgreSQL (otherdb.py)
         from .otherdb import score_on_engine
@@ -283,292 +192,15 @@ def score(
         report["engine_db"] = score_on_engine(split, questions, sql_by_qid, cfg, out_dir)
     write_jsonl(out_dir / "results.jsonl", rows)
     write_json(out_dir / "report.json", report)
-    write_text(out_dir / "report.md", report_markdown(report))
-    plot_ex_by_difficulty(report, out_dir / "ex_by_difficulty.png")
+    write_text(out_dir / "report.md", reports.report_markdown(report))
+    reports.plot_ex_by_difficulty(report, out_dir / "ex_by_difficulty.png")
     bird.write_official(out_dir / "predict_dev.json", questions, sql_by_qid)
     return report
 
 
-def _ex(n_correct: int, n_scored: int) -> float | None:
-    return round(100.0 * n_correct / n_scored, 2) if n_scored else None
-
-
-def difficulty_order(names) -> list[str]:
-    """BIRD's difficulties in their order, then any others alphabetically."""
-    names = set(names)
-    return [d for d in DIFFICULTIES if d in names] + sorted(names - set(DIFFICULTIES))
-
-
-def labelled_difficulties(names) -> list[str]:
-    """difficulty_order of the names, or [] when every question is UNLABELLED (a dataset without difficulty)."""
-    order = difficulty_order(names)
-    return [] if order == [UNLABELLED] else order
-
-
-def dataset_title(report: dict) -> str:
-    return "Spider" if report.get("dataset") == "spider" else "BIRD"
-
-
-def build_report(rows: list[dict], missing: dict[str, int], unreadable: dict[str, str] | None = None) -> dict:
-    """Counts and EX (percent of scored questions) overall and per difficulty, error kinds, skips.
-
-    by_difficulty is empty when no question has a difficulty (Spider): the overall EX is the only figure.
-    """
-    unreadable = unreadable or {}
-    scored = [r for r in rows if not r["skipped"]]
-    n_correct = sum(1 for r in scored if r["correct"])
-    by_diff = {}
-    for d in labelled_difficulties(r["difficulty"] for r in rows):
-        asked = [r for r in rows if r["difficulty"] == d]
-        sc = [r for r in asked if not r["skipped"]]
-        c = sum(1 for r in sc if r["correct"])
-        by_diff[d] = {"n_questions": len(asked), "n_scored": len(sc), "n_correct": c, "ex": _ex(c, len(sc))}
-    pred_kinds = Counter(r["error_kind"] for r in scored if r["pred_error"])
-    gold_kinds = Counter(error_kind(r["gold_error"]) for r in scored if r["gold_error"])
-    return {
-        "n_questions": len(rows),
-        "n_skipped_missing_db": sum(1 for r in rows if r["skipped"] and r["db_id"] not in unreadable),
-        "skipped_db_ids": dict(missing),
-        "n_skipped_unreadable_db": sum(1 for r in rows if r["skipped"] and r["db_id"] in unreadable),
-        "unreadable_db_ids": dict(unreadable),
-        "n_scored": len(scored),
-        "n_correct": n_correct,
-        "ex": _ex(n_correct, len(scored)),
-        "by_difficulty": by_diff,
-        "n_missing_prediction": sum(1 for r in scored if r["missing_prediction"]),
-        "n_timeouts": sum(1 for r in scored if r["timed_out"]),
-        "n_pred_errors": sum(1 for r in scored if r["pred_error"]),
-        "n_gold_errors": sum(1 for r in scored if r["gold_error"]),
-        "n_wrong_result": sum(
-            1 for r in scored if not r["correct"] and not r["pred_error"] and not r["gold_error"]
-        ),
-        "pred_error_kinds": dict(pred_kinds.most_common()),
-        "gold_error_kinds": dict(gold_kinds.most_common()),
-    }
-
-
-def report_markdown(report: dict) -> str:
-    """A readable report.md: EX table per difficulty, skips, error kinds, wall time."""
-
-    def pct(x):
-        return "-" if x is None else f"{x:.2f}"
-
-    lines = [
-        f"# {dataset_title(report)} execution accuracy",
-        "",
-        f"Data: `{report.get('data', '')}`",
-        "",
-    ]
-    if not report["by_difficulty"]:
-        lines += ["No question has a difficulty label (Spider has none): EX is over all scored questions.", ""]
-    lines += [
-        "| difficulty | asked | scored | correct | EX % |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for d, v in report["by_difficulty"].items():
-        lines.append(f"| {d} | {v['n_questions']} | {v['n_scored']} | {v['n_correct']} | {pct(v['ex'])} |")
-    lines.append(
-        f"| **all** | {report['n_questions']} | {report['n_scored']} | {report['n_correct']} "
-        f"| **{pct(report['ex'])}** |"
-    )
-    lines += ["", "EX is over scored questions; a missing prediction counts as wrong.", ""]
-    if report["n_skipped_missing_db"]:
-        skipped = ", ".join(f"{d} ({n})" for d, n in report["skipped_db_ids"].items())
-        lines += [
-            (f"**Skipped {report['n_skipped_missing_db']} question(s): database file missing** for "
-             f"{len(report['skipped_db_ids'])} db_id(s): {skipped}."),
-            "",
-        ]
-    if report.get("n_skipped_unreadable_db"):
-        lines += [
-            (f"**Skipped {report['n_skipped_unreadable_db']} question(s): database file unreadable**: "
-             + "; ".join(report["unreadable_db_ids"].values()) + "."),
-            "",
-        ]
-    lines += [
-        "| outcome | count |",
-        "|---|---:|",
-        f"| wrong result (both ran) | {report['n_wrong_result']} |",
-        f"| prediction error | {report['n_pred_errors']} |",
-        f"| gold error | {report['n_gold_errors']} |",
-        f"| timeout | {report['n_timeouts']} |",
-        f"| missing prediction | {report['n_missing_prediction']} |",
-        "",
-    ]
-    if report["pred_error_kinds"]:
-        lines += ["| prediction error kind | count |", "|---|---:|"]
-        lines += [f"| {k} | {n} |" for k, n in report["pred_error_kinds"].items()]
-        lines.append("")
-    if report["gold_error_kinds"]:
-        lines += ["| gold error kind | count |", "|---|---:|"]
-        lines += [f"| {k} | {n} |" for k, n in report["gold_error_kinds"].items()]
-        lines.append("")
-    wt = report.get("wall_time_s")
-    if wt:
-        lines.append(
-            f"Wall time: {wt['total']:.2f} s "
-            f"(Ray start-up {wt['ray_startup']:.2f} s, execution {wt['execution']:.2f} s)."
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot_ex_by_difficulty(report: dict, path: str | Path) -> Path:
-    """Bar chart of EX per difficulty and overall (Agg canvas, no global backend change)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = list(report["by_difficulty"]) + ["all"]
-    stats = list(report["by_difficulty"].values()) + [
-        {"ex": report["ex"], "n_correct": report["n_correct"], "n_scored": report["n_scored"]}
-    ]
-    values = [s["ex"] or 0.0 for s in stats]
-    fig = Figure(figsize=(6, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    bars = ax.bar(names, values, color=["#4c72b0"] * (len(names) - 1) + ["#dd8452"])
-    for bar, s in zip(bars, stats):
-        label = "n/a" if s["ex"] is None else f"{s['ex']:.1f}%\n{s['n_correct']}/{s['n_scored']}"
-        ax.annotate(
-            label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
-        )
-    ax.set_ylim(0, 115)
-    ax.set_ylabel("execution accuracy (%)")
-    ax.set_title(
-        f"{dataset_title(report)} EX by difficulty ({report['n_scored']} scored, "
-        f"{report['n_skipped_missing_db'] + report.get('n_skipped_unreadable_db', 0)} skipped)"
-    )
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(path)
-
-
 # --------------------------------------------------------------------------------------------------
-# Model and endpoint modes: prompts -> generations -> SQL -> score (and maj@k)
+# Model and endpoint modes: questions -> generate -> extract SQL -> verify -> aggregate (and maj@k)
 # --------------------------------------------------------------------------------------------------
-
-GENERATION_FILES = ("generations.jsonl",)
-MAJ_DIR = "maj_at_k"
-
-
-def normalize_endpoint(url: str) -> str:
-    """The OpenAI base URL: trailing '/' dropped, '/v1' added when the URL has no path."""
-    url = url.strip().rstrip("/")
-    if urlparse(url).path in ("", "/"):
-        url += "/v1"
-    return url
-
-
-def engine_config(cfg: EvaluateConfig) -> EngineConfig:
-    """The engine of a --model / --endpoint run: --model as engine.model ('hf' unless 'vllm' was asked for),
-    or --endpoint as an 'openai' engine."""
-    if cfg.endpoint:
-        return dataclasses.replace(cfg.engine, backend="openai", endpoint=normalize_endpoint(cfg.endpoint))
-    backend = cfg.engine.backend if cfg.engine.backend in ("hf", "vllm") else "hf"
-    return dataclasses.replace(cfg.engine, backend=backend, model=cfg.model)
-
-
-def endpoint_prompt(endpoint: str, model_id: str) -> dict | None:
-    """The `t2s_prompt` on an endpoint's model card (GET <endpoint>/models/<id>; `t2s serve` puts it there), or None."""
-    import urllib.parse
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{endpoint}/models/{urllib.parse.quote(model_id, safe='')}", timeout=10) as r:
-            card = json.loads(r.read())
-    except (OSError, ValueError):
-        return None
-    record = card.get("t2s_prompt") if isinstance(card, dict) else None
-    return record if isinstance(record, dict) and isinstance(record.get("config"), dict) else None
-
-
-def resolve_prompt(cfg: EvaluateConfig, record: dict | None = None) -> tuple[EvaluateConfig, dict | None]:
-    """--model <a `t2s train` output> (or its merged/), or an endpoint whose model card has one (`record`): the
-    prompt config and schema-budget tokenizer recorded there, so evaluation builds the prompts training saw.
-    An option set in the YAML or on the command line (`--prompt.cot false`, `--tokenizer T`) still wins,
-    with a warning when it differs from the record. Returns (the config to use, {manifest, overrides} or
-    None when the model records no prompt)."""
-    from .config import PromptConfig, given_options
-    from .prompts import recorded_prompt
-
-    model = Path(cfg.model) if cfg.model else None
-    if record is None and model is not None and model.is_dir():
-        record = recorded_prompt(model) or (recorded_prompt(model.parent) if model.name == "merged" else None)
-    if record is None:
-        return cfg, None
-    given = given_options(cfg)
-    recorded = PromptConfig(**record["config"])
-    prompt_kw, overrides = {}, {}
-    for f in dataclasses.fields(PromptConfig):
-        mine, theirs = getattr(cfg.prompt, f.name), getattr(recorded, f.name)
-        prompt_kw[f.name] = mine if f"prompt.{f.name}" in given else theirs
-        if prompt_kw[f.name] != theirs:
-            overrides[f"prompt.{f.name}"] = {"given": mine, "recorded": theirs}
-    tokenizer = cfg.tokenizer if "tokenizer" in given else record.get("tokenizer", "")
-    if tokenizer != record.get("tokenizer", ""):
-        overrides["tokenizer"] = {"given": tokenizer, "recorded": record.get("tokenizer", "")}
-    log.info("evaluate: prompt config and tokenizer %r recorded in %s (the prompts the model was trained on)",
-             record.get("tokenizer", ""), record["manifest"])
-    for key, v in overrides.items():
-        log.warning("evaluate: --%s %r overrides %r recorded in %s: these prompts differ from the training prompts",
-                    key, v["given"], v["recorded"], record["manifest"])
-    resolved = dataclasses.replace(cfg, prompt=PromptConfig(**prompt_kw), tokenizer=tokenizer)
-    return resolved, {"manifest": record["manifest"], "overrides": overrides}
-
-
-def question_prompts(split: bird.BirdSplit, questions: list[dict], cfg: EvaluateConfig) -> tuple[list[dict], dict[int, str]]:
-    """Chat messages of each question whose database is on disk, exactly as `t2s convert` builds the
-    training prompt (without the assistant turn). Returns (rows {question_id, messages}, {question_id: error}
-    for questions whose schema cannot be read)."""
-    from .prompts import build_messages
-    from .schema import NoSchemaError, SchemaCache
-
-    tokenizer = None
-    if cfg.tokenizer:
-        from .models import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    cache = SchemaCache.from_split(split, cfg.prompt, tokenizer)
-    rows, errors = [], {}
-    for q in questions:
-        if split.db_path(q["db_id"]) is None:
-            continue
-        try:
-            schema = cache.get(str(q["db_id"]))
-        except NoSchemaError as e:
-            errors[q["question_id"]] = f"no schema: {e}"
-            continue
-        messages = build_messages(schema, str(q.get("question") or ""), str(q.get("evidence") or ""), cfg.prompt)
-        rows.append({"question_id": int(q["question_id"]), "messages": messages})
-    return rows, errors
-
-
-def generate_rows(rows: list[dict], engine: EngineConfig, n: int) -> dict[int, dict]:
-    """{question_id: {texts, tokens, error}} for the rows, through `engines.generate` on Ray Data."""
-    import ray
-
-    from .engines import generate
-
-    if not rows:
-        return {}
-    ensure_ray()
-    ctx = ray.data.DataContext.get_current()
-    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
-    try:
-        blocks = max(1, min(len(rows), math.ceil(len(rows) / engine.batch_size)))
-        ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        out = generate(ds, engine, n=n).select_columns(["question_id", "generations", "gen_tokens", "gen_error"])
-        got = out.take_all()
-    finally:
-        ctx.enable_progress_bars = bars
-    return {
-        int(r["question_id"]): {
-            "texts": [str(t) for t in r["generations"]],
-            "tokens": [int(t) for t in r["gen_tokens"]],
-            "error": r["gen_error"] or "",
-        }
-        for r in got
-    }
 
 
 def majority_vote(digests: Sequence[str | None]) -> int | None:
@@ -592,82 +224,44 @@ def majority_vote(digests: Sequence[str | None]) -> int | None:
     return next(i for i, d in enumerate(digests) if d is not None and counts[d] == best)
 
 
+def vote(sqls: Sequence[str], results: Sequence[PairResult]) -> dict:
+    """maj@k over one question's samples and their ``pair_budget=False`` results: {winner (sample index or
+    None), sql (the winner's, sample 0 when nothing executed), votes, executed, distinct, correct: [per sample]}.
+    A sample votes with its result digest when it executed (not failed, not timed out)."""
+    digests = [r.pred_digest if not r.pred_error and not r.timed_out else None for r in results]
+    winner = majority_vote(digests)
+    pick = 0 if winner is None else winner
+    votes = Counter(d for d in digests if d is not None)
+    return {
+        "winner": winner,
+        "sql": sqls[pick],
+        "votes": votes[digests[pick]] if winner is not None else 0,
+        "executed": sum(1 for d in digests if d is not None),
+        "distinct": len(votes),
+        "correct": [bool(r.correct) for r in results],
+    }
+
+
 def vote_questions(
     split: bird.BirdSplit, questions: list[dict], samples_sql: dict[int, list[str]], cfg: EvaluateConfig
 ) -> dict[int, dict]:
-    """Execute the samples' SQL on its question's database and vote (`sqlexec.run_checks`: each distinct
-    SQL once with its own budget, the gold once with its own, so a slow gold never removes a vote).
+    """Verify the samples' SQL (``pair_budget=False``: each distinct SQL once with its own budget, the gold
+    once with its own, so a slow gold never removes a vote) and `vote`.
 
     Returns {question_id: {winner, sql, votes, executed, distinct, correct: [per sample]}} for the
     questions with samples and a database on disk.
     """
-    items, owners = [], []
-    for q in questions:
-        qid = q["question_id"]
-        db = split.db_path(q["db_id"])
-        if db is None or not samples_sql.get(qid):
-            continue
-        items.append((str(db), samples_sql[qid], q["SQL"]))
-        owners.append(qid)
-    results = run_checks(items, num_actors=cfg.num_actors, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows) if items else []
-    out = {}
-    for qid, rs in zip(owners, results):
-        digests = [r.pred_digest if not r.pred_error and not r.timed_out else None for r in rs]
-        winner = majority_vote(digests)
-        pick = 0 if winner is None else winner
-        votes = Counter(d for d in digests if d is not None)
-        out[qid] = {
-            "winner": winner,
-            "sql": samples_sql[qid][pick],
-            "votes": votes[digests[pick]] if winner is not None else 0,
-            "executed": sum(1 for d in digests if d is not None),
-            "distinct": len(votes),
-            "correct": [bool(r.correct) for r in rs],
-        }
-    return out
+    todo = [q for q in questions if split.db_path(q["db_id"]) is not None and samples_sql.get(q["question_id"])]
+    results = verify([Candidates(str(split.db_path(q["db_id"])), samples_sql[q["question_id"]], q["SQL"]) for q in todo],
+                     pair_budget=False, num_actors=cfg.num_actors, timeout_s=cfg.timeout_s, max_rows=cfg.max_rows)
+    return {q["question_id"]: vote(samples_sql[q["question_id"]], rs) for q, rs in zip(todo, results)}
 
 
-def _token_stats(counts: list[int]) -> dict:
-    counts = [c for c in counts if c >= 0]
-    if not counts:
-        return {"n": 0}
-    return {"n": len(counts), "total": sum(counts), "mean": round(sum(counts) / len(counts), 1), "max": max(counts)}
-
-
-def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
-    """--model / --endpoint: generate (greedy, plus k samples with --samples k), extract SQL, score, vote."""
+def extract_answers(split: bird.BirdSplit, questions: list[dict], greedy: dict[int, dict], sampled: dict[int, dict],
+                    schema_errors: dict[int, str]) -> tuple[list[dict], dict[int, str], dict[int, list[str]]]:
+    """generations.jsonl rows (question order), the greedy SQL {question_id: sql} and the samples' SQL
+    {question_id: [sql, ...]}: `prompts.extract_sql` of every generated text."""
     from .prompts import extract_sql
-
-    started = started or time.time()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    split = bird.load_split(bird.resolve_data(cfg.data, "dev"), "dev")
-    questions = select_questions(split, cfg.limit)
-    engine = engine_config(cfg)
-    served_model = ""
-    if engine.backend == "openai":
-        from .engines import resolve_openai_model
-
-        served_model = resolve_openai_model(engine)  # fails fast when the endpoint is down
-        engine = dataclasses.replace(engine, model=served_model)
-    cfg, prompt_source = resolve_prompt(cfg, endpoint_prompt(engine.endpoint, served_model) if served_model else None)
-    k = cfg.samples
-    greedy_engine = dataclasses.replace(engine, temperature=0.0) if k > 1 else engine
-
-    t0 = time.time()
-    rows, schema_errors = question_prompts(split, questions, cfg)
-    prompt_s = time.time() - t0
-    log.info(
-        "evaluate: generating for %d of %d questions with %s (%s)%s",
-        len(rows), len(questions), cfg.endpoint or cfg.model, engine.backend,
-        f", then {k} samples each at temperature {engine.temperature}" if k > 1 else "",
-    )
-    t0 = time.time()
-    greedy = generate_rows(rows, greedy_engine, 1)
-    greedy_s = time.time() - t0
-    t0 = time.time()
-    sampled = generate_rows(rows, engine, k) if k > 1 else {}
-    sampling_s = time.time() - t0
 
     gen_rows, sql_by_qid, samples_sql = [], {}, {}
     for q in questions:
@@ -688,48 +282,87 @@ def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
         if s is not None:
             if s["error"] and not s["texts"]:
                 row["samples_error"] = s["error"]
-            row["samples"] = [
-                {"text": t, "sql": extract_sql(t), "tokens": c} for t, c in zip(s["texts"], s["tokens"])
-            ]
+            row["samples"] = [{"text": t, "sql": extract_sql(t), "tokens": c} for t, c in zip(s["texts"], s["tokens"])]
             if row["samples"]:
                 samples_sql[qid] = [x["sql"] for x in row["samples"]]
         gen_rows.append(row)
+    return gen_rows, sql_by_qid, samples_sql
+
+
+def majority_at_k(split: bird.BirdSplit, questions: list[dict], samples_sql: dict[int, list[str]],
+                  gen_rows: list[dict], cfg: EvaluateConfig, temperature: float, out: Path) -> dict:
+    """maj@k: vote, record each question's vote on its generations row, score the winners into <out>/maj_at_k/;
+    returns report.json's ``maj_at_k``."""
+    votes = vote_questions(split, questions, samples_sql, cfg)
+    for row in gen_rows:
+        v = votes.get(row["question_id"])
+        row["vote"] = None if v is None else {key: v[key] for key in ("winner", "votes", "executed", "distinct")}
+        if v is not None:
+            row["maj_sql"] = v["sql"]
+    maj_report = score(split, {qid: v["sql"] for qid, v in votes.items()}, cfg, out / MAJ_DIR)
+    scored_ids = {q["question_id"] for q in questions if split.db_path(q["db_id"]) is not None}
+    any_correct = sum(1 for qid, v in votes.items() if qid in scored_ids and any(v["correct"]))
+    sample_hits = [c for qid, v in votes.items() if qid in scored_ids for c in v["correct"]]
+    return {
+        "k": cfg.samples,
+        "temperature": temperature,
+        "ex": maj_report["ex"],
+        "n_correct": maj_report["n_correct"],
+        "n_scored": maj_report["n_scored"],
+        "by_difficulty": {d: v["ex"] for d, v in maj_report["by_difficulty"].items()},
+        "any_sample_correct_ex": reports.ex_percent(any_correct, maj_report["n_scored"]),
+        "mean_sample_ex": reports.ex_percent(sum(sample_hits), len(sample_hits)) if sample_hits else None,
+        "n_no_sample_executed": sum(1 for v in votes.values() if v["winner"] is None),
+        "dir": MAJ_DIR,
+    }
+
+
+def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
+    """--model / --endpoint: generate (greedy, plus k samples with --samples k), extract SQL, verify, aggregate."""
+    started = started or time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = bird.load_split(bird.resolve_data(cfg.data, "dev"), "dev")
+    questions = select_questions(split, cfg.limit)
+    engine = generation.engine_config(cfg)
+    served_model = ""
+    if engine.backend == "openai":
+        from .engines import resolve_openai_model
+
+        served_model = resolve_openai_model(engine)  # fails fast when the endpoint is down
+        engine = dataclasses.replace(engine, model=served_model)
+    cfg, prompt_source = generation.resolve_prompt(cfg, generation.endpoint_prompt(engine.endpoint, served_model) if served_model else None)
+    k = cfg.samples
+
+    t0 = time.time()
+    rows, schema_errors = generation.question_prompts(split, questions, cfg)
+    prompt_s = time.time() - t0
+    log.info(
+        "evaluate: generating for %d of %d questions with %s (%s)%s",
+        len(rows), len(questions), cfg.endpoint or cfg.model, engine.backend,
+        f", then {k} samples each at temperature {engine.temperature}" if k > 1 else "",
+    )
+    t0 = time.time()
+    greedy = generation.generate_rows(rows, dataclasses.replace(engine, temperature=0.0) if k > 1 else engine, 1)
+    greedy_s = time.time() - t0
+    t0 = time.time()
+    sampled = generation.generate_rows(rows, engine, k) if k > 1 else {}
+    sampling_s = time.time() - t0
+
+    gen_rows, sql_by_qid, samples_sql = extract_answers(split, questions, greedy, sampled, schema_errors)
     n_gen_errors = sum(1 for r in gen_rows if r["error"] and not r["error"].startswith("not generated"))
     if n_gen_errors:
         log.warning("evaluate: %d question(s) failed to generate (scored 0); see generations.jsonl.", n_gen_errors)
-
     write_jsonl(out / "generations.jsonl", gen_rows)  # before scoring: a run that fails later can be re-scored
+
     t0 = time.time()
     report = score(split, sql_by_qid, cfg, out)
-    maj = None
-    if k > 1:
-        votes = vote_questions(split, questions, samples_sql, cfg)
-        for row in gen_rows:
-            v = votes.get(row["question_id"])
-            row["vote"] = None if v is None else {key: v[key] for key in ("winner", "votes", "executed", "distinct")}
-            if v is not None:
-                row["maj_sql"] = v["sql"]
-        maj_report = score(split, {qid: v["sql"] for qid, v in votes.items()}, cfg, out / MAJ_DIR)
-        scored_ids = {q["question_id"] for q in questions if split.db_path(q["db_id"]) is not None}
-        any_correct = sum(1 for qid, v in votes.items() if qid in scored_ids and any(v["correct"]))
-        sample_hits = [c for qid, v in votes.items() if qid in scored_ids for c in v["correct"]]
-        maj = {
-            "k": k,
-            "temperature": engine.temperature,
-            "ex": maj_report["ex"],
-            "n_correct": maj_report["n_correct"],
-            "n_scored": maj_report["n_scored"],
-            "by_difficulty": {d: v["ex"] for d, v in maj_report["by_difficulty"].items()},
-            "any_sample_correct_ex": _ex(any_correct, maj_report["n_scored"]),
-            "mean_sample_ex": _ex(sum(sample_hits), len(sample_hits)) if sample_hits else None,
-            "n_no_sample_executed": sum(1 for v in votes.values() if v["winner"] is None),
-            "dir": MAJ_DIR,
-        }
+    maj = majority_at_k(split, questions, samples_sql, gen_rows, cfg, engine.temperature, out) if k > 1 else None
     scoring_s = time.time() - t0
     if maj is not None:
         write_jsonl(out / "generations.jsonl", gen_rows)  # now with each question's vote
 
-    generation = {
+    facts = {
         "mode": "endpoint" if cfg.endpoint else "model",
         "source": cfg.endpoint or cfg.model,
         "backend": engine.backend,
@@ -740,236 +373,26 @@ def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
         "n_generated": len(greedy),
         "n_generation_errors": n_gen_errors,
         "n_no_sql": sum(1 for r in gen_rows if r["text"] is not None and not r["sql"]),
-        "tokens": _token_stats([r["tokens"] for r in gen_rows if r["tokens"] is not None]),
+        "tokens": generation.token_stats([r["tokens"] for r in gen_rows if r["tokens"] is not None]),
         "wall_time_s": {"prompts": round(prompt_s, 3), "greedy": round(greedy_s, 3),
                         "sampling": round(sampling_s, 3), "scoring": round(scoring_s, 3)},
     }
-    report["generation"] = generation
+    report["generation"] = facts
     if maj is not None:
         report["maj_at_k"] = maj
     write_json(out / "report.json", report)
-    write_text(out / "report.md", report_markdown(report) + generation_markdown(report))
-    outputs = list(OUTPUT_FILES) + list(GENERATION_FILES) + ([f"{MAJ_DIR}/"] if maj else [])
+    write_text(out / "report.md", reports.report_markdown(report) + reports.generation_markdown(report))
     write_manifest(
-        out,
-        "evaluate",
-        cfg,
-        started,
-        inputs={"data": str(split.root), "split": split.name, generation["mode"]: generation["source"],
+        out, "evaluate", cfg, started,
+        inputs={"data": str(split.root), "split": split.name, facts["mode"]: facts["source"],
                 "served_model": served_model or None},
-        counts={**{key: report[key] for key in ("n_questions", "n_skipped_missing_db", "n_skipped_unreadable_db", "n_scored", "n_correct")},
-                "n_generated": generation["n_generated"], "n_generation_errors": n_gen_errors},
-        metrics={
-            "ex": report["ex"],
-            "by_difficulty": {d: v["ex"] for d, v in report["by_difficulty"].items()},
-            **({"maj_at_k_ex": maj["ex"], "k": k} if maj else {}),
-        },
-        generation=generation,
-        outputs=outputs,
+        counts={**{key: report[key] for key in COUNT_KEYS},
+                "n_generated": facts["n_generated"], "n_generation_errors": n_gen_errors},
+        metrics={"ex": report["ex"], "by_difficulty": {d: v["ex"] for d, v in report["by_difficulty"].items()},
+                 **({"maj_at_k_ex": maj["ex"], "k": k} if maj else {})},
+        generation=facts,
+        outputs=list(OUTPUT_FILES) + list(GENERATION_FILES) + ([f"{MAJ_DIR}/"] if maj else []),
     )
     log.info("evaluate: EX %s%% (%d/%d scored)%s -> %s", report["ex"], report["n_correct"], report["n_scored"],
              f", maj@{k} {maj['ex']}%" if maj else "", out)
-    return out
-
-
-def generation_markdown(report: dict) -> str:
-    """The report.md section of a --model / --endpoint run: generation facts and maj@k beside greedy."""
-    g = report.get("generation")
-    if not g:
-        return ""
-
-    def pct(x):
-        return "-" if x is None else f"{x:.2f}"
-
-    lines = [
-        "",
-        "## Generation",
-        "",
-        f"{g['mode']} `{g['source']}` (backend {g['backend']}"
-        + (f", served model `{g['served_model']}`" if g.get("served_model") else "") + f"); greedy: {g['greedy']}.",
-        (f"Generated {g['n_generated']} question(s); {g['n_generation_errors']} failed (scored 0); "
-         f"{g['n_no_sql']} answer(s) held no SQL. Tokens: {g['tokens']}."),
-        "",
-    ]
-    maj = report.get("maj_at_k")
-    if maj:
-        lines += [
-            f"## Self-consistency (maj@{maj['k']}, execution-result vote, temperature {maj['temperature']})",
-            "",
-            "| difficulty | greedy EX % | maj@k EX % |",
-            "|---|---:|---:|",
-        ]
-        for d, v in report["by_difficulty"].items():
-            lines.append(f"| {d} | {pct(v['ex'])} | {pct(maj['by_difficulty'].get(d))} |")
-        lines += [
-            f"| **all** | **{pct(report['ex'])}** | **{pct(maj['ex'])}** |",
-            "",
-            (f"Any of the {maj['k']} samples correct: {pct(maj['any_sample_correct_ex'])} %; mean sample EX: "
-             f"{pct(maj['mean_sample_ex'])} %; questions where no sample executed (sample 0 stands): "
-             f"{maj['n_no_sample_executed']}. Per-question results: `{maj['dir']}/results.jsonl`."),
-            "",
-        ]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# --compare A B
-# --------------------------------------------------------------------------------------------------
-
-COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
-
-
-def _load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
-    d = Path(run_dir)
-    for name in ("report.json", "results.jsonl"):
-        if not (d / name).is_file():
-            raise FileNotFoundError(
-                f"{d / name} does not exist: --compare takes two `t2s evaluate` output dirs (with report.json and results.jsonl)."
-            )
-    return json.loads((d / "report.json").read_text()), read_jsonl(d / "results.jsonl")
-
-
-def compare_runs(dir_a: str | Path, dir_b: str | Path) -> dict:
-    """Side-by-side comparison of two evaluation runs (A = before, B = after), on the questions both scored.
-
-    fixed: wrong in A, right in B; broken: right in A, wrong in B (question ids, ascending).
-    """
-    report_a, rows_a = _load_run(dir_a)
-    report_b, rows_b = _load_run(dir_b)
-    a = {r["question_id"]: r for r in rows_a}
-    b = {r["question_id"]: r for r in rows_b}
-    common = sorted(set(a) & set(b))
-    both = [q for q in common if not a[q]["skipped"] and not b[q]["skipped"]]
-    fixed = [q for q in both if not a[q]["correct"] and b[q]["correct"]]
-    broken = [q for q in both if a[q]["correct"] and not b[q]["correct"]]
-
-    def stats(qids):
-        ca = sum(1 for q in qids if a[q]["correct"])
-        cb = sum(1 for q in qids if b[q]["correct"])
-        ex_a, ex_b = _ex(ca, len(qids)), _ex(cb, len(qids))
-        delta = round(ex_b - ex_a, 2) if ex_a is not None and ex_b is not None else None
-        return {"n_scored": len(qids), "a_correct": ca, "b_correct": cb, "a_ex": ex_a, "b_ex": ex_b, "delta": delta}
-
-    by_diff = {
-        d: stats([q for q in both if a[q]["difficulty"] == d])
-        for d in labelled_difficulties(a[q]["difficulty"] for q in both)
-    }
-
-    def detail(q):
-        return {"question_id": q, "db_id": a[q]["db_id"], "difficulty": a[q]["difficulty"],
-                "a_sql": a[q].get("pred_sql"), "b_sql": b[q].get("pred_sql"),
-                "a_error": a[q].get("pred_error"), "b_error": b[q].get("pred_error")}
-
-    result = {
-        "a": {"dir": str(dir_a), "ex": report_a.get("ex"), "n_scored": report_a.get("n_scored"),
-              "maj_at_k_ex": (report_a.get("maj_at_k") or {}).get("ex"), "source": (report_a.get("generation") or {}).get("source")},
-        "b": {"dir": str(dir_b), "ex": report_b.get("ex"), "n_scored": report_b.get("n_scored"),
-              "maj_at_k_ex": (report_b.get("maj_at_k") or {}).get("ex"), "source": (report_b.get("generation") or {}).get("source")},
-        "n_common": len(common),
-        "only_in_a": sorted(set(a) - set(b)),
-        "only_in_b": sorted(set(b) - set(a)),
-        "overall": stats(both),
-        "by_difficulty": by_diff,
-        "fixed": fixed,
-        "broken": broken,
-        "n_fixed": len(fixed),
-        "n_broken": len(broken),
-        "n_both_correct": sum(1 for q in both if a[q]["correct"] and b[q]["correct"]),
-        "n_both_wrong": sum(1 for q in both if not a[q]["correct"] and not b[q]["correct"]),
-        "fixed_detail": [detail(q) for q in fixed],
-        "broken_detail": [detail(q) for q in broken],
-    }
-    return result
-
-
-def compare_markdown(c: dict) -> str:
-    def pct(x):
-        return "-" if x is None else f"{x:.2f}"
-
-    def signed(x):
-        return "-" if x is None else f"{x:+.2f}"
-
-    lines = [
-        "# Evaluation runs compared",
-        "",
-        f"A: `{c['a']['dir']}`" + (f" ({c['a']['source']})" if c["a"]["source"] else ""),
-        f"B: `{c['b']['dir']}`" + (f" ({c['b']['source']})" if c["b"]["source"] else ""),
-        "",
-        f"On the {c['overall']['n_scored']} questions both runs scored:",
-        "",
-        "| difficulty | scored | A correct | B correct | A EX % | B EX % | delta |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for d, v in c["by_difficulty"].items():
-        lines.append(f"| {d} | {v['n_scored']} | {v['a_correct']} | {v['b_correct']} | {pct(v['a_ex'])} | "
-                     f"{pct(v['b_ex'])} | {signed(v['delta'])} |")
-    o = c["overall"]
-    lines += [
-        (f"| **all** | {o['n_scored']} | {o['a_correct']} | {o['b_correct']} | **{pct(o['a_ex'])}** | "
-         f"**{pct(o['b_ex'])}** | **{signed(o['delta'])}** |"),
-        "",
-        f"Each run's own report: A EX {pct(c['a']['ex'])} % of {c['a']['n_scored']} scored, "
-        f"B EX {pct(c['b']['ex'])} % of {c['b']['n_scored']} scored."
-        + (f" maj@k: A {pct(c['a']['maj_at_k_ex'])} %, B {pct(c['b']['maj_at_k_ex'])} %."
-           if c["a"]["maj_at_k_ex"] is not None or c["b"]["maj_at_k_ex"] is not None else ""),
-        "",
-        f"Fixed by B ({c['n_fixed']}): {', '.join(map(str, c['fixed'])) or 'none'}",
-        "",
-        f"Broken by B ({c['n_broken']}): {', '.join(map(str, c['broken'])) or 'none'}",
-        "",
-        f"Both right: {c['n_both_correct']}; both wrong: {c['n_both_wrong']}.",
-    ]
-    if c["only_in_a"] or c["only_in_b"]:
-        lines += ["", f"Questions in only one run (not compared): A {len(c['only_in_a'])}, B {len(c['only_in_b'])}."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_compare(c: dict, path: str | Path) -> Path:
-    """Grouped bars: EX of A and B per difficulty and overall, on the questions both scored."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = list(c["by_difficulty"]) + ["all"]
-    stats = list(c["by_difficulty"].values()) + [c["overall"]]
-    xs = list(range(len(names)))
-    fig = Figure(figsize=(7, 3.8), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    w = 0.38
-    for offset, key, label, color in ((-w / 2, "a_ex", "A", "#4c72b0"), (w / 2, "b_ex", "B", "#dd8452")):
-        bars = ax.bar([x + offset for x in xs], [s[key] or 0.0 for s in stats], w, label=label, color=color)
-        for bar, s in zip(bars, stats):
-            ax.annotate("n/a" if s[key] is None else f"{s[key]:.1f}",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(xs)
-    ax.set_xticklabels(names)
-    ax.set_ylim(0, 115)
-    ax.set_ylabel("execution accuracy (%)")
-    ax.set_title(f"A vs B on {c['overall']['n_scored']} questions: {c['n_fixed']} fixed, {c['n_broken']} broken")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(path)
-
-
-def run_compare(cfg: EvaluateConfig, started: float | None = None) -> Path:
-    """--compare A B: compare.md, compare.json, compare.png and manifest.json in --out."""
-    started = started or time.time()
-    dir_a, dir_b = cfg.compare
-    c = compare_runs(dir_a, dir_b)
-    out = Path(cfg.out)
-    write_json(out / "compare.json", c)
-    write_text(out / "compare.md", compare_markdown(c))
-    plot_compare(c, out / "compare.png")
-    write_manifest(
-        out, "evaluate", cfg, started,
-        inputs={"compare": [str(dir_a), str(dir_b)]},
-        counts={"n_common": c["n_common"], "n_scored_both": c["overall"]["n_scored"], "n_fixed": c["n_fixed"],
-                "n_broken": c["n_broken"]},
-        metrics={"a_ex": c["overall"]["a_ex"], "b_ex": c["overall"]["b_ex"], "delta": c["overall"]["delta"]},
-        outputs=list(COMPARE_FILES),
-    )
-    log.info("evaluate --compare: A %s%% -> B %s%% on %d questions (%d fixed, %d broken) -> %s",
-             c["overall"]["a_ex"], c["overall"]["b_ex"], c["overall"]["n_scored"], c["n_fixed"], c["n_broken"], out)
     return out

@@ -428,10 +428,6 @@ class SchemaCache:
     def from_split(cls, split: BirdSplit, cfg: PromptConfig, tokenizer=None) -> SchemaCache:
         return cls(split.root, split.name, split.tables, cfg, tokenizer, split.db_dir_name)
 
-    def has_schema(self, db_id: str) -> bool:
-        """Cheap check (no reading): a database file exists or tables.json has the db_id."""
-        return self.split.db_path(db_id) is not None or db_id in self.split.tables
-
     def get(self, db_id: str) -> SchemaText:
         """The budgeted schema text; raises NoSchemaError when the database has no schema anywhere."""
         hit = self._cache.get(db_id)

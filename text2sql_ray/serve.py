@@ -543,66 +543,6 @@ def build_vllm_app(cfg: ServeConfig):
 # --------------------------------------------------------------------------------------------------
 
 
-class _DeltaStreamer:
-    """A transformers streamer over a batch of sequences: text deltas and finish reasons, per sequence.
-
-    `emit(kind, index, payload)` is called from the generation thread: ("delta", i, text) and
-    ("finish", i, reason). Text is decoded from all the tokens so far and sent as the new suffix, so
-    the deltas join to exactly the final text (a token that ends inside a UTF-8 character waits).
-    """
-
-    def __init__(self, tokenizer, eos_ids: set[int], rows: int, max_tokens: int, emit):
-        self.tokenizer, self.eos_ids, self.max_tokens, self.emit = tokenizer, eos_ids, max_tokens, emit
-        self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.sent = [""] * rows
-        self.counts = [0] * rows
-        self.done = [False] * rows
-        self.prompt_seen = False
-
-    def _flush(self, i: int, final: bool = False) -> None:
-        text = self.tokenizer.decode(self.ids[i], skip_special_tokens=True)
-        if (text.endswith("\ufffd") and not final) or not text.startswith(self.sent[i]):
-            return
-        if len(text) > len(self.sent[i]):
-            self.emit("delta", i, text[len(self.sent[i]):])
-            self.sent[i] = text
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        for i, tok in enumerate(value.reshape(-1).tolist()):
-            if self.done[i]:
-                continue
-            self.counts[i] += 1
-            if tok in self.eos_ids:
-                self.done[i] = True
-                self._flush(i, final=True)
-                self.emit("finish", i, "stop")
-                continue
-            self.ids[i].append(tok)
-            self._flush(i)
-
-    def end(self) -> None:
-        for i in range(len(self.ids)):
-            if not self.done[i]:
-                self.done[i] = True
-                self._flush(i, final=True)
-                self.emit("finish", i, "length" if self.counts[i] >= self.max_tokens else "stop")
-
-
-class _StopFlag:
-    """A stopping criterion that ends generation when the client has gone away."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 @serve.deployment
 class ChatModel:
     """One served model: an `engines.HFGenerator`, batched non-streaming requests, streamed ones one at a time."""
@@ -625,7 +565,7 @@ class ChatModel:
         # Streamed requests count their prompt tokens while another thread generates: a tokenizer of their
         # own (a Rust tokenizer used from two threads at once can fail with "Already borrowed").
         self.count_tokenizer = copy.deepcopy(self.gen.tokenizer)
-        self.lock = threading.Lock()  # one generate call at a time (HFGenerator.cfg is set per call)
+        self.lock = threading.Lock()  # one generation at a time on the model (batched and streamed alike)
         config = getattr(self.gen.model, "config", None)
         self.max_context = getattr(config, "max_position_embeddings", None)
         self._batched.set_max_batch_size(cfg.max_batch_size)
@@ -650,10 +590,11 @@ class ChatModel:
             )
         return n
 
-    def _cfg_for(self, req: ChatRequest) -> EngineConfig:
-        return dataclasses.replace(
-            self.base_cfg, temperature=req.temperature, top_p=req.top_p, max_new_tokens=req.max_tokens
-        )
+    @staticmethod
+    def _sampling(req: ChatRequest):
+        from .engines import Sampling
+
+        return Sampling(temperature=req.temperature, top_p=req.top_p, max_new_tokens=req.max_tokens)
 
     def _generate_items(self, items: list[tuple[ChatRequest, str]]) -> list[dict]:
         """Blocking: prompt checks, then one HFGenerator.generate call per group of requests with equal
@@ -672,9 +613,9 @@ class ChatModel:
                     continue
                 groups.setdefault((req.n, req.temperature, req.top_p, req.max_tokens), []).append(i)
             for (n, _, _, _), idx in groups.items():
-                self.gen.cfg = self._cfg_for(items[idx[0]][0])
                 try:
-                    outs = self.gen.generate([items[i][0].messages for i in idx], n=n, keys=[items[i][1] for i in idx])
+                    outs = self.gen.generate([items[i][0].messages for i in idx], n=n, keys=[items[i][1] for i in idx],
+                                             sampling=self._sampling(items[idx[0]][0]))
                 except Exception as e:  # noqa: BLE001 - reported per request, the replica lives on
                     outs = [None] * len(idx)
                     for i in idx:
@@ -692,7 +633,6 @@ class ChatModel:
                             "finish_reasons": [finish_reason(t, req.max_tokens) for t in g.tokens],
                             "prompt_tokens": prompt_tokens[i],
                         }
-            self.gen.cfg = self.base_cfg
         return results  # type: ignore[return-value]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -711,37 +651,10 @@ class ChatModel:
         return await self._batched((req, request_key(req)))
 
     def _stream_sync(self, req: ChatRequest, key: str, emit, stop: threading.Event) -> None:
-        import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
-        from .engines import _PerRowSampler, sample_seed
-
-        gen = self.gen
-        greedy = req.temperature == 0
-        rows = 1 if greedy else req.n
+        """`HFGenerator.stream` with the request's sampling settings, then ("usage", -1, completion tokens)."""
         with self.lock:
-            gen.cfg = self._cfg_for(req)
-            try:
-                prompt = gen.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-                enc = gen.tokenizer([prompt] * rows, add_special_tokens=False, padding=True, return_tensors="pt").to(
-                    gen.device
-                )
-                processors = LogitsProcessorList()
-                if not greedy:  # the same per-sample seeds as the batched path (HFGenerator._generate_batch)
-                    seeds = [sample_seed(gen.cfg.seed, key, j) for j in range(rows)]
-                    processors.append(_PerRowSampler(seeds, req.temperature, req.top_p))
-                streamer = _DeltaStreamer(gen.tokenizer, gen.eos_ids, rows, req.max_tokens, emit)
-                with torch.inference_mode():
-                    gen.model.generate(
-                        **enc,
-                        generation_config=gen._generation_config(),
-                        logits_processor=processors,
-                        stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]),
-                        streamer=streamer,
-                    )
-                emit("usage", -1, sum(streamer.counts) * (req.n // rows))
-            finally:
-                gen.cfg = self.base_cfg
+            tokens = self.gen.stream(req.messages, req.n, key, emit, stop, self._sampling(req))
+            emit("usage", -1, tokens)
 
     async def stream(self, req: ChatRequest):
         """Yields {"prompt_tokens"} first (or {"error"}), then {"index", "delta"} / {"index", "finish_reason"}

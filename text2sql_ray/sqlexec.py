@@ -29,7 +29,9 @@ Two ways to execute against gold. `compare_pair` is the official one for greedy 
 gold SQL under ONE budget. `check_sqls` is for k samples (evaluate's maj@k vote and synthesize's
 verifier): each distinct SQL of a question runs once with its own budget, the gold once with its own
 budget, and a sample is correct iff its result digest equals the gold's (digests are equal iff the
-official set comparison says equal), so a slow gold never takes a sample's vote away.
+official set comparison says equal), so a slow gold never takes a sample's vote away. Stages do not
+call these directly: verify.py is the one execute-and-compare path (`verify.verify` on the actor pool,
+`verify.check_candidates` inside synthesize's Ray Data stage).
 
 This module is pure (no Ray at import). ``run_pairs`` runs many pairs on a pool of Ray actors,
 each holding an ``IsolatedExecutor`` (its child process and connection cache), and survives actors
@@ -135,11 +137,6 @@ class PairResult:
 # --------------------------------------------------------------------------------------------------
 # Comparison helpers (the official rule)
 # --------------------------------------------------------------------------------------------------
-
-
-def result_key(rows: Iterable[tuple]) -> frozenset:
-    """Hashable key of a result: two results are equal under BIRD semantics iff their keys are equal."""
-    return frozenset(rows)
 
 
 def results_equal(a: Iterable[tuple], b: Iterable[tuple]) -> bool:
@@ -301,8 +298,8 @@ def _file_identity(path: Path) -> tuple:
 class SqlExecutor:
     """Runs queries and pairs against cached sandboxed connections (one per database file).
 
-    Plain Python: used directly in a process, and as the Ray actor class in `run_pairs`. Not
-    thread-safe: one executor per thread (the module-level functions keep one per thread).
+    Plain Python: used directly in a process (`execute` keeps one per thread) and in the child process of
+    an `IsolatedExecutor`. Not thread-safe: one executor per thread.
     """
 
     def __init__(
@@ -455,13 +452,6 @@ class SqlExecutor:
             r.digest = result_digest(r.rows)
             r.rows = None
         return r
-
-    def compare_many(self, items: Sequence[tuple], timeout_s: float, max_rows: int) -> list[PairResult]:
-        """`compare_pair` over (db_path, pred_sql, gold_sql) items, in order."""
-        return [self.compare_pair(d, p, g, timeout_s, max_rows) for d, p, g in items]
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def close(self) -> None:
         for c in self._conns.values():
@@ -760,13 +750,6 @@ def execute(db_path: str | Path, sql: str, timeout_s: float = 30.0, max_rows: in
     return _default_executor().execute(db_path, sql, timeout_s, max_rows)
 
 
-def compare_pair(
-    db_path: str | Path, pred_sql: str, gold_sql: str, timeout_s: float = 30.0, max_rows: int = 1_000_000
-) -> PairResult:
-    """Score one (predicted, gold) pair in this process under one budget (see `SqlExecutor.compare_pair`)."""
-    return _default_executor().compare_pair(db_path, pred_sql, gold_sql, timeout_s, max_rows)
-
-
 # --------------------------------------------------------------------------------------------------
 # Many pairs on a pool of Ray actors
 # --------------------------------------------------------------------------------------------------
@@ -852,6 +835,11 @@ def _run_pool(items, method, n_queries, failed, num_actors, timeout_s, max_rows,
     others are always retried. An actor still busy ``hang_grace_s`` after its batch's worst case is
     killed and handled the same way. Every item gets a result. ``actor_name`` names the actors
     ``<actor_name>-<k>`` (for ``ray.get_actor``, monitoring).
+
+    Why not Ray's own pools (benchmarks/pool_guarantees.py, Ray 2.60): with one item that kills its
+    process, ``ray.util.ActorPool.map_unordered`` ends the iteration with an error, and a Ray Data actor
+    pool with ``max_restarts``/``max_task_retries`` fails the whole dataset; neither charges only the
+    culprit nor bounds its retries by its own budget.
     """
     import ray
     from tqdm import tqdm

@@ -14,7 +14,7 @@ Per question (Ray Data, streaming):
    it as a possibly-wrong hint;
 2. ``engines.generate(..., n=k)``: k samples from the teacher (``hf`` / ``vllm`` / ``openai``);
 3. ``Verifier`` (an actor pool of SQLite executors, the evaluator's sandbox and BIRD rule,
-   ``sqlexec.check_sqls`` as in evaluate's maj@k): the final SQL of every sample (``prompts.extract_sql``)
+   ``verify.check_candidates`` as in evaluate's maj@k): the final SQL of every sample (``prompts.extract_sql``)
    runs against the question's database, each distinct SQL once with its own ``timeout_s`` budget (a
    hard deadline: the executor process is killed and replaced at it), the gold SQL once; one row per
    sample with its verdict.
@@ -61,20 +61,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import bird
-from .common import ensure_ray, log, read_manifest, write_json, write_manifest, write_parquet, write_text
+from .common import ensure_ray, log, pct, read_manifest, write_json, write_manifest, write_parquet, write_text
 from .config import ConvertConfig, SynthesizeConfig
 from .prompts import _fences, extract_sql, format_answer, strip_sql, teacher_messages_for
 
 STATUSES = ("verified", "wrong", "exec_error", "no_sql", "gen_error", "canonical_match", "unverified")
 NO_DB_STATUSES = ("canonical_match", "unverified")
 """The statuses of samples of questions without a database (never execution-verified)."""
-SAMPLE_COLUMNS = (
-    "question_id", "db_id", "difficulty", "sample_index", "text", "sql", "correct", "exec_error", "gold_error",
-    "timed_out", "gen_error", "gen_tokens", "status",
-)
 INPUT_COLUMNS = ("question_id", "db_id", "gold_sql", "messages")
 """Columns the input Parquet must have (convert's output has these and more)."""
-SFT_EXTRA_COLUMNS = ("sample_index", "sql", "status")
 PARTS_DIR = "samples"
 RUN_CONFIG = "run_config.json"
 RUNS_LOG = "runs.json"
@@ -213,19 +208,13 @@ def sample_rows(row: dict, k: int, summarize, timeout_s: float, max_rows: int = 
 
     `row` has question_id, db_id, difficulty, db_path ("" when the database is absent), gold_sql and the
     engine's generations / gen_tokens / gen_error. The samples' SQL is checked with
-    `sqlexec.check_sqls` (the execute-and-compare evaluate's maj@k uses): each distinct SQL runs once
-    with its own budget, the gold once. `summarize(db_path, sql, timeout_s, max_rows)` returns a
+    `verify.check_candidates` (the ``pair_budget=False`` rule evaluate's maj@k uses): each distinct SQL
+    runs once with its own budget, the gold once. `summarize(db_path, sql, timeout_s, max_rows)` returns a
     `sqlexec.ExecResult` (`IsolatedExecutor.summarize` in the verifier); an exception from it becomes
     that query's error. A sample the engine did not return (a failed row, or fewer than k texts) is a
     gen_error row.
     """
-    from .sqlexec import ExecResult, check_sqls
-
-    def safe_summarize(db, sql, t, m):
-        try:
-            return summarize(db, sql, t, m)
-        except Exception as e:  # noqa: BLE001  (recorded on the row, never fatal)
-            return ExecResult(False, None, f"executor error: {type(e).__name__}: {e}"[:2000], False, 0.0)
+    from .verify import Candidates, check_candidates
 
     texts = list(row.get("generations") or [])
     tokens = list(row.get("gen_tokens") or [])
@@ -239,7 +228,8 @@ def sample_rows(row: dict, k: int, summarize, timeout_s: float, max_rows: int = 
     to_run = [sql for _, gen_error, sql in samples if not gen_error and sql]
     checked = {}
     if to_run and db_path:
-        checked = dict(zip(to_run, check_sqls(safe_summarize, db_path, to_run, row["gold_sql"], timeout_s, max_rows)))
+        question = Candidates(db_path, to_run, row["gold_sql"])
+        checked = dict(zip(to_run, check_candidates(summarize, question, timeout_s, max_rows)))
     out = []
     for j, (text, gen_error, sql) in enumerate(samples):
         pair = checked.get(sql) if not gen_error and sql else None
@@ -473,9 +463,6 @@ def yield_report(samples: list[dict], sft_rows: list[dict]) -> dict:
 def report_markdown(report: dict) -> str:
     """report.md: the yield report as a few Markdown tables."""
 
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
     q, s, g = report["questions"], report["samples"], report.get("generation", {})
     lines = [
         "# Synthesis report",
@@ -485,13 +472,13 @@ def report_markdown(report: dict) -> str:
         "",
         "| questions | verifiable (database on disk) | with >= 1 verified sample | yield (of verifiable) | of all |",
         "|---:|---:|---:|---:|---:|",
-        f"| {q['total']} | {q['verifiable']} | {q['with_verified_sample']} | {pct(q['yield'])} | {pct(q['yield_of_all'])} |",
+        f"| {q['total']} | {q['verifiable']} | {q['with_verified_sample']} | {pct(q['yield'], True)} | {pct(q['yield_of_all'], True)} |",
         "",
     ]
     if report["by_difficulty"]:
         lines += ["| difficulty | questions | verifiable | verified | yield |", "|---|---:|---:|---:|---:|"]
         for name, d in report["by_difficulty"].items():
-            lines.append(f"| {name} | {d['questions']} | {d['verifiable']} | {d['verified']} | {pct(d['yield'])} |")
+            lines.append(f"| {name} | {d['questions']} | {d['verifiable']} | {d['verified']} | {pct(d['yield'], True)} |")
     else:
         lines.append("No question has a difficulty label (Spider has none): the figures above are the only split.")
     lines += ["", "| sample status | count |", "|---|---:|"]
@@ -499,8 +486,8 @@ def report_markdown(report: dict) -> str:
     lines += [
         f"| **all samples** | **{s['total']}** |",
         "",
-        (f"Verified samples / all samples: {pct(s['verified_fraction'])}; of samples of verifiable questions: "
-         f"{pct(s['verified_fraction_of_verifiable'])}. Tokens generated: {s['tokens_generated']} "
+        (f"Verified samples / all samples: {pct(s['verified_fraction'], True)}; of samples of verifiable questions: "
+         f"{pct(s['verified_fraction_of_verifiable'], True)}. Tokens generated: {s['tokens_generated']} "
          f"(mean {s['mean_tokens']} per sample). Questions whose gold SQL failed: {q['gold_error']}; "
          f"whose generation failed entirely: {q['generation_failed']}."),
         "",
