@@ -11,6 +11,7 @@ prompts, real Ray. The synthesize output of the end-to-end run is written here i
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -42,8 +43,9 @@ def _cot(sql: str) -> str:
 
 @pytest.fixture(scope="module")
 def questions(bird_dev) -> list[dict]:
+    present = {p.name for p in (bird_dev / "dev_databases").iterdir()}  # 3 of 11 databases are on disk
     qs = json.loads((bird_dev / "dev.json").read_text())
-    return [q for q in qs if len(q["question"]) + len(q["evidence"]) + len(q["SQL"]) < 260][:12]
+    return [q for q in qs if q["db_id"] in present and len(q["question"]) + len(q["evidence"]) + len(q["SQL"]) < 260][:12]
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +237,7 @@ def test_the_reference_never_changes_while_the_policy_does(dpo_steps):
 def test_the_chosen_minus_rejected_margin_grows_over_the_steps(dpo_steps):
     margins = dpo_steps["margins"]
     assert margins[0] == 0.0  # a new LoRA (B = 0): the policy is exactly the reference
-    assert all(b > a for a, b in zip(margins, margins[1:])), margins
+    assert all(b > a for a, b in itertools.pairwise(margins)), margins
     assert margins[-1] > 0.05
 
 
@@ -273,6 +275,16 @@ def _samples_for_accounting() -> list[dict]:
     ]
 
 
+def _assert_every_sample_once(built: D.Pairs, samples: list[dict]) -> None:
+    """Every sample is in a pair or listed as unused, never both, none twice in the list."""
+    used = {(p["question_id"], p["chosen_sample_index"]) for p in built.pairs} | {
+        (p["question_id"], p["rejected_sample_index"]) for p in built.pairs}
+    listed = [(u["question_id"], u["sample_index"]) for u in built.unused]
+    assert len(listed) == len(set(listed)) and not used & set(listed)
+    assert used | set(listed) == {(s["question_id"], s["sample_index"]) for s in samples}
+    assert built.samples == len(samples)
+
+
 def test_pair_building_accounts_for_every_question_and_sample():
     samples = _samples_for_accounting()
     conv = {q: _conv(q) for q in range(1, 8)}
@@ -280,17 +292,13 @@ def test_pair_building_accounts_for_every_question_and_sample():
     assert built.questions == {"no_samples": 1, "only_chosen": 1, "only_rejected": 1, "no_usable_samples": 2,
                                "paired": 2, "total": 7}
     assert sum(v for k, v in built.questions.items() if k != "total") == len(conv)
-    used = {(p["question_id"], p["chosen_sample_index"]) for p in built.pairs} | {
-        (p["question_id"], p["rejected_sample_index"]) for p in built.pairs}
-    listed = [(u["question_id"], u["sample_index"]) for u in built.unused]
-    assert len(listed) == len(set(listed)) and not used & set(listed)
-    assert used | set(listed) == {(s["question_id"], s["sample_index"]) for s in samples}  # every sample, once
+    _assert_every_sample_once(built, samples)
     reasons = {(u["question_id"], u["sample_index"]): u["reason"] for u in built.unused}
     assert reasons == {(2, 0): "no_counterpart", (2, 1): "no_counterpart", (3, 0): "no_counterpart",
                        (3, 1): "no_counterpart", (4, 0): "status_not_used", (4, 1): "status_not_used",
                        (5, 0): "gold_failed", (6, 2): "duplicate_text", (6, 5): "over_pairs_per_question",
                        (6, 6): "status_not_used"}
-    assert built.unused_by_reason["over_pairs_per_question"] == 1 and built.samples == len(samples)
+    assert built.unused_by_reason["over_pairs_per_question"] == 1
     # question 6: chosen shortest first (sample 1, then 0), rejected in sample order (3, then 4); distinct first
     q6 = [(p["chosen_sample_index"], p["rejected_sample_index"]) for p in built.pairs if p["question_id"] == 6]
     assert q6 == [(1, 3), (0, 4)]
@@ -346,7 +354,7 @@ def _synthesize_dir(tmp: Path, questions: list[dict]) -> Path:
         for j, status in enumerate(plan):
             sql = {"verified": q["SQL"], "wrong": f"SELECT {j} AS wrong", "exec_error": "SELEC nothing"}.get(status, "")
             text = (_cot(sql) if j == 0 else f"Step {j}: think again.\n```sql\n{sql}\n```") if sql else (
-                "" if status == "gen_error" else "Not sure.")
+                "" if status == "gen_error" else "Not sure. " * (150 if i == 7 else 1))  # 7: a pair too long
             rows.append(_sample(i, j, status, text, sql))
     S.write_parquet(out / "samples.parquet", pa.Table.from_pylist(rows, schema=S.samples_schema()))
     write_manifest(out, "synthesize", SynthesizeConfig(samples=4), time.time(), input=str(conv_dir / "train.parquet"))
@@ -421,6 +429,7 @@ def test_dpo_run_accounts_for_every_question_sample_and_pair(dpo_run, tokenizer)
     too_long = [r for r in rejected if "pair" in r]
     assert acc["samples"] == samples == acc["samples_in_pairs"] + acc["samples_unused"] and len(unused) == acc["samples_unused"]
     assert len(pairs) == 16 == data["rows"] == acc["pairs"] == data["trained"] + data["rejected"]
+    assert len(too_long) == 1 and too_long[0]["question_id"] == 7 and too_long[0]["member"] == "rejected"
     assert all(r["reason"] == "too_long" and r["n_tokens"] > MAX_LENGTH for r in too_long)
     assert {r["pair"] for r in too_long} == {
         p["pair"] for p in pairs
@@ -438,3 +447,25 @@ def test_dpo_without_any_pair_fails_with_the_counts(ray_local, tmp_path, tiny_ll
     with pytest.raises(ValueError, match=r"no \(chosen, rejected\) pair.*'only_rejected': 9"):
         T.run(cfg)
     assert len(_read_jsonl(tmp_path / "out" / "rejected.jsonl")) == len(rows)
+
+
+@pytest.mark.timeout(900)
+def test_on_policy_synthesize_takes_a_train_output_as_its_model(dpo_run, tmp_path, bird_dev):
+    """Step 1 of the on-policy recipe: `t2s synthesize --engine.model <a t2s train output>` samples from the
+    student (here the DPO output above: an adapter on the tiny Llama), its SQL executed against the real BIRD
+    dev databases; step 2's pair building reads that output and counts every question."""
+    from text2sql_ray.config import EngineConfig
+
+    synth, student = dpo_run
+    conv = json.loads((synth / "manifest.json").read_text())["input"]
+    cfg = SynthesizeConfig(input=conv, out=str(tmp_path / "on_policy"), data=str(bird_dev), samples=2, limit=3,
+                           exec_actors=1,
+                           engine=EngineConfig(model=str(student), temperature=0.8, max_new_tokens=8, batch_size=3))
+    out = S.run(cfg)
+    samples = pq.read_table(out / "samples.parquet").to_pylist()
+    assert sorted((r["question_id"], r["sample_index"]) for r in samples) == [(q, j) for q in range(3) for j in range(2)]
+    assert all(r["gen_error"] is None and r["text"] and r["status"] in S.STATUSES for r in samples)
+    built = D.read_input(D.find_input(str(out)), TrainConfig(method="dpo"))
+    assert built.questions["total"] == 12 and built.questions["no_samples"] == 9
+    assert sum(v for k, v in built.questions.items() if k != "total") == 12
+    _assert_every_sample_once(built, samples)

@@ -1312,7 +1312,8 @@ def run(cfg: TrainConfig) -> Path:
         },
         training={
             "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "steps_run": len(run_now),
-            "resumed_from_step": state.get("resumed_from", []), "sequences_per_step": per_step,
+            "resumed_from_step": state.get("resumed_from", []),
+            "sequences_per_step": per_step * (2 if dpo_run else 1), **({"pairs_per_step": per_step} if dpo_run else {}),
             "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
         },
         metrics={
