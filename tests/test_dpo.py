@@ -469,3 +469,17 @@ def test_on_policy_synthesize_takes_a_train_output_as_its_model(dpo_run, tmp_pat
     assert built.questions["total"] == 12 and built.questions["no_samples"] == 9
     assert sum(v for k, v in built.questions.items() if k != "total") == 12
     _assert_every_sample_once(built, samples)
+
+
+def test_the_pairs_file_a_dpo_run_writes_is_itself_an_input(dpo_run, tmp_path):
+    synth, out = dpo_run
+    cfg = TrainConfig(method="dpo", dpo_pairs_per_question=2)
+    again = D.read_input(D.find_input(str(out / "pairs.parquet")), cfg)
+    built = D.read_input(D.find_input(str(synth)), cfg)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in again.pairs] == [
+        (p["prompt"], p["chosen"], p["rejected"]) for p in built.pairs]
+    assert [p["pair"] for p in again.pairs] == list(range(len(built.pairs)))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": built.pairs[0]["prompt"], "chosen": "x"}]), bad)
+    with pytest.raises(ValueError, match="lacks column.s. rejected"):
+        D.read_input(D.find_input(str(bad)), cfg)

@@ -128,20 +128,13 @@ def build_pairs(samples: list[dict], conv_by_qid: dict[int, dict], pairs_per_que
                 continue
             side.append((s, answer))
         chosen.sort(key=lambda c: (len(c[1]), c[0]["sample_index"]))
-        for side in (chosen, rejected):
-            if dedup:
-                seen: dict[str, int] = {}
-                for s, answer in list(side):
-                    if answer in seen:
-                        drop(s, "duplicate_text", f"same answer as sample {seen[answer]}")
-                        side.remove((s, answer))
-                    else:
-                        seen[answer] = int(s["sample_index"])
+        if dedup:
+            chosen, rejected = distinct(chosen, drop), distinct(rejected, drop)
         chosen_text = {a: int(s["sample_index"]) for s, a in chosen}
-        for s, answer in list(rejected):
+        for s, answer in rejected:
             if answer in chosen_text:
                 drop(s, "same_as_chosen", f"same answer as chosen sample {chosen_text[answer]}")
-                rejected.remove((s, answer))
+        rejected = [(s, a) for s, a in rejected if a not in chosen_text]
         if not (chosen and rejected):
             key = "only_chosen" if chosen else "only_rejected" if rejected else "no_usable_samples"
             outcomes[key] += 1
@@ -169,6 +162,19 @@ def build_pairs(samples: list[dict], conv_by_qid: dict[int, dict], pairs_per_que
     unused.sort(key=lambda u: (u["question_id"], u["sample_index"]))
     return Pairs(pairs, unused, outcomes, samples=len(samples),
                  unused_by_reason={k: sum(1 for u in unused if u["reason"] == k) for k in UNUSED_REASONS})
+
+
+def distinct(side: list[tuple[dict, str]], drop) -> list[tuple[dict, str]]:
+    """(sample, answer) in order, an answer seen before dropped as duplicate_text."""
+    seen: dict[str, int] = {}
+    kept = []
+    for s, answer in side:
+        if answer in seen:
+            drop(s, "duplicate_text", f"same answer as sample {seen[answer]}")
+        else:
+            seen[answer] = int(s["sample_index"])
+            kept.append((s, answer))
+    return kept
 
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -225,6 +231,21 @@ def read_input(files: list[Path], cfg) -> Pairs:
         if not (isinstance(r["chosen"], str) and isinstance(r["rejected"], str)):
             raise ValueError(f"{files[0]} row {i}: chosen and rejected must be strings (the assistant's answers).")  # noqa: TRY004 (a bad input row)
     return Pairs([{**r, "question_id": r.get("question_id")} for r in rows], [], {}, samples=0)
+
+
+def manifest_section(built: Pairs, trained: int, cfg, from_samples: bool) -> dict:
+    """The `data.dpo` section of the train manifest: pairs, and (from synthesize samples) questions and samples."""
+    section: dict = {"pairs_file": "pairs.parquet", "pairs": len(built.pairs), "pairs_trained": trained,
+                     "source": "synthesize samples" if from_samples else "pairs file"}
+    if from_samples:
+        section.update(
+            questions=built.questions, samples=built.samples, samples_in_pairs=built.samples - len(built.unused),
+            samples_unused=len(built.unused), samples_unused_by_reason=built.unused_by_reason,
+            policy=(f"chosen {cfg.dpo_chosen}; rejected {cfg.dpo_rejected} (not an exec_error whose gold SQL failed); "
+                    f"at most {cfg.dpo_pairs_per_question} pair(s) per question; identical answers "
+                    f"{'count once' if cfg.dpo_dedup else 'all kept'}; a question without a pair is counted, not an error"),
+        )
+    return section
 
 
 def member_rows(pairs: list[dict]) -> dict[str, list]:

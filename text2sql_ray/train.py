@@ -1167,7 +1167,7 @@ def run(cfg: TrainConfig) -> Path:
         import pyarrow as pa
 
         built = dpo.read_input(files, cfg)
-        write_parquet(out / "pairs.parquet", pa.Table.from_pylist([{"pair": i, **p} for i, p in enumerate(built.pairs)]))
+        write_parquet(out / "pairs.parquet", pa.Table.from_pylist([{**p, "pair": i} for i, p in enumerate(built.pairs)]))
         if not built.pairs:
             write_jsonl(out / "rejected.jsonl", built.unused)
             raise ValueError(
@@ -1279,17 +1279,7 @@ def run(cfg: TrainConfig) -> Path:
     dpo_keys = tuple(f"dpo_{n}" for n in dpo.STAT_NAMES[1:]) if dpo_run else ()
     write_jsonl(out / "steps.jsonl",
                 ({k: h.get(k) for k in ("step", "epoch", "loss", *dpo_keys, "example_ids")} for h in history))
-    dpo_data = {}
-    if dpo_run:
-        in_pairs = built.samples - len(built.unused)
-        dpo_data = {"dpo": {
-            "pairs_file": "pairs.parquet", "pairs": n_rows, "pairs_trained": n_rows - len(rejected),
-            "questions": built.questions, "samples": built.samples, "samples_in_pairs": in_pairs,
-            "samples_unused": len(built.unused), "samples_unused_by_reason": built.unused_by_reason,
-            "policy": (f"chosen {cfg.dpo_chosen}; rejected {cfg.dpo_rejected} (not an exec_error whose gold SQL "
-                       f"failed); at most {cfg.dpo_pairs_per_question} pair(s) per question; identical answers "
-                       f"{'count once' if cfg.dpo_dedup else 'kept'}; a question without a pair is counted, not an error"),
-        }}
+    dpo_data = {"dpo": dpo.manifest_section(built, n_rows - len(rejected), cfg, len(files) == 2)} if dpo_run else {}
     write_manifest(
         out, "train", cfg, started,
         model={"spec": cfg.model, "resolved": model_path, "method": cfg.method,
