@@ -412,7 +412,13 @@ def test_dpo_run_resumes_after_a_failure_from_the_checkpoint(dpo_run):
     steps = _read_jsonl(out / "steps.jsonl")
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and steps[0]["dpo_margin"] == 0.0
-    assert all(len(s["example_ids"]) == 2 for s in steps)  # 2 workers x 1 pair
+    # the pairs of every step, the resumed steps 3 and 4 included, are those step_sequences fixes for the run
+    too_long = {r["pair"] for r in _read_jsonl(out / "rejected.jsonl") if "pair" in r}
+    kept = [p for p in range(manifest["data"]["dpo"]["pairs"]) if p not in too_long]
+    spe = manifest["training"]["steps_per_epoch"]
+    assert spe == len(kept) // 2
+    assert [s["example_ids"] for s in steps] == [
+        [kept[u] for u in T.step_sequences(k, len(kept), 2, spe, 0)] for k in (1, 2, 3, 4)]
 
 
 @pytest.mark.timeout(900)

@@ -1083,7 +1083,7 @@ def latest_checkpoint_state(storage: str) -> dict | None:
     return best
 
 
-def plot_loss(history: list[dict], path: Path) -> None:
+def plot_loss(history: list[dict], path: Path, ylabel: str = "loss (assistant tokens)") -> None:
     try:
         import matplotlib
     except ImportError:  # a declared dependency, but a bare GPU image may lack it: the manifest has the numbers
@@ -1096,7 +1096,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="." if len(history) < 50 else None)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -1272,7 +1272,7 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.merge and cfg.method in LORA_METHODS:
         _write_merged(out, model_path, out / "merged")
     history = state["history"]
-    plot_loss(history, out / "loss_curve.png")
+    plot_loss(history, out / "loss_curve.png", "DPO loss (mean over pairs)" if dpo_run else "loss (assistant tokens)")
     run_now = [h for h in history if h["step"] > start_step]
     tok_s = (sum(h["tokens"] for h in run_now) / sum(h["step_time_s"] for h in run_now)) if run_now else None
     step_times = sorted(h["step_time_s"] for h in run_now)
