@@ -1172,7 +1172,7 @@ def run(cfg: TrainConfig) -> Path:
             write_jsonl(out / "rejected.jsonl", built.unused)
             raise ValueError(
                 f"train --method dpo: no (chosen, rejected) pair in {input_path}: questions {built.questions}; samples "
-                f"in no pair {built.unused_by_reason} (listed in {out / 'rejected.jsonl'}). Draw more samples per "
+                f"in no pair { {k: v for k, v in built.unused_by_reason.items() if v} } (listed in {out / 'rejected.jsonl'}). Draw more samples per "
                 "question (synthesize --samples), at a higher temperature, or widen --dpo-chosen / --dpo-rejected."
             )
         table, id_name = pa.table(dpo.member_rows(built.pairs)), "pair"
