@@ -25,7 +25,7 @@ CLUSTER = REPO / "cluster"
 JOB_FILES = sorted(JOBS.glob("*.yaml"))
 EXPECTED_JOBS = {
     "convert_bird.yaml", "synth_70b_vllm.yaml", "sft_lora_8b.yaml", "sft_full_8b_zero3.yaml",
-    "eval_dev.yaml", "serve_lora.yaml", "tiny_cpu.yaml",
+    "eval_dev.yaml", "serve_lora.yaml", "tiny_cpu.yaml", "train_dpo.yaml",
 }
 SUBMIT = "ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml --"
 SHARED = ("/mnt/", "s3://", "gs://")

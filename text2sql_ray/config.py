@@ -268,16 +268,16 @@ class SynthesizeConfig:
 
 @dataclass
 class TrainConfig:
-    """`t2s train`: LoRA or full fine-tuning (DeepSpeed ZeRO) on Ray Train, loss on assistant tokens only."""
+    """`t2s train`: LoRA or full fine-tuning (DeepSpeed ZeRO), or LoRA DPO, on Ray Train; loss on assistant tokens only."""
 
     input: str = ""
-    """SFT Parquet file or a directory holding sft.parquet / train.parquet (from synthesize or convert); empty = the bundled demo, converted into <out>/convert."""
+    """SFT Parquet file or a directory holding sft.parquet / train.parquet (from synthesize or convert); empty = the bundled demo, converted into <out>/convert. Method 'dpo': a synthesize output dir (samples.parquet) or a pairs Parquet (prompt, chosen, rejected)."""
     out: str = "runs/train"
     """Output directory (Hugging Face model or adapter dir, manifest, loss curve)."""
     model: str = ""
-    """Base model: local dir, hub name or .gguf; empty = the embedded SmolLM2-135M-Instruct."""
+    """Starting model: local dir, hub name, .gguf, or a `t2s train` output (a LoRA one: its adapter merged first); empty = the embedded SmolLM2-135M-Instruct."""
     method: str = "lora"
-    """'lora' (PEFT) or 'full' (all weights, DeepSpeed when deepspeed is set)."""
+    """'lora' (PEFT), 'full' (all weights, DeepSpeed when deepspeed is set) or 'dpo' (LoRA DPO on verified vs failed samples; the reference is the starting model)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run `epochs`)."""
     epochs: float = 1.0
@@ -344,10 +344,22 @@ class TrainConfig:
     """Worker-group restarts from the latest checkpoint after a failure before the run gives up."""
     report_to: str = "tensorboard"
     """Where rank 0 logs step metrics: comma-separated 'tensorboard' (<out>/tensorboard), 'mlflow', 'wandb', or 'none'."""
+    dpo_beta: float = 0.1
+    """DPO: beta, the strength of the pull towards the reference model (higher = stay closer)."""
+    dpo_label_smoothing: float = 0.0
+    """DPO: conservative DPO's label smoothing in [0, 0.5): the assumed chance that a pair's preference is flipped."""
+    dpo_pairs_per_question: int = 2
+    """DPO: at most this many (chosen, rejected) pairs per question, distinct samples first."""
+    dpo_chosen: str = "verified"
+    """DPO: comma-separated sample statuses that may be chosen: 'verified' (execution), 'canonical_match' (no database; weaker)."""
+    dpo_rejected: str = "wrong,exec_error,no_sql"
+    """DPO: comma-separated sample statuses that may be rejected: 'wrong', 'exec_error' (not when the gold SQL failed), 'no_sql'."""
+    dpo_dedup: bool = True
+    """DPO: identical answer texts of one question count once (the others go to rejected.jsonl as duplicate_text)."""
 
     def __post_init__(self):
         _check_finite(self, "train")
-        _check_choice("train.method", self.method, ("lora", "full"))
+        _check_choice("train.method", self.method, ("lora", "full", "dpo"))
         from .tracking import parse_report_to
 
         try:
@@ -356,8 +368,20 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         _check_choice("train.schedule", self.schedule, ("cosine", "constant"))
         _check_choice("train.dtype", self.dtype, ("auto", "bfloat16", "float32"))
-        if self.method == "lora" and self.deepspeed:
+        if self.method in ("lora", "dpo") and self.deepspeed:
             raise ConfigError("train.deepspeed is for method='full'; drop it or set --method full.")
+        if self.method == "dpo":
+            if self.packing:
+                raise ConfigError("train.packing does not apply to method 'dpo' (every pair is scored as two sequences); drop --packing.")
+            if self.dpo_beta <= 0 or not 0.0 <= self.dpo_label_smoothing < 0.5:
+                raise ConfigError("train.dpo_beta must be > 0 and train.dpo_label_smoothing in [0, 0.5).")
+            if self.dpo_pairs_per_question < 1:
+                raise ConfigError("train.dpo_pairs_per_question must be >= 1.")
+            for name, value, allowed in (("dpo_chosen", self.dpo_chosen, ("verified", "canonical_match")),
+                                         ("dpo_rejected", self.dpo_rejected, ("wrong", "exec_error", "no_sql"))):
+                got = [x.strip() for x in value.split(",") if x.strip()]
+                if not got or any(x not in allowed for x in got):
+                    raise ConfigError(f"train.{name}={value!r}: give a comma-separated subset of {', '.join(allowed)}.")
         if self.max_steps < 0 or self.epochs <= 0:
             raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0.")
         if self.micro_batch_size < 1 or self.grad_accum < 1 or self.num_workers < 1:

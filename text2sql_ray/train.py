@@ -1,12 +1,20 @@
-"""`t2s train`: LoRA or full fine-tuning (DeepSpeed ZeRO-2/3) of a causal LM on Ray Train.
+"""`t2s train`: LoRA or full fine-tuning (DeepSpeed ZeRO-2/3), or LoRA DPO, of a causal LM on Ray Train.
 
 The file reads top to bottom:
 1. Pure helpers, tested without Ray: a conversation through the model's chat template with labels on
    the assistant tokens only; why a row is rejected; packing; the data order; collation; the
-   learning-rate schedule; the DeepSpeed config; an lm_head + cross-entropy that never materialises the
-   [tokens x vocab] logits.
+   learning-rate schedule; the DeepSpeed config; an lm_head + cross-entropy (and per-token log-probs, for
+   DPO) that never materialises the [tokens x vocab] logits.
 2. `train_loop_per_worker`: what every Ray Train worker runs (model, optimizer, loop, checkpoints, resume).
-3. `run(cfg)`: the SFT Parquet tokenised on Ray Data, the `TorchTrainer`, and the output directory.
+3. `run(cfg)`: the SFT Parquet (or DPO's pairs) tokenised on Ray Data, the `TorchTrainer`, and the output
+   directory.
+
+Method ``dpo`` (`dpo.py` builds the pairs and holds the loss): every (chosen, rejected) pair of assistant
+answers to one prompt is two sequences, trained with the sigmoid DPO loss against the starting model as
+reference (the policy with its LoRA adapter disabled; a LoRA starting checkpoint is merged first,
+`starting_model`). Everything else (the data order, checkpoints, exact resume, the output dir) is SFT's;
+a "row" is then a pair, ``steps.jsonl`` lists pair ids (rows of ``pairs.parquet``), and
+``rejected.jsonl`` also lists every sample that is in no pair, with its reason.
 
 Rows: every input row is trained on whole or written to ``rejected.jsonl`` with its id (question_id, or
 the row number when the set has no unique question ids) and reason (`REJECT_REASONS`): an example longer
@@ -45,8 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import models
-from .common import atomic_path, log, read_manifest, setup_logging, write_jsonl, write_manifest
+from . import dpo, models
+from .common import atomic_path, log, read_manifest, setup_logging, write_jsonl, write_manifest, write_parquet
 from .config import PromptConfig, TrainConfig, check_schema_budget, from_dict, to_dict
 from .tracking import check_report_to, open_logger
 
@@ -64,6 +72,8 @@ one-slot queue on its ~2 s poll, so a report per step throttles training to one 
 an H200: 0.08 s steps spaced 2 s apart). Checkpoint steps always report; every step is logged on rank 0."""
 FAIL_ENV = "T2S_TRAIN_FAIL_AT_STEP"
 """Test hook: a worker raises after finishing this step, on a run that did not resume from a checkpoint."""
+LORA_METHODS = ("lora", "dpo")
+"""Methods that train a LoRA adapter on frozen base weights."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,6 +519,72 @@ def linear_cross_entropy_sum(hidden, head, target, impl: str = "fused", chunk: i
     return _CHUNKED_CE.apply(hidden, weight, target, chunk or default_loss_chunk(weight.shape[0]), compute_dtype)
 
 
+def _chunked_linear_logprob_cls():
+    import torch
+
+    class ChunkedLinearLogprob(torch.autograd.Function):
+        """log_softmax(hidden_i @ W^T)[target_i] for every row, chunk by chunk: the per-token sibling of
+        ChunkedLinearCrossEntropy, for DPO's per-sequence sums.
+
+        The gradient with respect to hidden, (onehot - softmax) @ W per row, is computed in the forward
+        pass and scaled row by row in backward (the upstream gradient differs per sequence). The one
+        with respect to W would mix rows with those weights, so a trainable head is refused: under LoRA
+        (DPO's only method) the head is frozen.
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, target, chunk, compute_dtype):
+            w = weight.to(compute_dtype)
+            need_h = hidden.requires_grad
+            out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s : s + chunk].to(compute_dtype)
+                y = target[s : s + chunk]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                out[s : s + chunk] = logits.gather(1, y[:, None]).squeeze(1) - lse
+                if need_h:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0  # = -(d logp / d logits)
+                    grad_h[s : s + chunk] = (probs.to(compute_dtype) @ w).neg_().to(hidden.dtype)
+            ctx.save_for_backward(grad_h)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            (grad_h,) = ctx.saved_tensors
+            gh = grad_h * grad_out[:, None].to(grad_h.dtype) if grad_h is not None else None
+            return gh, None, None, None, None
+
+    return ChunkedLinearLogprob
+
+
+_CHUNKED_LOGPROB = None
+
+
+def linear_token_logprobs(hidden, head, target, impl: str = "fused", chunk: int = 0):
+    """log p(target_i | hidden_i) under `head` for every row (rows already filtered to labelled ones), [n] fp32.
+
+    impl as in `linear_cross_entropy_sum`; 'liger' uses the 'fused' torch version (liger's fused linear
+    cross-entropy sums). 'fused' needs a frozen head (LoRA): its weight gradient is not computed.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    global _CHUNKED_LOGPROB
+    if impl == "logits" or hidden.shape[0] == 0:
+        return -F.cross_entropy(head(hidden).float(), target, reduction="none")
+    weight = head.weight
+    if weight.requires_grad:
+        raise ValueError("per-token log-probs in chunks need a frozen lm_head (LoRA); use impl='logits' to train it.")
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    if _CHUNKED_LOGPROB is None:
+        _CHUNKED_LOGPROB = _chunked_linear_logprob_cls()
+    return _CHUNKED_LOGPROB.apply(hidden, weight, target, chunk or default_loss_chunk(weight.shape[0]), compute_dtype)
+
+
 def choose_loss_impl(head, fused: bool, liger: bool) -> str:
     """'liger' or 'fused' where the head is a plain bias-free Linear with a whole weight, else 'logits'."""
     import torch
@@ -539,14 +615,33 @@ def _lm_with_loss_cls():
         def hf_model(self):
             return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
-        def forward(self, input_ids, position_ids, labels):
-            hf = self.hf_model()
-            hidden = hf.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        def labelled(self, input_ids, position_ids, labels):
+            """Hidden states of the positions whose next token is trained on, those tokens, and their rows."""
+            hidden = self.hf_model().get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                                   use_cache=False).last_hidden_state
             target = labels[:, 1:]
             keep = target != IGNORE
-            return linear_cross_entropy_sum(
-                hidden[:, :-1][keep], hf.get_output_embeddings(), target[keep], self.loss_impl, self.chunk
-            )
+            return hidden[:, :-1][keep], target[keep], keep.nonzero(as_tuple=True)[0]
+
+        def sequence_logprobs(self, input_ids, position_ids, labels):
+            """[batch] summed log-probs of each row's trained (assistant) tokens."""
+            hidden, target, rows = self.labelled(input_ids, position_ids, labels)
+            tok = linear_token_logprobs(hidden, self.hf_model().get_output_embeddings(), target, self.loss_impl, self.chunk)
+            return torch.zeros(input_ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+
+        def forward(self, input_ids, position_ids, labels, dpo: tuple | None = None):
+            """The summed loss of the assistant tokens; with `dpo` = (beta, label_smoothing) the rows are m
+            chosen then m rejected answers and the result is `dpo.dpo_sums` (the pairs' summed DPO loss first),
+            the reference being this model with its LoRA adapter disabled."""
+            if dpo is not None:
+                from .dpo import dpo_sums
+
+                with torch.no_grad(), self.lm.disable_adapter():
+                    reference = self.sequence_logprobs(input_ids, position_ids, labels)
+                return dpo_sums(self.sequence_logprobs(input_ids, position_ids, labels), reference, *dpo)
+            hidden, target, _ = self.labelled(input_ids, position_ids, labels)
+            return linear_cross_entropy_sum(hidden, self.hf_model().get_output_embeddings(), target, self.loss_impl,
+                                            self.chunk)
 
     return CausalLMWithLoss
 
@@ -559,7 +654,7 @@ def build_training_model(cfg: TrainConfig, model_path: str, dtype, device_type: 
 
     torch.manual_seed(cfg.seed)
     use_ds = cfg.method == "full" and ds_config is not None
-    load_dtype = dtype if cfg.method == "lora" else torch.float32
+    load_dtype = dtype if cfg.method in LORA_METHODS else torch.float32
     src = model_path
     if cfg.method == "full" and not use_ds and restore is not None:
         src = str(restore / "hf")  # plain-DDP full fine-tuning resumes from its saved weights
@@ -593,7 +688,7 @@ def prepare_for_training(model, cfg: TrainConfig, dtype, device_type: str, resto
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         set_checkpointed_layers(model, cfg.checkpoint_layers)
-    if cfg.method == "lora":
+    if cfg.method in LORA_METHODS:
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if restore is not None:
@@ -618,17 +713,19 @@ def prepare_for_training(model, cfg: TrainConfig, dtype, device_type: str, resto
     return _lm_with_loss_cls()(model, impl), autocast
 
 
-def forward_backward(model, micro: list[dict], scale: float, autocast, device, engine=None):
-    """Forward and backward of one optimizer step's micro-batches; returns the summed loss (detached).
+def forward_backward(model, micro: list[dict], scale: float, autocast, device, engine=None, dpo: tuple | None = None):
+    """Forward and backward of one optimizer step's micro-batches; returns the summed loss (detached) as a
+    [1] tensor, or with `dpo` = (beta, label_smoothing) the summed `dpo.STAT_NAMES` as a [5] tensor.
 
-    `scale` turns the summed token loss into the step's mean (1 / assistant tokens of the step, times
-    the number of workers whose gradients DDP/DeepSpeed average). With DDP, gradients are synchronised
-    on the last micro-batch only; with DeepSpeed, `engine.step()` acts at the accumulation boundary.
+    `scale` turns the summed loss into the step's mean (1 / assistant tokens of the step, or 1 / pairs of
+    the step with DPO, times the number of workers whose gradients DDP/DeepSpeed average). With DDP,
+    gradients are synchronised on the last micro-batch only; with DeepSpeed, `engine.step()` acts at the
+    accumulation boundary. DPO micro-batches hold their pairs' chosen rows, then their rejected rows.
     """
     import torch
 
     autocast_ctx = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else contextlib.nullcontext
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(1 if dpo is None else 5, dtype=torch.float64, device=device)
     for k, b in enumerate(micro):
         inputs = {key: b[key].to(device, non_blocking=True) for key in ("input_ids", "position_ids", "labels")}
         if engine is not None:
@@ -636,14 +733,15 @@ def forward_backward(model, micro: list[dict], scale: float, autocast, device, e
                 loss = engine(**inputs)
             engine.backward(loss * scale, scale_wrt_gas=False)
             engine.step()
+            out = loss[None]
         else:
             sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
                 with autocast_ctx():
-                    loss = model(**inputs)
-                (loss * scale).backward()
-        loss_sum += loss.detach().double()
-    return loss_sum
+                    out = model(**inputs)[None] if dpo is None else model(**inputs, dpo=dpo)
+                (out[0] * scale).backward()
+        sums += out.detach().double()
+    return sums
 
 
 def set_checkpointed_layers(model, fraction: float) -> int:
@@ -787,7 +885,7 @@ def train_loop_per_worker(loop: dict) -> None:
                     if rank == 0:
                         _save_full(hf_model, hf_dir, sd, save_dtype)
             elif rank == 0:
-                if cfg.method == "lora":
+                if cfg.method in LORA_METHODS:
                     inner.lm.save_pretrained(str(hf_dir))
                 else:  # fp32 while training (exact resume); the final export in the run's dtype
                     dt = save_dtype if final else torch.float32
@@ -801,7 +899,9 @@ def train_loop_per_worker(loop: dict) -> None:
 
     # Loop -----------------------------------------------------------------------------------------
     data = ray.get(loop["data"])  # the kept examples' token ids (read-only views of the object store)
-    n_seq = len(data["seq_starts"]) - 1
+    dpo_args = (cfg.dpo_beta, cfg.dpo_label_smoothing) if cfg.method == "dpo" else None
+    # The unit a step draws: a sequence, or with DPO a pair p (sequences 2p chosen and 2p + 1 rejected).
+    n_units = (len(data["seq_starts"]) - 1) // (2 if dpo_args else 1)
     total, steps_per_epoch = loop["total_steps"], loop["steps_per_epoch"]
     mine = slice(rank * cfg.micro_batch_size * cfg.grad_accum, (rank + 1) * cfg.micro_batch_size * cfg.grad_accum)
     per_step = world * cfg.micro_batch_size * cfg.grad_accum
@@ -817,24 +917,25 @@ def train_loop_per_worker(loop: dict) -> None:
         t0 = time.perf_counter()
         step += 1
         epoch = (step - 1) // steps_per_epoch
-        seqs = step_sequences(step, n_seq, per_step, steps_per_epoch, cfg.seed)
+        seqs = step_sequences(step, n_units, per_step, steps_per_epoch, cfg.seed)
         own = seqs[mine]
-        micro = [collate(sequence_rows(data, own[j : j + cfg.micro_batch_size]), pad_id)
-                 for j in range(0, len(own), cfg.micro_batch_size)]
+        micro = [collate(sequence_rows(data, dpo.pair_sequences(units) if dpo_args else units), pad_id)
+                 for units in (own[j : j + cfg.micro_batch_size] for j in range(0, len(own), cfg.micro_batch_size))]
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout: same stream after a resume
         lr = cfg.lr * lr_multiplier(step, total, warmup, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Loss = sum over the step's assistant tokens on all workers / their count: every token weighs
-        # the same whatever micro-batch or worker it falls in. DDP and DeepSpeed average gradients over
-        # workers (hence * world); DeepSpeed's own division by grad_accum is turned off.
+        # the same whatever micro-batch or worker it falls in (DPO: the mean over the step's pairs). DDP
+        # and DeepSpeed average gradients over workers (hence * world); DeepSpeed's own division by
+        # grad_accum is turned off.
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
                                sum(b["n_tokens"] for b in micro)], dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(counts)
         n_label, n_tokens = max(1.0, float(counts[0])), float(counts[1])
-        scale = world / n_label
-        loss_sum = forward_backward(model, micro, scale, autocast, device, engine)
+        per_loss = float(per_step) if dpo_args else n_label
+        sums = forward_backward(model, micro, world / per_loss, autocast, device, engine, dpo_args)
         if use_ds:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
@@ -846,17 +947,21 @@ def train_loop_per_worker(loop: dict) -> None:
         # Rank 0 decides whether this step reports metrics to Ray Train; the flag rides on the loss
         # all-reduce so every worker calls ray.train.report the same number of times.
         due = rank == 0 and time.monotonic() - last_report >= REPORT_EVERY_S
-        reduced = torch.stack([loss_sum, torch.tensor(float(due), dtype=torch.float64, device=device)])
+        reduced = torch.cat([sums, torch.tensor([float(due)], dtype=torch.float64, device=device)])
         if world > 1:
             dist.all_reduce(reduced)
-        loss_sum, report_due = reduced[0], bool(reduced[1] > 0)
+        sums, report_due = reduced[:-1] / per_loss, bool(reduced[-1] > 0)
         if on_gpu:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        entry = {"step": step, "loss": float(loss_sum) / n_label, "lr": lr, "tokens": int(n_tokens),
+        entry = {"step": step, "loss": float(sums[0]), "lr": lr, "tokens": int(n_tokens),
                  "label_tokens": int(n_label), "step_time_s": round(dt, 4), "tokens_per_s": round(n_tokens / dt, 1),
-                 "grad_norm": grad_norm, "epoch": epoch,
-                 "example_ids": [int(data["example_ids"][e]) for s in seqs for e in sequence_members(data, s)]}
+                 "grad_norm": grad_norm, "epoch": epoch}
+        if dpo_args:  # the step's means of the DPO statistics; example_ids are pair ids
+            entry.update({f"dpo_{name}": float(v) for name, v in zip(dpo.STAT_NAMES[1:], sums[1:])})
+            entry["example_ids"] = [int(data["example_ids"][2 * p]) for p in seqs]
+        else:
+            entry["example_ids"] = [int(data["example_ids"][e]) for s in seqs for e in sequence_members(data, s)]
         state["history"].append(entry)
         state.update(step=step, epoch=epoch)
         metrics = {k: v for k, v in entry.items() if k != "example_ids"}
@@ -978,7 +1083,7 @@ def latest_checkpoint_state(storage: str) -> dict | None:
     return best
 
 
-def plot_loss(history: list[dict], path: Path) -> None:
+def plot_loss(history: list[dict], path: Path, ylabel: str = "loss (assistant tokens)") -> None:
     try:
         import matplotlib
     except ImportError:  # a declared dependency, but a bare GPU image may lack it: the manifest has the numbers
@@ -991,7 +1096,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="." if len(history) < 50 else None)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -1022,9 +1127,14 @@ def run(cfg: TrainConfig) -> Path:
 
     started = time.time()
     out = Path(cfg.out).resolve()
-    input_path = cfg.input or default_input(out)
-    files = find_sft_files(input_path)
-    check_sft_schema(files)
+    dpo_run = cfg.method == "dpo"
+    if dpo_run:  # samples.parquet + the convert rows its synthesize manifest names, or a pairs Parquet
+        input_path = cfg.input
+        files = dpo.find_input(input_path)
+    else:
+        input_path = cfg.input or default_input(out)
+        files = find_sft_files(input_path)
+        check_sft_schema(files)
     prompt_record = prompt_record_for(files, input_path)
     if prompt_record is not None:
         check_schema_budget(PromptConfig(**prompt_record["config"]), cfg.max_length,
@@ -1032,7 +1142,7 @@ def run(cfg: TrainConfig) -> Path:
     else:
         log.warning("train: no convert/synthesize manifest beside %s records its prompt config; `t2s evaluate --model "
                     "%s` will need the prompt flags given by hand", input_path, out)
-    model_path = models.resolve_model(cfg.model)
+    model_path = starting_model(models.resolve_model(cfg.model), out)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer of {model_path} has no chat template; train needs one to find assistant turns.")
@@ -1051,8 +1161,23 @@ def run(cfg: TrainConfig) -> Path:
 
     # Data: Parquet -> tokens with assistant-only labels (Ray Data) -> kept examples and the rejected ones
     # (listed with their reason) -> sequences; the token ids go to the object store once and every worker
-    # indexes them in the order `step_sequences` fixes.
-    table, id_name = read_sft_table(files)
+    # indexes them in the order `step_sequences` fixes. DPO: pairs -> two conversations each (example ids
+    # 2p and 2p + 1), a pair kept only whole.
+    if dpo_run:
+        import pyarrow as pa
+
+        built = dpo.read_input(files, cfg)
+        write_parquet(out / "pairs.parquet", pa.Table.from_pylist([{**p, "pair": i} for i, p in enumerate(built.pairs)]))
+        if not built.pairs:
+            write_jsonl(out / "rejected.jsonl", built.unused)
+            raise ValueError(
+                f"train --method dpo: no (chosen, rejected) pair in {input_path}: questions {built.questions}; samples "
+                f"in no pair { {k: v for k, v in built.unused_by_reason.items() if v} } (listed in {out / 'rejected.jsonl'}). Draw more samples per "
+                "question (synthesize --samples), at a higher temperature, or widen --dpo-chosen / --dpo-rejected."
+            )
+        table, id_name = pa.table(dpo.member_rows(built.pairs)), "pair"
+    else:
+        table, id_name = read_sft_table(files)
     blocks = [table.slice(i, TOKENIZE_BLOCK) for i in range(0, table.num_rows, TOKENIZE_BLOCK)] or [table]
     tokenized = ray.data.from_arrow(blocks).map_batches(
         tokenize_batch, fn_kwargs={"model_path": model_path, "max_length": cfg.max_length},
@@ -1074,13 +1199,17 @@ def run(cfg: TrainConfig) -> Path:
         raise RuntimeError(f"train lost rows: {table.num_rows} in, {n_rows} tokenized; this is a bug, please report it.")
     kept.sort(key=lambda e: e[0])
     rejected.sort(key=lambda r: r[id_name])
-    write_jsonl(out / "rejected.jsonl", rejected)
+    unit = "rows"
+    if dpo_run:  # rows are now pairs: a pair with a rejected member is rejected whole
+        kept, rejected = dpo.whole_pairs(kept, rejected, built.pairs)
+        n_rows, unit = len(built.pairs), "pairs"
+    write_jsonl(out / "rejected.jsonl", (built.unused if dpo_run else []) + rejected)
     by_reason = {k: sum(1 for r in rejected if r["reason"] == k) for k in REJECT_REASONS}
     share = len(rejected) / max(1, n_rows)
     if not kept or share > cfg.max_rejected_fraction:
         longest = max((r["prompt_tokens"] for r in rejected if r["reason"] == "too_long"), default=0)
         raise ValueError(
-            f"train: {len(rejected)} of {n_rows} rows of {input_path} ({share:.1%}) would be rejected, more than "
+            f"train: {len(rejected)} of {n_rows} {unit} of {input_path} ({share:.1%}) would be rejected, more than "
             f"train.max_rejected_fraction={cfg.max_rejected_fraction:.1%} "
             f"({', '.join(f'{k} {v}' for k, v in by_reason.items() if v)}; listed in {out / 'rejected.jsonl'}). "
             + (f"Too long: raise --max-length (the longest rejected prompt alone is {longest} tokens) or convert "
@@ -1089,20 +1218,21 @@ def run(cfg: TrainConfig) -> Path:
         )
     seqs = layout_sequences([len(e[1]) for e in kept], cfg.packing, cfg.max_length, cfg.seed)
     n_seq = len(seqs)
+    n_units = n_seq // 2 if dpo_run else n_seq  # what a step draws: sequences, or DPO pairs (2 sequences each)
     per_step = cfg.num_workers * cfg.micro_batch_size * cfg.grad_accum
-    steps_per_epoch = n_seq // per_step
+    steps_per_epoch = n_units // per_step
     if steps_per_epoch == 0:
         raise ValueError(
-            f"{n_seq} training sequences cannot fill one step of {per_step} (num_workers x micro_batch_size x "
-            "grad_accum); lower those or give more data."
+            f"{n_units} training {'pairs' if dpo_run else 'sequences'} cannot fill one step of {per_step} (num_workers "
+            "x micro_batch_size x grad_accum); lower those or give more data."
         )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     start_step = previous["step"] if previous else 0
     n_tokens, n_label = sum(len(e[1]) for e in kept), sum(int((e[2] != IGNORE).sum()) for e in kept)
     data_ref = ray.put(pack_train_data(kept, seqs))
     del kept
-    log.info("train: %d rows: %d trained on, %d rejected (%s; %s), %d sequences, %d steps/epoch, %d steps "
-             "(from step %d)", n_rows, n_rows - len(rejected), len(rejected),
+    log.info("train: %d %s: %d trained on, %d rejected (%s; %s), %d sequences, %d steps/epoch, %d steps "
+             "(from step %d)", n_rows, unit, n_rows - len(rejected), len(rejected),
              ", ".join(f"{k} {v}" for k, v in by_reason.items()) or "none", out / "rejected.jsonl", n_seq,
              steps_per_epoch, total_steps, start_step)
 
@@ -1133,24 +1263,30 @@ def run(cfg: TrainConfig) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         files_written += _copy_into(Path(tmp), out)
-    if cfg.method == "lora":
+    if cfg.method in LORA_METHODS:
         adapter_cfg = json.loads((out / "adapter_config.json").read_text())
         adapter_cfg["base_model_name_or_path"] = model_path  # a path or hub name from_pretrained loads
         from .common import write_json
 
         write_json(out / "adapter_config.json", adapter_cfg)
-    if cfg.merge and cfg.method == "lora":
-        _write_merged(out, model_path)
+    if cfg.merge and cfg.method in LORA_METHODS:
+        _write_merged(out, model_path, out / "merged")
     history = state["history"]
-    plot_loss(history, out / "loss_curve.png")
+    plot_loss(history, out / "loss_curve.png", "DPO loss (mean over pairs)" if dpo_run else "loss (assistant tokens)")
     run_now = [h for h in history if h["step"] > start_step]
     tok_s = (sum(h["tokens"] for h in run_now) / sum(h["step_time_s"] for h in run_now)) if run_now else None
     step_times = sorted(h["step_time_s"] for h in run_now)
-    write_jsonl(out / "steps.jsonl", ({k: h.get(k) for k in ("step", "epoch", "loss", "example_ids")} for h in history))
+    dpo_keys = tuple(f"dpo_{n}" for n in dpo.STAT_NAMES[1:]) if dpo_run else ()
+    write_jsonl(out / "steps.jsonl",
+                ({k: h.get(k) for k in ("step", "epoch", "loss", *dpo_keys, "example_ids")} for h in history))
+    dpo_data = {"dpo": dpo.manifest_section(built, n_rows - len(rejected), cfg, len(files) == 2)} if dpo_run else {}
     write_manifest(
         out, "train", cfg, started,
         model={"spec": cfg.model, "resolved": model_path, "method": cfg.method,
-               "loss": "assistant tokens only", "deepspeed": ds_preset},
+               "loss": (f"sigmoid DPO (beta {cfg.dpo_beta}, label smoothing {cfg.dpo_label_smoothing}) on the summed "
+                        "log-probs of the assistant tokens; reference = the starting model (LoRA disabled)"
+                        if dpo_run else "assistant tokens only"),
+               "deepspeed": ds_preset},
         prompt=prompt_record,
         data={
             "input": str(input_path), "files": [str(f) for f in files], "sha256": {str(f): _sha256(f) for f in files},
@@ -1160,11 +1296,14 @@ def run(cfg: TrainConfig) -> Path:
             "policy": "an example longer than max_length is rejected whole, never cut; prompts are trained as converted",
             "max_length": cfg.max_length, "packing": cfg.packing,
             "sequences": int(n_seq), "tokens": int(n_tokens), "label_tokens": int(n_label),
-            "order": "steps.jsonl: the example ids of every optimizer step (a new seeded order every epoch)",
+            "order": (f"steps.jsonl: the {'pair' if dpo_run else 'example'} ids of every optimizer step (a new seeded "
+                      "order every epoch)"),
+            **dpo_data,
         },
         training={
             "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "steps_run": len(run_now),
-            "resumed_from_step": state.get("resumed_from", []), "sequences_per_step": per_step,
+            "resumed_from_step": state.get("resumed_from", []),
+            "sequences_per_step": per_step * (2 if dpo_run else 1), **({"pairs_per_step": per_step} if dpo_run else {}),
             "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
         },
         metrics={
@@ -1173,8 +1312,9 @@ def run(cfg: TrainConfig) -> Path:
             "tokens_per_s": round(tok_s, 1) if tok_s else None,
             "median_step_time_s": step_times[len(step_times) // 2] if step_times else None,
         },
-        loss_history=[{k: h[k] for k in ("step", "loss", "lr", "tokens_per_s", "step_time_s")} for h in history],
-        files=sorted(set(files_written) | {"manifest.json", "loss_curve.png", "rejected.jsonl", "steps.jsonl"}),
+        loss_history=[{k: h[k] for k in ("step", "loss", *dpo_keys, "lr", "tokens_per_s", "step_time_s")} for h in history],
+        files=sorted(set(files_written) | {"manifest.json", "loss_curve.png", "rejected.jsonl", "steps.jsonl"}
+                     | ({"pairs.parquet"} if dpo_run else set())),
         checkpoint=str(result.checkpoint.path), storage=storage,
     )
     log.info("train: %d steps (%d this run), final loss %s -> %s", state["step"], len(run_now),
@@ -1182,19 +1322,40 @@ def run(cfg: TrainConfig) -> Path:
     return out
 
 
-def _write_merged(out: Path, model_path: str) -> None:
-    """LoRA merged into the base weights under out/merged (a plain model dir)."""
+def _write_merged(adapter_dir: Path, model_path: str, target: Path) -> None:
+    """The LoRA adapter in `adapter_dir` merged into the base weights of `model_path`, as a plain model dir at
+    `target` (written atomically)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
-    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=".merged.", dir=out))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
-        if (out / "merged").exists():
-            shutil.rmtree(out / "merged")
-        os.replace(tmp, out / "merged")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def starting_model(model_path: str, out: Path) -> str:
+    """The plain model dir training starts from: `model_path`, or for a LoRA adapter dir (a `t2s train` LoRA or
+    DPO output) its adapter merged into its base: its ``merged/`` when it has one, else ``<out>/base`` (written
+    once, reused on resume). A new adapter goes on top of that, so with DPO disabling it gives exactly the
+    starting (e.g. SFT) model, the reference; the new adapter's ``base_model_name_or_path`` names it."""
+    if not models.is_adapter_dir(model_path):
+        return model_path
+    merged = Path(model_path) / "merged"
+    if (merged / "config.json").is_file():
+        return str(merged)
+    target = out / "base"
+    if not (target / "config.json").is_file():
+        base_ref = json.loads((Path(model_path) / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        log.info("train: merging the LoRA adapter %s into its base %s -> %s (the starting model)", model_path,
+                 base_ref, target)
+        _write_merged(Path(model_path), models.resolve_model(base_ref), target)
+    return str(target)
