@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from text2sql_ray import convert, evaluate, synthesize, train
+from text2sql_ray import convert, dpo, evaluate, synthesize, train
 from text2sql_ray.common import log, read_manifest, setup_logging, write_json, write_parquet, write_text
 from text2sql_ray.config import build_config
 from text2sql_ray.pipeline import fingerprint
@@ -73,6 +73,9 @@ ROWS = (
     Row("sft_nocot", "no-CoT SFT", "sft_nocot", {"cot": False}, "LoRA on gold SQL of BIRD train + Spider train"),
     Row("sft_cot", "CoT SFT", "sft_cot", {"cot": True},
         "LoRA on execution-verified teacher chains (Spider train)", maj=True),
+    Row("sft_cot_dpo", "CoT SFT + DPO", "sft_cot_dpo", {"cot": True},
+        "DPO (a new LoRA on the merged CoT SFT model, the reference) on teacher pairs: verified vs wrong or "
+        "failing chains of the same Spider train question"),
 )
 
 
@@ -100,6 +103,11 @@ def parse_args(argv):
     p.add_argument("--synthesis", default="",
                    help="an earlier `t2s synthesize` output dir (its sft.parquet and manifest) to use instead of the "
                         "synthesis step, e.g. the committed benchmarks/results/recipe_small_gpu_synthesis")
+    p.add_argument("--dpo-lr", type=float, default=2e-5, help="DPO row: learning rate (cosine, 10%% warmup)")
+    p.add_argument("--dpo-beta", type=float, default=0.1, help="DPO row: beta")
+    p.add_argument("--dpo-epochs", type=float, default=1.0, help="DPO row: epochs over the pairs")
+    p.add_argument("--dpo-lora-r", type=int, default=64, help="DPO row: rank of the new LoRA (alpha = 2 r)")
+    p.add_argument("--dpo-pairs-per-question", type=int, default=2, help="DPO row: pairs per question at most")
     p.add_argument("--cot-mix-gold", action="store_true",
                    help="CoT SFT also trains on the no-CoT gold rows (BIRD + Spider train; their own system prompt)")
     p.add_argument("--out", default="runs/recipe_small_gpu", help="run directory (every step's output)")
@@ -242,9 +250,13 @@ def run_recipe(args) -> dict:
     # the student is evaluated exactly as training starts from it ("" = the embedded default, as a path)
     models, not_trained = {"student": train_t.model or resolve_model("")}, {}
 
+    dpo_counts: dict = {}
+
     def model_for(name: str) -> str | None:
         if name in models or name in not_trained:
             return models.get(name)
+        if name == "sft_cot_dpo":
+            return dpo_model()
         if mixes[name]["rows"] == 0:
             not_trained[name] = "no training rows (the teacher verified no chain)"
             log.warning("recipe: %s has no training rows; its table row is left empty", name)
@@ -256,6 +268,32 @@ def run_recipe(args) -> dict:
         out = steps.run(f"train_{name}", train, t, after=after)
         # the merged model when training wrote one (a plain model dir: vLLM serves it without LoRA kernels);
         # evaluate finds the prompt recorded beside it either way
+        models[name] = str(out / "merged") if (out / "merged" / "config.json").is_file() else str(out)
+        return models[name]
+
+    def dpo_model() -> str | None:
+        """The DPO row's model: pairs from the synthesis' verdicts (prompts: this run's CoT conversion of Spider
+        train, the synthesis input), trained from the CoT SFT model (the reference)."""
+        name, start = "sft_cot_dpo", model_for("sft_cot")
+        if start is None:
+            not_trained[name] = "no CoT SFT model to start from"
+            return None
+        t = rep(train_t, method="dpo", input=str(run_dir / "dpo" / "pairs.parquet"), model=start,
+                out=str(run_dir / "train" / "cot_dpo"), packing=False, lr=args.dpo_lr, epochs=args.dpo_epochs,
+                max_steps=0, schedule="cosine", warmup_ratio=0.1, lora_r=args.dpo_lora_r, lora_alpha=2 * args.dpo_lora_r,
+                dpo_beta=args.dpo_beta, dpo_pairs_per_question=args.dpo_pairs_per_question)
+        conv_file = conv["spider_train_cot"] / "train.parquet"
+        built = dpo.read_input([syn_dir / "samples.parquet", conv_file], t)
+        dpo_counts.update(dpo.manifest_section(built, len(built.pairs), t, from_samples=True))
+        dpo_counts["pairs_file"] = str(run_dir / "dpo" / "pairs.parquet")
+        write_json(run_dir / "dpo" / "pairs.json", dpo_counts)
+        if not built.pairs:
+            not_trained[name] = "no preference pairs (no question has both a verified and a failing chain)"
+            return None
+        import pyarrow as pa
+
+        write_parquet(run_dir / "dpo" / "pairs.parquet", pa.Table.from_pylist(built.pairs))
+        out = steps.run(f"train_{name}", train, t, after=("train_sft_cot",))
         models[name] = str(out / "merged") if (out / "merged" / "config.json").is_file() else str(out)
         return models[name]
 
@@ -317,11 +355,14 @@ def run_recipe(args) -> dict:
         "engine": {"synthesize": syn_t.engine.backend, "evaluate": eval_t.engine.backend,
                    "evaluate_nocot": args.nocot_engine or eval_t.engine.backend},
         "data": {"bird_train": args.bird_train, "bird_dev": args.bird_dev, "spider": args.spider},
-        "synthesis": syn_counts, "sft_sets": mixes, "rows": table, "step_seconds": steps.seconds,
+        "synthesis": syn_counts, "sft_sets": mixes, "dpo_pairs": dpo_counts, "rows": table, "step_seconds": steps.seconds,
         "train": {k: getattr(train_t, k) for k in ("method", "epochs", "max_steps", "lr", "schedule", "warmup_ratio",
                                                     "lora_r", "lora_alpha", "lora_dropout", "micro_batch_size",
                                                     "grad_accum", "max_length", "packing", "max_grad_norm")},
         "run_dir": str(run_dir),
+        "dpo_train": (f"LoRA r {args.dpo_lora_r} / alpha {2 * args.dpo_lora_r} on the merged CoT SFT model, lr {args.dpo_lr} "
+                      f"cosine (10% warmup), beta {args.dpo_beta}, {args.dpo_epochs} epoch(s), at most "
+                      f"{args.dpo_pairs_per_question} pairs per question"),
     }
     write_json(results_stem.with_suffix(".json"), summary)
     write_text(results_stem.with_suffix(".md"), table_markdown(summary))
@@ -364,6 +405,17 @@ def table_markdown(s: dict) -> str:
          f"{syn.get('samples', '?')} samples, {syn.get('sft_execution_verified', '?')} execution-verified chains kept). "
          "Training (both SFT rows): " + ", ".join(f"{k} {v}" for k, v in s["train"].items()) + "."),
         "",
+    ]
+    d = s.get("dpo_pairs") or {}
+    if d:
+        q = d.get("questions", {})
+        lines += [
+            (f"DPO pairs (teacher samples of the synthesis): {d.get('pairs')} pairs from {q.get('paired', '?')} questions "
+             "(" + ", ".join(f"{k} {v}" for k, v in q.items() if k != "paired") + f"); {d.get('samples_in_pairs')} of "
+             f"{d.get('samples')} samples in a pair. Training: {s.get('dpo_train', '')}. Policy: {d.get('policy', '')}."),
+            "",
+        ]
+    lines += [
         "Predictions (official predict_dev.json format, every question of the file in order; empty = not scored or "
         "not answered): " + ", ".join(f"`{r[b]['predictions']}`" for r in s["rows"] for b in BENCHMARKS
                                       if r.get(b, {}).get("predictions")) + ".",

@@ -43,10 +43,13 @@ class HintCopyingTeacher(LocalServer):
             self.requests += 1
             m = HINT.search(body["messages"][-1]["content"])
             sql = m.group(1) if m else "SELECT 1"
-            text = f"Step 1: find the table.\nStep 2: filter and aggregate.\n\n```sql\n{sql}\n```"
             n = body.get("n", 1)
+            # even samples copy the hint (verified), odd ones query a table that does not exist (an execution
+            # error): every question gets a chosen and a rejected chain, the DPO row's pairs
+            texts = [f"Step 1: find the table.\nStep 2: filter and aggregate.\n\n```sql\n"
+                     f"{sql if i % 2 == 0 else 'SELECT * FROM no_such_table_t2s'}\n```" for i in range(n)]
             return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                                  "finish_reason": "stop"} for i in range(n)],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 9 * n, "total_tokens": 1 + 9 * n}}
 
@@ -89,7 +92,7 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
     return {"tmp": tmp, "first_state": first_state, "first_requests": requests, "rerun": rerun}
 
 
-ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_maj2"]
+ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_maj2", "sft_cot_dpo"]
 
 
 def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recipe_run):
@@ -100,13 +103,14 @@ def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recip
         for bench in ("bird", "spider"):
             assert r[bench]["n_scored"] == 4 and r[bench]["n_questions"] == 4, (r["row"], bench)
             assert 0.0 <= r[bench]["ex"] <= 100.0
-    assert [r["decoding"] for r in summary["rows"]][-2:] == ["greedy", "maj@2, T=0.8"]
+    assert [r["decoding"] for r in summary["rows"]][-3:] == ["greedy", "maj@2, T=0.8", "greedy"]
     assert summary["rows"][0]["prompt"] == "seed (bare DDL)" and not summary["rows"][0]["cot"]
     assert summary["rows"][3]["cot"] and summary["rows"][3]["model"].endswith(("train/cot", "train/cot/merged"))
     md = (results / "table.md").read_text()
-    for label in ("baseline, seed prompt", "baseline, our prompt", "no-CoT SFT", "| CoT SFT |", "CoT SFT + maj@2"):
+    for label in ("baseline, seed prompt", "baseline, our prompt", "no-CoT SFT", "| CoT SFT |", "CoT SFT + maj@2",
+                  "| CoT SFT + DPO |", "DPO pairs (teacher samples of the synthesis): 4 pairs from 4 questions"):
         assert label in md
-    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 5
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 6
     assert (results / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -135,7 +139,7 @@ def test_the_sft_sets_are_the_gold_rows_and_the_execution_verified_chains(recipe
 def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
     results = recipe_run["tmp"] / "results"
     two = json.loads((results / "two.json").read_text())
-    assert [r["row"] for r in two["rows"]] == ["base_seed", "base_ours", "sft_nocot", "sft_cot"]
+    assert [r["row"] for r in two["rows"]] == ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_dpo"]
     full = {r["row"]: r for r in json.loads((results / "table.json").read_text())["rows"]}
     for r in two["rows"]:
         for bench in ("bird", "spider"):
@@ -146,6 +150,19 @@ def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
     assert sorted(p.name for p in (results / "two").iterdir()) == sorted(
         f"{r}_{b}_predict_dev.json" for r in ("base_seed", "base_ours") for b in ("bird", "spider"))
     assert "n/a (not run)" in (results / "two.md").read_text()
+
+
+def test_the_dpo_row_trains_on_every_question_s_pair_from_the_cot_sft_model(recipe_run):
+    run = recipe_run["tmp"] / "run"
+    summary = json.loads((recipe_run["tmp"] / "results" / "table.json").read_text())
+    d = summary["dpo_pairs"]
+    assert d["pairs"] == 4 and d["questions"]["paired"] == 4 and d["samples"] == 8 and d["samples_in_pairs"] == 8
+    manifest = json.loads((run / "train" / "cot_dpo" / "manifest.json").read_text())
+    assert manifest["config"]["method"] == "dpo" and manifest["config"]["model"].startswith(str(run / "train" / "cot"))
+    assert manifest["data"]["dpo"]["pairs_trained"] == 4
+    dpo_row = next(r for r in summary["rows"] if r["row"] == "sft_cot_dpo")
+    assert dpo_row["model"].startswith(str(run / "train" / "cot_dpo")) and dpo_row["cot"]
+    assert all(dpo_row[b]["n_scored"] == 4 for b in ("bird", "spider"))
 
 
 def test_a_reused_synthesis_trains_the_cot_row_without_the_teacher(recipe_run):
@@ -170,4 +187,4 @@ def test_a_rerun_redoes_no_step(recipe_run):
     assert recipe_run["rerun"]["state"] == recipe_run["first_state"]
     assert recipe_run["rerun"]["requests"] == recipe_run["first_requests"] > 0
     steps = [k for k in recipe_run["first_state"] if not k.startswith("_")]
-    assert len(steps) == 3 + 1 + 2 + 8  # 3 conversions, synthesis, 2 trainings, 4 rows x 2 benchmarks
+    assert len(steps) == 3 + 1 + 3 + 10  # 3 conversions, synthesis, 3 trainings, 5 rows x 2 benchmarks

@@ -76,7 +76,7 @@ step_synth() {
 step_recipe() {
   python3 "$SRC/benchmarks/recipe_table.py" --config "$SRC/jobs/recipe_small_gpu.yaml" --student "$MODEL" \
     --teacher "$TEACHER" --bird-train $X/bird_train --bird-dev "$DEV" --spider $X/spider --engine vllm --nocot-engine hf \
-    --rows "${RECIPE_ROWS:-sft_cot,sft_nocot,base_ours,base_seed}" --out /tmp/runs/recipe \
+    --rows "${RECIPE_ROWS:-sft_cot,sft_cot_dpo,sft_nocot,base_ours,base_seed}" --out /tmp/runs/recipe \
     --results /tmp/runs/recipe_results/recipe_small_gpu --set synthesize.limit="${RECIPE_SYNTH_LIMIT:-2000}" \
     --set synthesize.engine.max_num_seqs=512 --set evaluate.engine.max_num_seqs=512 \
     --set convert.tokenizer="$MODEL" --set evaluate.tokenizer="$MODEL" \
