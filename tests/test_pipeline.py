@@ -45,15 +45,50 @@ def test_fingerprint_changes_downstream_of_a_changed_stage(tmp_path):
         build_config("pipeline", None, [("out", str(tmp_path)), ("train.model", "/m"), ("train.lr", "0.5")])
     )
 
-    def chain(cfgs):
-        prev, out = "", {}
-        for s in pipeline.STAGES:
-            prev = out[s] = pipeline.fingerprint(cfgs[s], prev)
-        return out
-
-    fa, fb = chain(a), chain(b)
+    fa, fb = pipeline.fingerprints(a), pipeline.fingerprints(b)
     assert fa["convert"] == fb["convert"] and fa["synthesize"] == fb["synthesize"]
-    assert all(fa[s] != fb[s] for s in ("train", "eval_base", "eval_finetuned", "report"))
+    assert all(fa[s] != fb[s] for s in ("train", "eval_finetuned", "report"))
+    # the base model's evaluation depends on convert (its prompt) and the base model, not on training options
+    assert fa["eval_base"] == fb["eval_base"]
+    c = pipeline.fingerprints(pipeline.stage_configs(build_config(
+        "pipeline", None, [("out", str(tmp_path)), ("train.model", "/m"), ("convert.prompt.cot", "false")])))
+    assert c["eval_base"] != fa["eval_base"]
+
+
+def _messages(system, question, answer):
+    return [{"role": "system", "content": system}, {"role": "user", "content": question},
+            {"role": "assistant", "content": answer}]
+
+
+def test_mix_holds_every_convert_row_without_cot_and_every_verified_chain(tmp_path):
+    import dataclasses
+
+    import pyarrow as pa
+
+    from text2sql_ray.common import write_manifest, write_parquet
+    from text2sql_ray.config import PromptConfig
+    from text2sql_ray.convert import output_schema
+    from text2sql_ray.prompts import prompt_record, recorded_prompt, system_prompt
+
+    prompt = PromptConfig(cot=False, sample_values=0)
+    conv = [{"question_id": q, "db_id": "d", "question": f"q{q}", "evidence": "", "gold_sql": f"SELECT {q}",
+             "difficulty": "simple", "prompt_tokens": 10,
+             "messages": _messages(system_prompt(prompt), f"q{q}", f"```sql\nSELECT {q}\n```")} for q in range(3)]
+    write_parquet(tmp_path / "convert" / "train.parquet", pa.Table.from_pylist(conv, schema=output_schema()))
+    write_manifest(tmp_path / "convert", "convert", {}, 0.0, prompt=prompt_record(prompt, "tok"))
+    # synthesize copies convert's system turn (here the no-CoT one) and puts the chain in the assistant turn
+    chain = {**conv[1], "messages": _messages(system_prompt(prompt), "q1", "Reason.\n\n```sql\nSELECT 1\n```"),
+             "sample_index": 0, "sql": "SELECT 1", "status": "verified"}
+    write_parquet(tmp_path / "synthesize" / "sft.parquet", pa.Table.from_pylist([chain]))
+
+    assert pipeline.write_mix(tmp_path) == {"rows": 4, "no_cot": 3, "cot": 1}
+    rows = pa.parquet.read_table(tmp_path / "sft" / "sft.parquet").to_pylist()
+    assert [(r["question_id"], r["target"]) for r in rows] == [(0, "sql"), (1, "sql"), (2, "sql"), (1, "cot")]
+    cot_system = system_prompt(dataclasses.replace(prompt, cot=True))
+    assert [r["messages"][0]["content"] for r in rows] == [system_prompt(prompt)] * 3 + [cot_system]
+    assert rows[3]["messages"][1:] == chain["messages"][1:] and rows[0]["messages"][1:] == conv[0]["messages"][1:]
+    # train and evaluate find convert's prompt record through the mix's manifest
+    assert recorded_prompt(tmp_path / "sft")["config"] == dataclasses.asdict(prompt)
 
 
 @pytest.fixture(scope="module")

@@ -566,7 +566,7 @@ class PipelineConfig:
     serve: bool = False
     """Finish by serving the fine-tuned model."""
     sft_source: str = "synthesize"
-    """Train on verified CoT ('synthesize') or on gold SQL without CoT ('convert', the no-CoT baseline)."""
+    """Train on verified CoT ('synthesize'), on gold SQL without CoT ('convert', the no-CoT baseline), or on both ('mix': every convert training row as a no-CoT example beside every verified chain, in <out>/sft)."""
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     """Convert stage options (its prompt template is also the one evaluation uses)."""
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
@@ -578,7 +578,7 @@ class PipelineConfig:
 
     def __post_init__(self):
         _check_finite(self, "pipeline")
-        _check_choice("pipeline.sft_source", self.sft_source, ("synthesize", "convert"))
+        _check_choice("pipeline.sft_source", self.sft_source, ("synthesize", "convert", "mix"))
         check_schema_budget(self.convert.prompt, self.train.max_length, "pipeline")
 
 
