@@ -310,6 +310,8 @@ class TrainConfig:
     """LoRA dropout."""
     lora_targets: str = "all-linear"
     """LoRA target modules: 'all-linear' or a comma-separated list (q_proj,v_proj,...)."""
+    lora_layers: int = 0
+    """LoRA on the last N decoder layers only (0 = all; needs a lora_targets list): backward stops below them, so a step costs less."""
     merge: bool = False
     """Also write a merged full model (LoRA) under merged/."""
     deepspeed: str = ""
@@ -360,6 +362,11 @@ class TrainConfig:
             raise ConfigError("train.deepspeed is for method='full'; drop it or set --method full.")
         if self.max_steps < 0 or self.epochs <= 0:
             raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0.")
+        if self.lora_layers < 0 or (self.lora_layers and self.lora_targets == "all-linear"):
+            raise ConfigError(
+                "train.lora_layers must be >= 0 (0 = every decoder layer) and needs a list in train.lora_targets "
+                "(PEFT cannot limit 'all-linear' to layers), e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj."
+            )
         if self.micro_batch_size < 1 or self.grad_accum < 1 or self.num_workers < 1:
             raise ConfigError("train.micro_batch_size, train.grad_accum and train.num_workers must be >= 1.")
         if self.liger and not self.use_gpu:

@@ -3,10 +3,11 @@
 Every stage writes under one run directory (``<out>/convert``, ``synthesize``, ``train``,
 ``eval_base``, ``eval_finetuned``, ``report``) with its own manifest. ``pipeline_state.json`` records,
 per stage, a fingerprint of the stage's resolved config chained with the fingerprints of the stages
-before it. A rerun skips a stage whose fingerprint matches and whose manifest exists, so a finished run
-redoes nothing, a changed option reruns that stage and everything after it, and a run killed mid-stage
-reruns that stage, which resumes from what it left (synthesize keeps finished parts, train restarts
-from its latest checkpoint).
+it reads (``UPSTREAM``; else the one before it). A rerun skips a stage whose fingerprint matches and
+whose manifest exists, so a finished run redoes nothing, a changed option reruns that stage and everything
+that reads it, and a run killed mid-stage reruns that stage, which resumes from what it left (synthesize
+keeps finished parts, train restarts from its latest checkpoint; a train run of other options leaves no
+checkpoint to resume: they are removed).
 
 The training set (``sft_source``): the verified chains of thought of synthesize ('synthesize'), the gold
 SQL of every convert row without a chain of thought ('convert'), or both ('mix'): every convert row as a
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -165,6 +167,13 @@ def run(cfg: PipelineConfig) -> Path:
             if cfg.sft_source == "mix":
                 write_mix(run_dir)
             _check_sft_rows(Path(stage_cfg.input), cfg.sft_source)
+            # Checkpoints left by a train run of another config would be resumed as if they were this one's.
+            stale = run_dir / "train" / "ray_train"
+            if state.get("train_started") not in (None, fp) and not stage_cfg.storage_path and stale.is_dir():
+                log.info("pipeline: train's options changed; removing the old run's checkpoints %s", stale)
+                shutil.rmtree(stale)
+            state["train_started"] = fp
+            write_json(state_path, state)
         _stage_module(stage).run(stage_cfg)
         timings[stage] = round(time.time() - t0, 1)
         ran.append(stage)
