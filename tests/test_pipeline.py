@@ -168,7 +168,11 @@ def test_pipeline_without_config_uses_the_embedded_laptop_profile(monkeypatch, t
     cfg = seen["cfg"]
     assert cfg.out == str(tmp_path)
     assert cfg.synthesize.mode == "hinted" and cfg.synthesize.engine.temperature == 0.8
-    assert cfg.train.max_steps == 30 and cfg.convert.prompt.max_schema_tokens == 700
+    assert cfg.sft_source == "mix" and cfg.convert.prompt.cot is False and cfg.convert.val_fraction > 0
+    assert cfg.train.lora_layers == 8 and cfg.convert.prompt.max_schema_tokens == 600
+    # one torch thread per reserved CPU: 2 train workers of 1 CPU, 2 generation actors of 1 CPU
+    assert (cfg.train.num_workers, cfg.train.cpus_per_worker) == (2, 1.0)
+    assert (cfg.evaluate.engine.concurrency, cfg.evaluate.engine.num_cpus) == (2, 1.0)
 
 
 @pytest.mark.timeout(900)

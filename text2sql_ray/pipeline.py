@@ -139,7 +139,7 @@ def _check_sft_rows(sft_dir: Path, source: str) -> None:
         raise ValueError(
             f"{path} has no training rows: the teacher verified no chain of thought. Use a stronger teacher "
             "(--synthesize.engine.model), more samples (--synthesize.samples), hinted mode "
-            "(--synthesize.mode hinted), or train on gold SQL without CoT (--sft-source convert)."
+            "(--synthesize.mode hinted), or train on gold SQL without CoT (--sft-source convert, or mix: both)."
         )
 
 
