@@ -55,6 +55,21 @@ def test_fingerprint_changes_downstream_of_a_changed_stage(tmp_path):
     assert c["eval_base"] != fa["eval_base"]
 
 
+def test_lora_layers_puts_adapters_on_the_last_layers_only(tiny_llama_dir):
+    import torch
+
+    from text2sql_ray.config import ConfigError, TrainConfig
+    from text2sql_ray.train import build_training_model
+
+    targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    wrapper, _ = build_training_model(TrainConfig(lora_layers=1, lora_targets=targets), str(tiny_llama_dir),
+                                      torch.float32, "cpu")
+    adapted = {n.split(".lora_")[0] for n, p in wrapper.named_parameters() if "lora_" in n and p.requires_grad}
+    assert len(adapted) == 7 and all(".layers.1." in n for n in adapted), adapted  # the tiny Llama has 2 layers
+    with pytest.raises(ConfigError, match="lora_layers .* needs a list"):
+        TrainConfig(lora_layers=8)  # PEFT cannot limit 'all-linear' to layers
+
+
 def _messages(system, question, answer):
     return [{"role": "system", "content": system}, {"role": "user", "content": question},
             {"role": "assistant", "content": answer}]
