@@ -13,7 +13,7 @@ from text2sql_ray.config import build_config
 def _tiny_overrides(run_dir, model) -> list[tuple[str, str]]:
     return [
         ("out", str(run_dir)),
-        ("sft_source", "convert"),
+        ("sft_source", "mix"),
         ("convert.limit", "12"), ("convert.workers", "1"),
         ("convert.prompt.sample_values", "1"), ("convert.prompt.descriptions", "false"),
         ("convert.prompt.max_schema_tokens", "400"),
@@ -45,15 +45,65 @@ def test_fingerprint_changes_downstream_of_a_changed_stage(tmp_path):
         build_config("pipeline", None, [("out", str(tmp_path)), ("train.model", "/m"), ("train.lr", "0.5")])
     )
 
-    def chain(cfgs):
-        prev, out = "", {}
-        for s in pipeline.STAGES:
-            prev = out[s] = pipeline.fingerprint(cfgs[s], prev)
-        return out
-
-    fa, fb = chain(a), chain(b)
+    fa, fb = pipeline.fingerprints(a), pipeline.fingerprints(b)
     assert fa["convert"] == fb["convert"] and fa["synthesize"] == fb["synthesize"]
-    assert all(fa[s] != fb[s] for s in ("train", "eval_base", "eval_finetuned", "report"))
+    assert all(fa[s] != fb[s] for s in ("train", "eval_finetuned", "report"))
+    # the base model's evaluation depends on convert (its prompt) and the base model, not on training options
+    assert fa["eval_base"] == fb["eval_base"]
+    c = pipeline.fingerprints(pipeline.stage_configs(build_config(
+        "pipeline", None, [("out", str(tmp_path)), ("train.model", "/m"), ("convert.prompt.cot", "false")])))
+    assert c["eval_base"] != fa["eval_base"]
+
+
+def test_lora_layers_puts_adapters_on_the_last_layers_only(tiny_llama_dir):
+    import torch
+
+    from text2sql_ray.config import ConfigError, TrainConfig
+    from text2sql_ray.train import build_training_model
+
+    targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    wrapper, _ = build_training_model(TrainConfig(lora_layers=1, lora_targets=targets), str(tiny_llama_dir),
+                                      torch.float32, "cpu")
+    adapted = {n.split(".lora_")[0] for n, p in wrapper.named_parameters() if "lora_" in n and p.requires_grad}
+    assert len(adapted) == 7 and all(".layers.1." in n for n in adapted), adapted  # the tiny Llama has 2 layers
+    with pytest.raises(ConfigError, match="lora_layers .* needs a list"):
+        TrainConfig(lora_layers=8)  # PEFT cannot limit 'all-linear' to layers
+
+
+def _messages(system, question, answer):
+    return [{"role": "system", "content": system}, {"role": "user", "content": question},
+            {"role": "assistant", "content": answer}]
+
+
+def test_mix_holds_every_convert_row_without_cot_and_every_verified_chain(tmp_path):
+    import dataclasses
+
+    import pyarrow as pa
+
+    from text2sql_ray.common import write_manifest, write_parquet
+    from text2sql_ray.config import PromptConfig
+    from text2sql_ray.convert import output_schema
+    from text2sql_ray.prompts import prompt_record, recorded_prompt, system_prompt
+
+    prompt = PromptConfig(cot=False, sample_values=0)
+    conv = [{"question_id": q, "db_id": "d", "question": f"q{q}", "evidence": "", "gold_sql": f"SELECT {q}",
+             "difficulty": "simple", "prompt_tokens": 10,
+             "messages": _messages(system_prompt(prompt), f"q{q}", f"```sql\nSELECT {q}\n```")} for q in range(3)]
+    write_parquet(tmp_path / "convert" / "train.parquet", pa.Table.from_pylist(conv, schema=output_schema()))
+    write_manifest(tmp_path / "convert", "convert", {}, 0.0, prompt=prompt_record(prompt, "tok"))
+    # synthesize copies convert's system turn (here the no-CoT one) and puts the chain in the assistant turn
+    chain = {**conv[1], "messages": _messages(system_prompt(prompt), "q1", "Reason.\n\n```sql\nSELECT 1\n```"),
+             "sample_index": 0, "sql": "SELECT 1", "status": "verified"}
+    write_parquet(tmp_path / "synthesize" / "sft.parquet", pa.Table.from_pylist([chain]))
+
+    assert pipeline.write_mix(tmp_path) == {"rows": 4, "no_cot": 3, "cot": 1}
+    rows = pa.parquet.read_table(tmp_path / "sft" / "sft.parquet").to_pylist()
+    assert [(r["question_id"], r["target"]) for r in rows] == [(0, "sql"), (1, "sql"), (2, "sql"), (1, "cot")]
+    cot_system = system_prompt(dataclasses.replace(prompt, cot=True))
+    assert [r["messages"][0]["content"] for r in rows] == [system_prompt(prompt)] * 3 + [cot_system]
+    assert rows[3]["messages"][1:] == chain["messages"][1:] and rows[0]["messages"][1:] == conv[0]["messages"][1:]
+    # train and evaluate find convert's prompt record through the mix's manifest
+    assert recorded_prompt(tmp_path / "sft")["config"] == dataclasses.asdict(prompt)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +126,16 @@ def test_pipeline_writes_every_stage_and_a_comparison_report(finished_run):
     assert base["n_questions"] == 4 and base["n_scored"] == 4
     assert manifest["metrics"]["ex_base"] == base["ex"]
     assert (run_dir / "report" / "compare.md").is_file()
+    # the mix: the 12 converted questions without CoT, beside whatever chains the tiny teacher got verified
+    mix = json.loads((run_dir / "sft" / "manifest.json").read_text())["counts"]
+    verified = json.loads((run_dir / "synthesize" / "manifest.json").read_text())["counts"]["sft_rows"]
+    assert mix == {"rows": 12 + verified, "no_cot": 12, "cot": verified}
+    rows = manifest["metrics"]["rows"]
+    assert [r["row"] for r in rows] == ["base", "fine-tuned"]
+    assert rows[1]["train_rows"]["no_cot"] == 12 and rows[1]["train_rows"]["steps"] == 2
+    assert rows[0]["n_scored"] == rows[1]["n_scored"] == 4
+    report = (run_dir / "report.md").read_text()
+    assert "| base |" in report and "| fine-tuned |" in report and "12 no-CoT rows (gold SQL)" in report
 
 
 @pytest.mark.timeout(300)
@@ -97,6 +157,23 @@ def test_changed_eval_option_reruns_only_evaluation(finished_run):
     assert json.loads((run_dir / "eval_base" / "report.json").read_text())["n_questions"] == 3
 
 
+@pytest.mark.timeout(600)
+def test_changed_train_option_retrains_from_scratch_and_keeps_the_base_evaluation(finished_run):
+    run_dir, cfg = finished_run
+    import dataclasses
+
+    pipeline.run(cfg)  # back to the fixture's options (another test may have changed the evaluation's)
+    base_before = (run_dir / "eval_base" / "report.json").stat().st_mtime_ns
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr / 2))
+    pipeline.run(changed)
+    assert json.loads((run_dir / "manifest.json").read_text())["ran"] == ["train", "eval_finetuned", "report"]
+    assert (run_dir / "eval_base" / "report.json").stat().st_mtime_ns == base_before
+    train = json.loads((run_dir / "train" / "manifest.json").read_text())
+    # the first run's final checkpoint (step 2 of 2) is not resumed: both steps run again at the new lr
+    assert train["training"]["resumed_from_step"] == [] and train["training"]["steps_run"] == 2
+    assert train["config"]["lr"] == cfg.train.lr / 2
+
+
 def test_pipeline_without_config_uses_the_embedded_laptop_profile(monkeypatch, tmp_path):
     from text2sql_ray import cli
 
@@ -106,4 +183,8 @@ def test_pipeline_without_config_uses_the_embedded_laptop_profile(monkeypatch, t
     cfg = seen["cfg"]
     assert cfg.out == str(tmp_path)
     assert cfg.synthesize.mode == "hinted" and cfg.synthesize.engine.temperature == 0.8
-    assert cfg.train.max_steps == 30 and cfg.convert.prompt.max_schema_tokens == 700
+    assert cfg.sft_source == "mix" and cfg.convert.prompt.cot is False and cfg.convert.val_fraction > 0
+    assert cfg.train.lora_layers == 8 and cfg.convert.prompt.max_schema_tokens == 600
+    # one torch thread per reserved CPU: 2 train workers of 1 CPU, 2 generation actors of 1 CPU
+    assert (cfg.train.num_workers, cfg.train.cpus_per_worker) == (2, 1.0)
+    assert (cfg.evaluate.engine.concurrency, cfg.evaluate.engine.num_cpus) == (2, 1.0)

@@ -310,6 +310,8 @@ class TrainConfig:
     """LoRA dropout."""
     lora_targets: str = "all-linear"
     """LoRA target modules: 'all-linear' or a comma-separated list (q_proj,v_proj,...)."""
+    lora_layers: int = 0
+    """LoRA on the last N decoder layers only (0 = all; needs a lora_targets list): backward stops below them, so a step costs less."""
     merge: bool = False
     """Also write a merged full model (LoRA) under merged/."""
     deepspeed: str = ""
@@ -384,6 +386,11 @@ class TrainConfig:
                     raise ConfigError(f"train.{name}={value!r}: give a comma-separated subset of {', '.join(allowed)}.")
         if self.max_steps < 0 or self.epochs <= 0:
             raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0.")
+        if self.lora_layers < 0 or (self.lora_layers and self.lora_targets == "all-linear"):
+            raise ConfigError(
+                "train.lora_layers must be >= 0 (0 = every decoder layer) and needs a list in train.lora_targets "
+                "(PEFT cannot limit 'all-linear' to layers), e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj."
+            )
         if self.micro_batch_size < 1 or self.grad_accum < 1 or self.num_workers < 1:
             raise ConfigError("train.micro_batch_size, train.grad_accum and train.num_workers must be >= 1.")
         if self.liger and not self.use_gpu:
@@ -590,7 +597,7 @@ class PipelineConfig:
     serve: bool = False
     """Finish by serving the fine-tuned model."""
     sft_source: str = "synthesize"
-    """Train on verified CoT ('synthesize') or on gold SQL without CoT ('convert', the no-CoT baseline)."""
+    """Train on verified CoT ('synthesize'), on gold SQL without CoT ('convert', the no-CoT baseline), or on both ('mix': every convert training row as a no-CoT example beside every verified chain, in <out>/sft)."""
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     """Convert stage options (its prompt template is also the one evaluation uses)."""
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
@@ -602,7 +609,7 @@ class PipelineConfig:
 
     def __post_init__(self):
         _check_finite(self, "pipeline")
-        _check_choice("pipeline.sft_source", self.sft_source, ("synthesize", "convert"))
+        _check_choice("pipeline.sft_source", self.sft_source, ("synthesize", "convert", "mix"))
         check_schema_budget(self.convert.prompt, self.train.max_length, "pipeline")
 
 

@@ -697,8 +697,9 @@ def prepare_for_training(model, cfg: TrainConfig, dtype, device_type: str, resto
             targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [
                 t.strip() for t in cfg.lora_targets.split(",") if t.strip()
             ]
+            layers = list(range(model.config.num_hidden_layers))[-cfg.lora_layers:] if cfg.lora_layers else None
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                              target_modules=targets, bias="none", task_type="CAUSAL_LM", layers_to_transform=layers)
             model = get_peft_model(model, lora)
     autocast = None
     if dtype == torch.bfloat16 and deepspeed_stage is None and device_type == "cuda":
