@@ -10,6 +10,9 @@ from text2sql_ray import pipeline
 from text2sql_ray.config import build_config
 
 
+# Opt-in (`python -m pytest -m learning tests/test_pipeline_learning.py`): 4-7 min on 2 cores, which the CI budget
+# cannot take beside the rest; the tiny-Llama tests in test_pipeline.py cover the same plumbing in CI.
+@pytest.mark.learning
 @pytest.mark.timeout(900)
 def test_mix_fine_tuning_raises_ex_over_the_base_model_in_its_report(tmp_path, smol_dir, ray_local):
     """The laptop recipe on a reduced setting with the real SmolLM2: the mix of 8 demo train questions (no-CoT
