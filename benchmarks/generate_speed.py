@@ -24,8 +24,7 @@ the first probe is the cold start (vLLM: torch.compile into its cache, graph cap
 fixed cost every later run pays (actor and model load, vLLM's engine process, compile-cache load, graph
 capture), taken as the fixed cost. (On the H200 a single cold probe of vLLM took 153 s, longer than the
 warm timed run after it, 109 s: one probe is not enough.) The report then adds each engine's steady rate,
-samples / (wall - fixed cost), their ratio,
-the load at which the two engines' end-to-end times break even, and the end-to-end ratio projected to
+samples / (wall - fixed cost), their ratio, the load at which the two engines' end-to-end times break even, and the end-to-end ratio projected to
 `--project-samples` samples (a synthesis run's size; a projection from the two measured lines, marked so).
 """
 
@@ -145,10 +144,8 @@ def main() -> int:
         results[name] = run_engine(rows, configs[name], k)
         r = results[name]
         if probes:
-            probe = {"wall_s": probes[-1]}
-            r["probes_s"] = probes
-            r["startup_s"] = probe["wall_s"]
-            busy = max(r["wall_s"] - probe["wall_s"], 1e-3)
+            r["probes_s"], r["startup_s"] = probes, probes[-1]
+            busy = max(r["wall_s"] - probes[-1], 1e-3)
             r["steady_samples_per_s"] = round(r["samples"] / busy, 2)
             r["steady_new_tokens_per_s"] = round(r["new_tokens"] / busy, 1)
         print(f"{name:5s}: {r['wall_s']:8.1f} s  {r['questions_per_s']:7.3f} questions/s  {r['samples_per_s']:8.2f} "

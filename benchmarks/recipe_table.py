@@ -13,11 +13,12 @@ the fields below replaced; `--set stage.field=value` overrides any field of a se
 3. train twice from the student (`train:` section, same hyper-parameters): no-CoT SFT on the gold SQL of
    BIRD train + Spider train; CoT SFT on the execution-verified chains (+ with `--cot-mix-gold` the no-CoT rows too);
    each when the first row that needs it runs (its `merged/` model is what gets evaluated, if written);
-4. evaluate four models x two benchmarks (`evaluate:`), rows in `--rows` order (so a GPU budget goes to the rows
+4. evaluate five models x two benchmarks (`evaluate:`), rows in `--rows` order (so a GPU budget goes to the rows
    that matter first; rows left out read "not run"): the student with the seed's prompt (bare DDL, SQL
    only), the student with our prompt (rich schema, SQL only), the no-CoT SFT model (SQL only), the CoT SFT
-   model (CoT prompt; greedy and maj@k in one run, `--maj-k`, temperature `--maj-temperature`); `--nocot-engine`
-   picks another backend for the SQL-only rows;
+   model (CoT prompt; greedy and maj@k in one run, `--maj-k`, temperature `--maj-temperature`), the CoT SFT +
+   DPO model (a new LoRA on the merged CoT SFT model, trained on pairs from the synthesis' verdicts, `--dpo-*`;
+   CoT prompt, greedy); `--nocot-engine` picks another backend for the SQL-only rows;
 5. the table: `<results>.md` (+ `<results>.json`, `<results>.png`) and every row's predictions in the official
    predict_dev.json format as `<results>/<row>_<bird|spider>_predict_dev.json` (all questions of the file, in
    order; questions whose database is absent, or that a row could not answer, hold an empty SQL and score 0).
@@ -175,9 +176,8 @@ def mix_sft(out: Path, sources: list[tuple[str, Path]], prompt_from: Path) -> di
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from text2sql_ray.convert import output_schema
-
     from text2sql_ray.common import write_manifest
+    from text2sql_ray.convert import output_schema
     from text2sql_ray.prompts import recorded_prompt
 
     started = time.time()
@@ -197,6 +197,12 @@ def mix_sft(out: Path, sources: list[tuple[str, Path]], prompt_from: Path) -> di
                    counts={"rows": table.num_rows, **{k: v["rows"] for k, v in counts.items()}},
                    **({"prompt": prompt} if prompt else {}))
     return {"rows": table.num_rows, "sources": counts}
+
+
+def evaluated(train_out: Path) -> str:
+    """What a row evaluates of a train output: its merged model when training wrote one (a plain model dir: vLLM
+    serves it without LoRA kernels), else the adapter dir; evaluate finds the recorded prompt beside either."""
+    return str(train_out / "merged") if (train_out / "merged" / "config.json").is_file() else str(train_out)
 
 
 def _ex_of(report: dict, maj: bool) -> dict:
@@ -265,10 +271,7 @@ def run_recipe(args) -> dict:
         t = rep(train_t, input=str(run_dir / "sft" / kind), out=str(run_dir / "train" / kind))
         after = ("convert_bird_train_nocot", "convert_spider_train_nocot") + (
             ("synthesize_spider_train",) if kind == "cot" else ())
-        out = steps.run(f"train_{name}", train, t, after=after)
-        # the merged model when training wrote one (a plain model dir: vLLM serves it without LoRA kernels);
-        # evaluate finds the prompt recorded beside it either way
-        models[name] = str(out / "merged") if (out / "merged" / "config.json").is_file() else str(out)
+        models[name] = evaluated(steps.run(f"train_{name}", train, t, after=after))
         return models[name]
 
     def dpo_model() -> str | None:
@@ -293,8 +296,7 @@ def run_recipe(args) -> dict:
         import pyarrow as pa
 
         write_parquet(run_dir / "dpo" / "pairs.parquet", pa.Table.from_pylist(built.pairs))
-        out = steps.run(f"train_{name}", train, t, after=("train_sft_cot",))
-        models[name] = str(out / "merged") if (out / "merged" / "config.json").is_file() else str(out)
+        models[name] = evaluated(steps.run(f"train_{name}", train, t, after=("train_sft_cot",)))
         return models[name]
 
     # 4. evaluations: every row on both benchmarks, in --rows order
