@@ -104,7 +104,7 @@ def write_mix(run_dir: Path) -> dict:
     import pyarrow.parquet as pq
 
     from .config import PromptConfig
-    from .convert import OUTPUT_COLUMNS, output_schema
+    from .convert import output_schema
     from .prompts import system_prompt
 
     started = time.time()
@@ -115,7 +115,7 @@ def write_mix(run_dir: Path) -> dict:
     rows = []
     for target, path in sources.items():
         system = system_prompt(dataclasses.replace(prompt, cot=target == "cot"))
-        for r in pq.read_table(path, columns=list(OUTPUT_COLUMNS)).to_pylist():
+        for r in pq.read_table(path, columns=output_schema().names).to_pylist():
             r["messages"] = [{"role": "system", "content": system}] + [m for m in r["messages"] if m["role"] != "system"]
             rows.append({**r, "target": target})
     counts = {"rows": len(rows), "no_cot": sum(r["target"] == "sql" for r in rows),
