@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -99,6 +100,13 @@ def parse_args(argv):
     p.add_argument("--rows", default=",".join(r.name for r in ROWS),
                    help="rows to run, in this order (a row's model is trained when first needed; rows left out "
                         "show 'not run'). Default: every row, table order")
+    p.add_argument("--lanes", default="",
+                   help="run groups of rows at the same time, one process each sharing the GPU, e.g. "
+                        "'sft_cot,sft_cot_dpo;sft_nocot,base_ours,base_seed' (';' between lanes, ',' between a lane's "
+                        "rows, run in that order). The shared steps (conversions, synthesis) run first, the table "
+                        "after every lane. Each lane is its own local Ray instance: give vLLM a share of the GPU "
+                        "(--set evaluate.engine.gpu_memory_utilization=0.3 --set evaluate.engine.kv_cache_gb=24). "
+                        "Replaces --rows; rows that train the same model must share a lane")
     p.add_argument("--maj-k", type=int, default=8, help="samples per question for the maj@k row")
     p.add_argument("--maj-temperature", type=float, default=0.8, help="sampling temperature of the maj@k row")
     p.add_argument("--synthesis", default="",
@@ -117,6 +125,10 @@ def parse_args(argv):
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override a field of a job-file section, e.g. --set train.epochs=2 (repeatable)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.lanes:
+        args.lane_rows = parse_lanes(args.lanes)
+        args.rows = ",".join(n for lane in args.lane_rows for n in lane)
     if args.bird == "demo":  # the bundled demo (BIRD format) in place of BIRD: the CPU profile
         from text2sql_ray.bird import resolve_data
 
@@ -126,6 +138,79 @@ def parse_args(argv):
     if not (args.bird_train and args.bird_dev):
         p.error("give --bird DIR (holding train/ and dev/) or both --bird-train and --bird-dev")
     return args
+
+
+def parse_lanes(text: str) -> list[list[str]]:
+    """'a,b;c' -> [['a', 'b'], ['c']], checked: known rows, each once, and the rows that train (or start from) the
+    same model in one lane (two processes must not train one model at once)."""
+    by_name = {r.name: r for r in ROWS}
+    lanes = [[n.strip() for n in lane.split(",") if n.strip()] for lane in text.split(";")]
+    lanes = [lane for lane in lanes if lane]
+    names = [n for lane in lanes for n in lane]
+    unknown = sorted({n for n in names if n not in by_name})
+    if unknown or not lanes:
+        raise SystemExit(f"--lanes {text!r}: unknown row(s) {', '.join(unknown) or '(none given)'}; rows are "
+                         f"{', '.join(by_name)}")
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--lanes {text!r}: a row is named twice")
+    owner: dict[str, int] = {}
+    for i, lane in enumerate(lanes):
+        for n in lane:
+            trains = {by_name[n].model} | ({"sft_cot"} if n == "sft_cot_dpo" else set())
+            for m in trains - {"student"}:
+                if owner.setdefault(m, i) != i:
+                    raise SystemExit(f"--lanes {text!r}: rows needing the {m} model are in lanes {owner[m] + 1} and "
+                                     f"{i + 1}; put them in one lane (its model is trained once, by one process)")
+    return lanes
+
+
+def lane_argv(argv: list[str], rows: list[str], results: Path) -> list[str]:
+    """This run's arguments for one lane: --lanes, --rows and --results replaced."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        key = a.split("=", 1)[0]
+        if key in ("--lanes", "--rows", "--results"):
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out + ["--rows", ",".join(rows), "--results", str(results)]
+
+
+def run_lanes(args) -> dict:
+    """The shared steps once, then one process per lane at the same time (rows in lane order), then the table of
+    every row in this process (each row's steps are up to date by then; a lane that failed has its remaining steps
+    run here, one after another)."""
+    import subprocess
+
+    run_dir = Path(args.out)
+    lanes_dir = run_dir / "lanes"
+    lanes_dir.mkdir(parents=True, exist_ok=True)
+    run_recipe(argparse.Namespace(**{**vars(args), "rows": "", "results": str(lanes_dir / "shared_steps")}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    procs = []
+    for i, rows in enumerate(args.lane_rows, 1):
+        argv = lane_argv(args.argv, rows, lanes_dir / f"lane{i}")
+        log_path = lanes_dir / f"lane{i}.log"
+        log.info("recipe: lane %d (%s) starts; log %s", i, ",".join(rows), log_path)
+        with open(log_path, "w") as f:
+            procs.append((i, rows, log_path, time.time(), subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), *argv], stdout=f, stderr=subprocess.STDOUT, env=env)))
+    lanes = {}
+    for i, rows, log_path, t0, proc in procs:
+        rc = proc.wait()
+        lanes[f"lane{i}"] = {"rows": rows, "rc": rc, "seconds": round(time.time() - t0, 1), "log": str(log_path)}
+        if rc != 0:
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            log.error("recipe: lane %d (%s) failed (rc %d); its remaining steps run now, one after another. "
+                      "Last lines of %s:\n%s", i, ",".join(rows), rc, log_path, "\n".join(tail))
+    summary = run_recipe(args)
+    summary["lanes"] = lanes
+    write_json(Path(args.results).with_suffix(".json"), summary)
+    write_text(Path(args.results).with_suffix(".md"), table_markdown(summary))
+    return summary
 
 
 def section_configs(args) -> dict:
@@ -146,7 +231,10 @@ def section_configs(args) -> dict:
 
 
 class Steps:
-    """Runs steps in order; skips one whose config fingerprint and output manifest are already there."""
+    """Runs steps in order; skips one whose config fingerprint and output manifest are already there.
+
+    Several processes may share one run dir (`--lanes`): each records its steps by re-reading the state file under
+    a lock and adding its own entries, so no process drops another's."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -163,11 +251,21 @@ class Steps:
         log.info("recipe: %s -> %s", name, out)
         t0 = time.time()
         module.run(cfg)
-        self.seconds[name] = round(time.time() - t0, 1)
-        self.state[name] = fp
-        self.state["_seconds"] = self.seconds
-        write_json(self.state_path, self.state)
+        self.record(name, fp, round(time.time() - t0, 1))
         return out
+
+    def record(self, name: str, fp: str, seconds: float | None = None) -> None:
+        import fcntl
+
+        with open(self.run_dir / "recipe_state.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            disk = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+            self.state = {**disk, **{k: v for k, v in self.state.items() if k not in disk}, name: fp}
+            self.seconds = {**disk.get("_seconds", {}), **self.seconds}
+            if seconds is not None:
+                self.seconds[name] = seconds
+            self.state["_seconds"] = self.seconds
+            write_json(self.state_path, self.state)
 
 
 def mix_sft(out: Path, sources: list[tuple[str, Path]], prompt_from: Path) -> dict:
@@ -238,8 +336,8 @@ def run_recipe(args) -> dict:
         if manifest is None or manifest.get("stage") != "synthesize" or not (syn_dir / "sft.parquet").is_file():
             raise SystemExit(f"--synthesis {syn_dir}: not a `t2s synthesize` output (manifest.json with stage "
                              "'synthesize' and sft.parquet); give the dir `t2s synthesize --out` wrote")
-        steps.state["synthesize_spider_train"] = hashlib.sha256(
-            (json.dumps(manifest, sort_keys=True, default=str) + str(syn_dir.resolve())).encode()).hexdigest()[:16]
+        steps.record("synthesize_spider_train", hashlib.sha256(
+            (json.dumps(manifest, sort_keys=True, default=str) + str(syn_dir.resolve())).encode()).hexdigest()[:16])
         log.info("recipe: synthesis from %s (%s SFT rows), not rerun", syn_dir, manifest.get("counts", {}).get("sft_rows"))
     else:
         syn_dir = steps.run("synthesize_spider_train", synthesize, syn_cfg, after=("convert_spider_train_cot",))
@@ -424,6 +522,10 @@ def table_markdown(s: dict) -> str:
         "",
         "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in s["step_seconds"].items()) + ".",
     ]
+    if s.get("lanes"):
+        lines += ["", "Lanes (processes sharing the GPU, steps within a lane one after another): " + "; ".join(
+            f"{k}: {','.join(v['rows'])} ({v['seconds']} s{'' if v['rc'] == 0 else ', failed: rc ' + str(v['rc'])})"
+            for k, v in s["lanes"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -459,7 +561,8 @@ def plot_table(s: dict, path: Path) -> Path:
 
 def main(argv=None) -> int:
     setup_logging()
-    summary = run_recipe(parse_args(argv))
+    args = parse_args(argv)
+    summary = run_lanes(args) if args.lanes else run_recipe(args)
     print(table_markdown(summary))
     return 0
 

@@ -406,6 +406,11 @@ def test_vllm_processor_config_carries_parallelism_batching_and_error_tolerance(
     assert vllm_processor_kwargs(vllm_cfg(dtype="float16"))["engine_kwargs"]["dtype"] == "float16"
     assert vllm_processor_kwargs(vllm_cfg(max_num_seqs=512))["engine_kwargs"]["max_num_seqs"] == 512
     assert vLLMEngineProcessorConfig(**vllm_processor_kwargs(vllm_cfg(max_num_seqs=512))).engine_kwargs["max_num_seqs"] == 512
+    # sharing one GPU with another process: a memory fraction and a fixed KV cache (no profiling)
+    shared = vllm_processor_kwargs(vllm_cfg(gpu_memory_utilization=0.3, kv_cache_gb=16))["engine_kwargs"]
+    assert (shared["gpu_memory_utilization"], shared["kv_cache_memory_bytes"]) == (0.3, 16 * 2**30)
+    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+        vllm_cfg(gpu_memory_utilization=1.5)
 
 
 def test_vllm_lora_adapter_becomes_base_model_plus_per_row_model(tmp_path, tiny_llama_dir):

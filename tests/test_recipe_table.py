@@ -89,7 +89,8 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         rerun["reuse_requests"] = teacher.requests - before
         with pytest.raises(SystemExit, match="not a `t2s synthesize` output"):
             recipe_table.main(argv[:-6] + ["--synthesis", str(tmp / "run" / "sft" / "cot")] + argv[-6:])
-    return {"tmp": tmp, "first_state": first_state, "first_requests": requests, "rerun": rerun}
+    return {"tmp": tmp, "first_state": first_state, "first_requests": requests, "rerun": rerun,
+            "student": tiny_llama_dir}
 
 
 ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_maj2", "sft_cot_dpo"]
@@ -188,3 +189,77 @@ def test_a_rerun_redoes_no_step(recipe_run):
     assert recipe_run["rerun"]["requests"] == recipe_run["first_requests"] > 0
     steps = [k for k in recipe_run["first_state"] if not k.startswith("_")]
     assert len(steps) == 3 + 1 + 3 + 10  # 3 conversions, synthesis, 3 trainings, 5 rows x 2 benchmarks
+
+
+def test_lanes_run_rows_in_parallel_processes_and_the_state_keeps_every_lane_s_steps(recipe_run):
+    """--lanes on the real run dir: two evaluations redone at once, one per lane process (each its own local Ray);
+    both lanes' fingerprints and times land in the one state file, and the table is the sequential run's."""
+    import recipe_table
+
+    tmp = recipe_run["tmp"]
+    state_path = tmp / "run" / "recipe_state.json"
+    state = json.loads(state_path.read_text())
+    redo = ("eval_base_ours_bird", "eval_base_seed_spider")
+    for k in redo:
+        state.pop(k)
+    state_path.write_text(json.dumps(state))
+    argv = ["--config", str(REPO / "jobs" / "recipe_tiny_cpu.yaml"), "--student", str(recipe_run["student"]),
+            "--teacher", "stand-in-teacher", "--bird", "demo", "--spider", str(SPIDER), "--maj-k", "2",
+            "--out", str(tmp / "run"), "--results", str(tmp / "results" / "lanes"), "--lanes", "base_ours;base_seed",
+            # the synthesis the last fixture run reused (its fingerprint is in the state): the teacher is gone
+            "--synthesis", str(tmp / "run" / "synthesize" / "spider_train")]
+    assert recipe_table.main(argv) == 0
+    after = json.loads(state_path.read_text())
+    for k in redo:  # the same config: the same fingerprint as the first run's, written by its lane
+        assert after[k] == recipe_run["first_state"][k] and after["_seconds"][k] > 0
+    logs = {i: (tmp / "run" / "lanes" / f"lane{i}.log").read_text() for i in (1, 2)}
+    assert "recipe: eval_base_ours_bird ->" in logs[1] and "recipe: eval_base_seed" not in logs[1]
+    assert "recipe: eval_base_seed_spider ->" in logs[2] and "recipe: eval_base_seed_bird is up to date" in logs[2]
+    summary = json.loads((tmp / "results" / "lanes.json").read_text())
+    assert {k: (v["rows"], v["rc"]) for k, v in summary["lanes"].items()} == {
+        "lane1": (["base_ours"], 0), "lane2": (["base_seed"], 0)}
+    full = {r["row"]: r for r in json.loads((tmp / "results" / "table.json").read_text())["rows"]}
+    for r in summary["rows"]:
+        for bench in ("bird", "spider"):
+            if r["row"].startswith("base_"):
+                assert r[bench]["ex"] == full[r["row"]][bench]["ex"] and r[bench]["n_scored"] == 4
+            else:
+                assert r[bench]["note"] == "not run"
+    assert "Lanes (processes sharing the GPU" in (tmp / "results" / "lanes.md").read_text()
+
+
+def test_lanes_are_checked_before_anything_runs():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import recipe_table
+
+    assert recipe_table.parse_lanes("sft_cot, sft_cot_dpo ; sft_nocot,base_ours;") == [
+        ["sft_cot", "sft_cot_dpo"], ["sft_nocot", "base_ours"]]
+    with pytest.raises(SystemExit, match="unknown row"):
+        recipe_table.parse_lanes("sft_cot;nope")
+    with pytest.raises(SystemExit, match="named twice"):
+        recipe_table.parse_lanes("base_ours;base_ours")
+    with pytest.raises(SystemExit, match="sft_cot model are in lanes 1 and 2"):
+        recipe_table.parse_lanes("sft_cot;sft_cot_dpo")  # DPO starts from the CoT SFT model: one lane trains it
+    assert recipe_table.lane_argv(["--out", "r", "--rows", "x", "--lanes=a;b", "--results", "old", "--maj-k", "2"],
+                                  ["a", "b"], Path("new")) == ["--out", "r", "--maj-k", "2", "--rows", "a,b",
+                                                                "--results", "new"]
+
+
+def test_two_processes_recording_steps_keep_each_other_s_entries(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import recipe_table
+
+    a, b = recipe_table.Steps(tmp_path), recipe_table.Steps(tmp_path)  # both read the (empty) state first
+    a.record("convert", "f0", 1.0)
+    b.state = json.loads((tmp_path / "recipe_state.json").read_text())  # b started after convert
+    a.record("train_a", "fa", 2.0)
+    b.record("train_b", "fb", 3.0)  # b never read train_a: it must not drop it
+    a.record("eval_a", "ea", 4.0)
+    state = json.loads((tmp_path / "recipe_state.json").read_text())
+    assert {k: v for k, v in state.items() if k != "_seconds"} == {"convert": "f0", "train_a": "fa", "train_b": "fb",
+                                                                    "eval_a": "ea"}
+    assert state["_seconds"] == {"convert": 1.0, "train_a": 2.0, "train_b": 3.0, "eval_a": 4.0}

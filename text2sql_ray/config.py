@@ -136,6 +136,12 @@ class EngineConfig:
     max_num_seqs: int = 0
     """vLLM: most sequences in one engine step (0 = vLLM's default, 128 on an H200 with vllm 0.26: k samples of
     64 questions already need 512; raise it for batch synthesis)."""
+    gpu_memory_utilization: float = 0.0
+    """vLLM: fraction of the GPU's memory this engine may take (0 = vLLM's default, 0.9). Lower it when another
+    process shares the GPU (e.g. `recipe_table.py --lanes`: a training or an hf evaluation beside the engine)."""
+    kv_cache_gb: float = 0.0
+    """vLLM: KV-cache size in GiB, which skips vLLM's memory profiling (0 = profile). Set it when another process
+    shares the GPU: vLLM's profiling fails if that process frees memory meanwhile."""
     request_timeout_s: float = 120.0
     """Timeout of one HTTP request ('openai')."""
     max_retries: int = 3
@@ -163,6 +169,9 @@ class EngineConfig:
             raise ConfigError("engine.batch_size, engine.concurrency and engine.max_new_tokens must be >= 1.")
         if self.max_num_seqs < 0:
             raise ConfigError("engine.max_num_seqs must be >= 0 (0 = vLLM's default).")
+        if not 0.0 <= self.gpu_memory_utilization <= 1.0 or self.kv_cache_gb < 0:
+            raise ConfigError("engine.gpu_memory_utilization must be in [0, 1] (0 = vLLM's default) and "
+                              "engine.kv_cache_gb >= 0 (0 = vLLM profiles the memory).")
 
 
 # --------------------------------------------------------------------------------------------------

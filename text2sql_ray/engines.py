@@ -611,6 +611,10 @@ def vllm_processor_kwargs(cfg: EngineConfig) -> dict:
     }
     if cfg.max_num_seqs:
         engine_kwargs["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.gpu_memory_utilization:
+        engine_kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    if cfg.kv_cache_gb:
+        engine_kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * 2**30)
     if is_adapter_dir(source):
         adapter = json.loads((Path(source) / "adapter_config.json").read_text())
         rank = int(adapter.get("r", 16))

@@ -73,14 +73,30 @@ step_synth() {
 # SQL-only rows (their short answers finish before a fresh vLLM engine has started).
 # RECIPE_SYNTHESIS=$SRC/benchmarks/results/recipe_small_gpu_synthesis reuses the committed teacher chains
 # (1500 Spider train questions x 4 from the 1.5B teacher; ~7 GPU minutes saved, the 1.5B GGUF need not travel).
+# RECIPE_LANES (default: the CoT rows beside the SQL-only rows) runs groups of rows at once, each its own process
+# and Ray instance on the one GPU: vLLM's ~100 s start and the hf rows' CPU-bound parts overlap the other lane's
+# GPU work. vLLM then takes a fixed share (30% of the memory, a 24 GiB KV cache: no profiling, which another
+# process freeing memory would break). RECIPE_LANES= (empty) runs RECIPE_ROWS one after another.
+# nvidia-smi logs the GPU's memory and use every 5 s to $OUT/gpu_mem.csv.
 step_recipe() {
+  local lanes=${RECIPE_LANES-sft_cot,sft_cot_dpo;sft_nocot,base_ours,base_seed} rows=()
+  if [ -n "$lanes" ]; then
+    rows=(--lanes "$lanes" --set evaluate.engine.gpu_memory_utilization=0.3 --set evaluate.engine.kv_cache_gb=24)
+  else
+    rows=(--rows "${RECIPE_ROWS:-sft_cot,sft_cot_dpo,sft_nocot,base_ours,base_seed}")
+  fi
+  nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > "$OUT/gpu_mem.csv" 2>&1 &
+  local smi=$!
   python3 "$SRC/benchmarks/recipe_table.py" --config "$SRC/jobs/recipe_small_gpu.yaml" --student "$MODEL" \
     --teacher "$TEACHER" --bird-train $X/bird_train --bird-dev "$DEV" --spider $X/spider --engine vllm --nocot-engine hf \
-    --rows "${RECIPE_ROWS:-sft_cot,sft_cot_dpo,sft_nocot,base_ours,base_seed}" --out /tmp/runs/recipe \
+    "${rows[@]}" --out /tmp/runs/recipe \
     --results /tmp/runs/recipe_results/recipe_small_gpu --set synthesize.limit="${RECIPE_SYNTH_LIMIT:-2000}" \
     --set synthesize.engine.max_num_seqs=512 --set evaluate.engine.max_num_seqs=512 \
     --set convert.tokenizer="$MODEL" --set evaluate.tokenizer="$MODEL" \
     ${RECIPE_SYNTHESIS:+--synthesis "$RECIPE_SYNTHESIS"} ${RECIPE_SET:-}
+  local rc=$?
+  kill $smi 2>/dev/null
+  return $rc
 }
 
 # The 1.5B teacher's own baseline with vLLM (rich prompt, no CoT), as step_eval's setting.
