@@ -423,3 +423,35 @@ def test_deepspeed_zero2_changes_every_weight(ray_local, tmp_path, tiny_llama_di
                      max_steps=2, checkpoint_every=0))
     _assert_every_weight_changed(out, tiny_llama_dir)
     assert json.loads((out / "manifest.json").read_text())["training"]["steps_run"] == 2
+
+
+@pytest.mark.timeout(900)
+def test_a_step_with_nan_gradients_makes_no_update_and_too_many_stop_the_run(ray_local, tmp_path, tiny_llama_dir,
+                                                                              sft_parquet):
+    """NaN gradients injected after backward (T.NAN_ENV: the stand-in for the poisoned batches that the recipe's
+    no-CoT SFT met on the H200, which a tiny CPU model does not produce): the step makes no update, the run
+    goes on and lists it; more than max(3, max_nonfinite_fraction x steps) of them stop the run.
+    Two data-parallel workers: both skip the same step."""
+    import torch
+    from safetensors.torch import load_file
+
+    def run(name, steps, nan_at):
+        os.environ[T.NAN_ENV] = nan_at
+        try:
+            return T.run(_cfg(tmp_path / name, tiny_llama_dir, sft_parquet, max_steps=steps, schedule="constant"))
+        finally:
+            os.environ.pop(T.NAN_ENV, None)
+
+    run("three", 3, "")
+    run("four_last_nan", 4, "4")
+    manifest = json.loads((tmp_path / "four_last_nan" / "manifest.json").read_text())
+    assert manifest["data"]["nonfinite_steps"] == [4] and manifest["training"]["total_steps"] == 4
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("three", "four_last_nan"))
+    assert a.keys() == b.keys() and all(torch.isfinite(t).all() for t in b.values())
+    # steps 1-3 draw the same batches with the same constant lr; step 4 skipped: the very same weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the stop rule: more than max(3, fraction x total) bad steps
+    assert T.nonfinite_error([1, 2, 3], 3, 10, 0.05, [7]) is None
+    assert "4 of 4 steps had a NaN/inf" in T.nonfinite_error([1, 2, 3, 4], 4, 10, 0.05, [7])
+    assert T.nonfinite_error(list(range(1, 6)), 100, 100, 0.05, [7]) is None
+    assert "steps [1, 2, 3, 4, 5, 6]" in T.nonfinite_error(list(range(1, 7)), 100, 100, 0.05, [7])

@@ -309,6 +309,10 @@ class TrainConfig:
     """Tokens per sequence; a longer example is never cut but rejected (listed in <out>/rejected.jsonl)."""
     max_rejected_fraction: float = 0.01
     """Fail when more than this share of the input rows would be rejected (too long, no assistant tokens, unreadable)."""
+    max_nonfinite_fraction: float = 0.05
+    """A step whose loss or gradient is NaN/inf makes no update (skipped, listed in the manifest's
+    data.nonfinite_steps with a warning naming its examples); more than this share of the steps (and more
+    than 3) stops the run with an error: a diverged run never writes a NaN model."""
     packing: bool = False
     """Pack several examples per sequence (attention does not cross examples)."""
     lora_r: int = 16
@@ -410,6 +414,8 @@ class TrainConfig:
             raise ConfigError("train.max_length must be >= 16 tokens.")
         if not 0.0 <= self.max_rejected_fraction <= 1.0:
             raise ConfigError(f"train.max_rejected_fraction={self.max_rejected_fraction} must be in [0, 1].")
+        if not 0.0 <= self.max_nonfinite_fraction <= 1.0:
+            raise ConfigError(f"train.max_nonfinite_fraction={self.max_nonfinite_fraction} must be in [0, 1].")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.max_failures < 0:
             raise ConfigError("train.checkpoint_every and train.max_failures must be >= 0, train.keep_checkpoints >= 1.")
         if self.log_every < 1 or self.cpus_per_worker <= 0:

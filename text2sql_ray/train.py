@@ -71,6 +71,9 @@ REPORT_EVERY_S = 10.0
 one-slot queue on its ~2 s poll, so a report per step throttles training to one step per ~2 s (measured on
 an H200: 0.08 s steps spaced 2 s apart). Checkpoint steps always report; every step is logged on rank 0."""
 FAIL_ENV = "T2S_TRAIN_FAIL_AT_STEP"
+NAN_ENV = "T2S_TRAIN_NAN_AT_STEPS"
+"""Fault injection for tests: comma-separated steps whose gradients are set to NaN after backward (a poisoned
+batch, which no tiny CPU model produces on its own), to exercise the non-finite guard."""
 """Test hook: a worker raises after finishing this step, on a run that did not resume from a checkpoint."""
 LORA_METHODS = ("lora", "dpo")
 """Methods that train a LoRA adapter on frozen base weights."""
@@ -256,6 +259,16 @@ def collate(rows: dict, pad_id: int) -> dict:
         position_ids[i, n:] = torch.arange(last + 1, last + 1 + width - n)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
             "n_tokens": int(sum(len(r) for r in ids_rows))}
+
+
+def nonfinite_error(bad_steps: list[int], step: int, total: int, fraction: float, example_ids: list[int]) -> str | None:
+    """The error that stops a run whose NaN/inf steps exceed max(3, fraction x total steps), else None."""
+    if len(bad_steps) <= max(3, fraction * total):
+        return None
+    return (f"{len(bad_steps)} of {step} steps had a NaN/inf loss or gradient (more than train.max_nonfinite_fraction="
+            f"{fraction} of {total}; steps {bad_steps[:10]}; examples of the last: {example_ids[:16]}): the run "
+            "diverged or its data hold poisoned batches. Lower train.lr, look at those example_ids in the input, or "
+            "try train.dtype float32; no model was written.")
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -910,6 +923,7 @@ def train_loop_per_worker(loop: dict) -> None:
     pad_id = loop["pad_id"]
     step = state["step"]
     fail_at = int(loop.get("fail_at_step") or 0)
+    nan_steps = set(loop.get("nan_steps") or ())
     metrics: dict = {"step": step}
     last_report = time.monotonic()
     tracker = open_logger(cfg.report_to, loop["metrics_dir"], Path(cfg.out).name, loop["cfg"]) if rank == 0 else None
@@ -937,13 +951,26 @@ def train_loop_per_worker(loop: dict) -> None:
         n_label, n_tokens = max(1.0, float(counts[0])), float(counts[1])
         per_loss = float(per_step) if dpo_args else n_label
         sums = forward_backward(model, micro, world / per_loss, autocast, device, engine, dpo_args)
+        if step in nan_steps and not use_ds:  # NAN_ENV: test-only fault injection
+            for p in trainable:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        skipped = False
         if use_ds:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
         else:
-            grad_norm = (float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-                         if cfg.max_grad_norm > 0 else None)
-            optimizer.step()
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                    [p.grad.detach().float().norm() for p in trainable if p.grad is not None] or [sums.new_zeros(())])))
+            finite = torch.tensor([float(math.isfinite(grad_norm) and bool(torch.isfinite(sums).all()))], device=device)
+            if world > 1:  # every worker skips the same steps
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            skipped = not bool(finite[0] > 0)
+            if not skipped:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         # Rank 0 decides whether this step reports metrics to Ray Train; the flag rides on the loss
         # all-reduce so every worker calls ray.train.report the same number of times.
@@ -963,6 +990,16 @@ def train_loop_per_worker(loop: dict) -> None:
             entry["example_ids"] = [int(data["example_ids"][2 * p]) for p in seqs]
         else:
             entry["example_ids"] = [int(data["example_ids"][e]) for s in seqs for e in sequence_members(data, s)]
+        if skipped or not math.isfinite(entry["loss"]):  # DeepSpeed has stepped already: counted, not skipped
+            entry["skipped_nonfinite"] = skipped
+            bad = state.setdefault("nonfinite_steps", [])
+            bad.append(step)
+            if rank == 0:
+                log.warning("step %d: loss %s, gradient norm %s: %s; its examples %s", step, entry["loss"], grad_norm,
+                            "no update" if skipped else "DeepSpeed updated anyway", entry["example_ids"][:16])
+            too_many = nonfinite_error(bad, step, total, cfg.max_nonfinite_fraction, entry["example_ids"])
+            if too_many:
+                raise FloatingPointError(too_many)
         state["history"].append(entry)
         state.update(step=step, epoch=epoch)
         metrics = {k: v for k, v in entry.items() if k != "example_ids"}
@@ -1241,6 +1278,7 @@ def run(cfg: TrainConfig) -> Path:
         "cfg": to_dict(cfg), "model_path": model_path, "model_spec": cfg.model, "ds_preset": ds_preset,
         "pad_id": int(pad_id), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0), "data": data_ref,
+        "nan_steps": [int(x) for x in os.environ.get(NAN_ENV, "").split(",") if x.strip()],
         "metrics_dir": str(out / "tensorboard"),  # rank 0's TensorBoard event files (tracking.py)
     }
     trainer = TorchTrainer(
@@ -1296,6 +1334,7 @@ def run(cfg: TrainConfig) -> Path:
             "max_rejected_fraction": cfg.max_rejected_fraction,
             "policy": "an example longer than max_length is rejected whole, never cut; prompts are trained as converted",
             "max_length": cfg.max_length, "packing": cfg.packing,
+            "nonfinite_steps": state.get("nonfinite_steps", []),
             "sequences": int(n_seq), "tokens": int(n_tokens), "label_tokens": int(n_label),
             "order": (f"steps.jsonl: the {'pair' if dpo_run else 'example'} ids of every optimizer step (a new seeded "
                       "order every epoch)"),
