@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
 from text2sql_ray import convert, dpo, evaluate, synthesize, train
 from text2sql_ray.common import log, read_manifest, setup_logging, write_json, write_parquet, write_text
 from text2sql_ray.config import build_config
-from text2sql_ray.pipeline import fingerprint
+from text2sql_ray.pipeline import fingerprint, write_mix
 
 BENCHMARKS = ("bird", "spider")
 
@@ -249,52 +249,36 @@ class Steps:
             log.info("recipe: %s is up to date (%s)", name, out)
             return out
         log.info("recipe: %s -> %s", name, out)
+        if module is train:  # a train run of another config left checkpoints: train refuses them, start over
+            stale = Path(cfg.out) / "ray_train"
+            if self.state.get("_started", {}).get(name) not in (None, fp) and not cfg.storage_path and stale.is_dir():
+                log.info("recipe: %s's options changed; removing the old run's checkpoints %s", name, stale)
+                shutil.rmtree(stale)
+            self.record(name, None, started=fp)
         t0 = time.time()
         module.run(cfg)
         self.record(name, fp, round(time.time() - t0, 1))
         return out
 
-    def record(self, name: str, fp: str, seconds: float | None = None) -> None:
+    def record(self, name: str, fp: str | None, seconds: float | None = None, started: str | None = None) -> None:
+        """Write this step's fingerprint (None: leave it), wall time and started-with fingerprint into the state
+        file, merged with what other processes wrote there meanwhile."""
         import fcntl
 
         with open(self.run_dir / "recipe_state.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             disk = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
-            self.state = {**disk, **{k: v for k, v in self.state.items() if k not in disk}, name: fp}
-            self.seconds = {**disk.get("_seconds", {}), **self.seconds}
+            mine = {k: v for k, v in self.state.items() if k not in disk and not k.startswith("_")}
+            nested = {k: {**self.state.get(k, {}), **disk.get(k, {})} for k in ("_seconds", "_started")}
+            self.state = {**disk, **mine, **nested}
+            if fp is not None:
+                self.state[name] = fp
             if seconds is not None:
-                self.seconds[name] = seconds
-            self.state["_seconds"] = self.seconds
+                self.state["_seconds"][name] = seconds
+            if started is not None:
+                self.state["_started"][name] = started
+            self.seconds = self.state["_seconds"]
             write_json(self.state_path, self.state)
-
-
-def mix_sft(out: Path, sources: list[tuple[str, Path]], prompt_from: Path) -> dict:
-    """One sft.parquet from several SFT/convert Parquet files (convert's columns), with counts per source, and a
-    manifest carrying the prompt record of `prompt_from` (the convert run that built these prompts)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from text2sql_ray.common import write_manifest
-    from text2sql_ray.convert import output_schema
-    from text2sql_ray.prompts import recorded_prompt
-
-    started = time.time()
-    tables, counts = [], {}
-    for name, path in sources:
-        t = pq.read_table(path).select(output_schema().names).cast(output_schema())
-        tables.append(t)
-        counts[name] = {"file": str(path), "rows": t.num_rows}
-    record = recorded_prompt(prompt_from)
-    table = pa.concat_tables(tables) if tables else output_schema().empty_table()
-    write_parquet(out / "sft.parquet", table)
-    write_json(out / "mix.json", {"rows": table.num_rows, "sources": counts})
-    # the prompt record (convert's prompt config and tokenizer), so that train carries it and
-    # `t2s evaluate --model <train out>` builds the prompts it was trained on
-    prompt = {k: v for k, v in (record or {}).items() if k != "manifest"} or None
-    write_manifest(out, "mix", {"sources": [str(p) for _, p in sources]}, started,
-                   counts={"rows": table.num_rows, **{k: v["rows"] for k, v in counts.items()}},
-                   **({"prompt": prompt} if prompt else {}))
-    return {"rows": table.num_rows, "sources": counts}
 
 
 def evaluated(train_out: Path) -> str:
@@ -344,11 +328,11 @@ def run_recipe(args) -> dict:
     syn_counts = (read_manifest(syn_dir) or {}).get("counts", {})
 
     # 3. the two SFT sets; each student is trained when a row first needs it (so --rows orders the GPU time)
-    gold_sources = [("bird_train_gold", conv["bird_train_nocot"] / "train.parquet"),
-                    ("spider_train_gold", conv["spider_train_nocot"] / "train.parquet")]
-    mixes = {"sft_nocot": mix_sft(run_dir / "sft" / "nocot", gold_sources, conv["bird_train_nocot"]),
-             "sft_cot": mix_sft(run_dir / "sft" / "cot", [("spider_train_verified_chains", syn_dir / "sft.parquet")]
-                                + (gold_sources if args.cot_mix_gold else []), conv["spider_train_cot"])}
+    gold_sources = [("bird_train_gold", conv["bird_train_nocot"] / "train.parquet", "sql"),
+                    ("spider_train_gold", conv["spider_train_nocot"] / "train.parquet", "sql")]
+    mixes = {"sft_nocot": write_mix(run_dir / "sft" / "nocot", gold_sources, conv["bird_train_nocot"]),
+             "sft_cot": write_mix(run_dir / "sft" / "cot", [("spider_train_verified_chains", syn_dir / "sft.parquet", "cot")]
+                                  + (gold_sources if args.cot_mix_gold else []), conv["spider_train_cot"])}
     from text2sql_ray.models import resolve_model
 
     # the student is evaluated exactly as training starts from it ("" = the embedded default, as a path)

@@ -96,7 +96,15 @@ def test_mix_holds_every_convert_row_without_cot_and_every_verified_chain(tmp_pa
              "sample_index": 0, "sql": "SELECT 1", "status": "verified"}
     write_parquet(tmp_path / "synthesize" / "sft.parquet", pa.Table.from_pylist([chain]))
 
-    assert pipeline.write_mix(tmp_path) == {"rows": 4, "no_cot": 3, "cot": 1}
+    counts = pipeline.write_mix(tmp_path / "sft", [("convert", tmp_path / "convert" / "train.parquet", "sql"),
+                                                   ("chains", tmp_path / "synthesize" / "sft.parquet", "cot")],
+                                tmp_path / "convert")
+    assert {k: counts[k] for k in ("rows", "no_cot", "cot")} == {"rows": 4, "no_cot": 3, "cot": 1}
+    assert {k: (v["rows"], v["target"]) for k, v in counts["sources"].items()} == {"convert": (3, "sql"),
+                                                                                   "chains": (1, "cot")}
+    with pytest.raises(ValueError, match="no prompt record"):
+        pipeline.write_mix(tmp_path / "x", [("chains", tmp_path / "synthesize" / "sft.parquet", "cot")],
+                           tmp_path / "synthesize")
     rows = pa.parquet.read_table(tmp_path / "sft" / "sft.parquet").to_pylist()
     assert [(r["question_id"], r["target"]) for r in rows] == [(0, "sql"), (1, "sql"), (2, "sql"), (1, "cot")]
     cot_system = system_prompt(dataclasses.replace(prompt, cot=True))
@@ -129,7 +137,8 @@ def test_pipeline_writes_every_stage_and_a_comparison_report(finished_run):
     # the mix: the 12 converted questions without CoT, beside whatever chains the tiny teacher got verified
     mix = json.loads((run_dir / "sft" / "manifest.json").read_text())["counts"]
     verified = json.loads((run_dir / "synthesize" / "manifest.json").read_text())["counts"]["sft_rows"]
-    assert mix == {"rows": 12 + verified, "no_cot": 12, "cot": verified}
+    assert mix == {"rows": 12 + verified, "no_cot": 12, "cot": verified, "convert_train": 12,
+                   "verified_chains": verified}
     rows = manifest["metrics"]["rows"]
     assert [r["row"] for r in rows] == ["base", "fine-tuned"]
     assert rows[1]["train_rows"]["no_cot"] == 12 and rows[1]["train_rows"]["steps"] == 2

@@ -260,6 +260,8 @@ def test_two_processes_recording_steps_keep_each_other_s_entries(tmp_path):
     b.record("train_b", "fb", 3.0)  # b never read train_a: it must not drop it
     a.record("eval_a", "ea", 4.0)
     state = json.loads((tmp_path / "recipe_state.json").read_text())
-    assert {k: v for k, v in state.items() if k != "_seconds"} == {"convert": "f0", "train_a": "fa", "train_b": "fb",
-                                                                    "eval_a": "ea"}
+    b.record("train_c", None, started="fc0")  # a train step records what it started with before it runs
+    assert {k: v for k, v in state.items() if not k.startswith("_")} == {"convert": "f0", "train_a": "fa",
+                                                                          "train_b": "fb", "eval_a": "ea"}
+    assert json.loads((tmp_path / "recipe_state.json").read_text())["_started"] == {"train_c": "fc0"}
     assert state["_seconds"] == {"convert": 1.0, "train_a": 2.0, "train_b": 3.0, "eval_a": 4.0}

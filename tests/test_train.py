@@ -9,6 +9,7 @@ Three Ray runs are shared between tests through module fixtures (each asserts on
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -455,3 +456,23 @@ def test_a_step_with_nan_gradients_makes_no_update_and_too_many_stop_the_run(ray
     assert "4 of 4 steps had a NaN/inf" in T.nonfinite_error([1, 2, 3, 4], 4, 10, 0.05, [7])
     assert T.nonfinite_error(list(range(1, 6)), 100, 100, 0.05, [7]) is None
     assert "steps [1, 2, 3, 4, 5, 6]" in T.nonfinite_error(list(range(1, 7)), 100, 100, 0.05, [7])
+
+
+def test_checkpoints_of_a_run_with_other_options_or_data_are_refused(tmp_path, tiny_llama_dir, sft_parquet):
+    """A rerun with the same --out resumes its checkpoints only if they are of the same run: a changed lr (or
+    input data) is named in the error instead of being silently continued; bookkeeping options may change."""
+    cfg = _cfg(tmp_path / "out", tiny_llama_dir, sft_parquet)
+    sha = {str(sft_parquet): T._sha256(sft_parquet)}
+    ckpt = tmp_path / "out" / "ray_train" / "train" / "checkpoint_000001"
+    ckpt.mkdir(parents=True)
+    old = T.trajectory(dataclasses.replace(cfg, lr=0.5), sha)
+    (ckpt / "state.json").write_text(json.dumps({"step": 2, "method": cfg.method, "model": cfg.model, "run_id": old}))
+    with pytest.raises(ValueError, match=r"other options or data \(lr: 0.5 -> 0.01\).*new --out"):
+        T.run(cfg)
+    now = T.trajectory(cfg, sha)
+    assert T.trajectory_changes({"run_id": now}, T.trajectory(dataclasses.replace(
+        cfg, log_every=5, checkpoint_every=9, max_failures=3, merge=False), sha)) == []
+    assert [k for k, *_ in T.trajectory_changes({"run_id": now}, T.trajectory(cfg, {"x": "other"}))] == ["input_sha256"]
+    # a checkpoint from before run ids: method and model only
+    assert T.trajectory_changes({"method": cfg.method, "model": cfg.model}, now) == []
+    assert T.trajectory_changes({"method": "full", "model": cfg.model}, now) == [("method", "full", "lora")]

@@ -97,36 +97,48 @@ def _stage_module(stage: str):
     }[stage]
 
 
-def write_mix(run_dir: Path) -> dict:
-    """<run>/sft/sft.parquet: every convert training row as a no-CoT example (target 'sql', the gold SQL) and
-    every verified chain of synthesize (target 'cot'), each with its own system turn; returns the counts."""
+def write_mix(out: Path, sources: list[tuple[str, Path, str]], prompt_from: Path) -> dict:
+    """<out>/sft.parquet: the rows of every (name, Parquet file, target) source in order (convert's columns, plus
+    `target`), each with the system turn of its target ('sql': answer with the SQL, 'cot': reason first) in the
+    prompt config of the convert run `prompt_from`, whose prompt record the manifest carries (so that train and
+    `t2s evaluate --model <train out>` build the prompts trained on); returns the counts (rows, no_cot, cot, and
+    rows per source). The pipeline's mix: convert's rows as 'sql' beside synthesize's verified chains as 'cot';
+    benchmarks/recipe_table.py: BIRD + Spider gold rows, and the chains (with --cot-mix-gold the gold rows too)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .config import PromptConfig
     from .convert import output_schema
-    from .prompts import system_prompt
+    from .prompts import recorded_prompt, system_prompt
 
     started = time.time()
-    record = read_manifest(run_dir / "convert")["prompt"]  # the template convert wrote (and evaluation uses)
+    record = recorded_prompt(prompt_from)
+    if record is None:
+        raise ValueError(f"{prompt_from}: no prompt record (a `t2s convert` output's manifest.json); the SFT mix "
+                         "needs the prompt config its rows were built with")
+    record = {k: v for k, v in record.items() if k != "manifest"}
     prompt = PromptConfig(**record["config"])
-    out = run_dir / "sft"
-    sources = {"sql": run_dir / "convert" / "train.parquet", "cot": run_dir / "synthesize" / "sft.parquet"}
-    rows = []
-    for target, path in sources.items():
-        system = system_prompt(dataclasses.replace(prompt, cot=target == "cot"))
+    systems = {t: system_prompt(dataclasses.replace(prompt, cot=t == "cot")) for t in ("sql", "cot")}
+    rows, per_source = [], {}
+    for name, path, target in sources:
+        if target not in systems:
+            raise ValueError(f"SFT mix source {name}: target {target!r} is not 'sql' or 'cot'")
+        n = 0
         for r in pq.read_table(path, columns=output_schema().names).to_pylist():
-            r["messages"] = [{"role": "system", "content": system}] + [m for m in r["messages"] if m["role"] != "system"]
+            r["messages"] = [{"role": "system", "content": systems[target]}] + [
+                m for m in r["messages"] if m["role"] != "system"]
             rows.append({**r, "target": target})
+            n += 1
+        per_source[name] = {"file": str(path), "rows": n, "target": target}
     counts = {"rows": len(rows), "no_cot": sum(r["target"] == "sql" for r in rows),
               "cot": sum(r["target"] == "cot" for r in rows)}
     schema = output_schema().append(pa.field("target", pa.string()))
-    write_parquet(out / "sft.parquet", pa.Table.from_pylist(rows, schema=schema))
-    write_manifest(out, "sft_mix", {"sources": {k: str(v) for k, v in sources.items()}}, started,
-                   prompt=record,
-                   counts=counts, files={"sft": "sft.parquet"})
-    log.info("pipeline: SFT mix %s: %d no-CoT rows (gold SQL) + %d verified CoT rows", out, counts["no_cot"], counts["cot"])
-    return counts
+    write_parquet(Path(out) / "sft.parquet", pa.Table.from_pylist(rows, schema=schema))
+    write_manifest(out, "sft_mix", {"sources": {k: v["file"] for k, v in per_source.items()}}, started,
+                   prompt=record, counts={**counts, **{k: v["rows"] for k, v in per_source.items()}},
+                   files={"sft": "sft.parquet"})
+    log.info("SFT mix %s: %d no-CoT rows (gold SQL) + %d CoT rows", out, counts["no_cot"], counts["cot"])
+    return {**counts, "sources": per_source}
 
 
 def _check_sft_rows(sft_dir: Path, source: str) -> None:
@@ -165,7 +177,9 @@ def run(cfg: PipelineConfig) -> Path:
         t0 = time.time()
         if stage == "train":
             if cfg.sft_source == "mix":
-                write_mix(run_dir)
+                write_mix(run_dir / "sft", [("convert_train", run_dir / "convert" / "train.parquet", "sql"),
+                                            ("verified_chains", run_dir / "synthesize" / "sft.parquet", "cot")],
+                          run_dir / "convert")
             _check_sft_rows(Path(stage_cfg.input), cfg.sft_source)
             # Checkpoints left by a train run of another config would be resumed as if they were this one's.
             stale = run_dir / "train" / "ray_train"

@@ -34,7 +34,9 @@ Output (`cfg.out`): a Hugging Face dir (`lora`: adapter files whose `base_model_
 ``prompt``: the prompt config and schema-budget tokenizer recorded by the convert run the data comes from,
 which `t2s evaluate --model` and `t2s serve` use), `rejected.jsonl`, `steps.jsonl` (every step's example
 ids and loss), `loss_curve.png`, and `ray_train/` (Ray Train storage with the checkpoints; rerunning with
-the same --out resumes from it).
+the same --out resumes from it when options and data are the same, see `trajectory`; else it stops and says
+what changed). A step whose loss or gradient is NaN/inf makes no update and is listed in the manifest
+(`data.nonfinite_steps`); too many of them stop the run (`train.max_nonfinite_fraction`).
 """
 
 from __future__ import annotations
@@ -848,7 +850,7 @@ def train_loop_per_worker(loop: dict) -> None:
 
     # Restore ------------------------------------------------------------------------------------
     state = {"step": 0, "epoch": 0, "history": [], "resumed_from": [],
-             "method": cfg.method, "model": loop["model_spec"]}
+             "method": cfg.method, "model": loop["model_spec"], "run_id": loop["run_id"]}
     ckpt = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
         restore = Path(stack.enter_context(ckpt.as_directory())) if ckpt else None
@@ -1107,6 +1109,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+RESUME_NEUTRAL = frozenset({
+    "input", "out", "storage_path", "max_rejected_fraction", "max_nonfinite_fraction", "merge", "use_gpu",
+    "cpus_per_worker", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "report_to",
+    "gradient_checkpointing", "checkpoint_layers", "liger", "fused_loss"})
+"""Train options a resumed run may change: where things go, bookkeeping, and how (not what) a step computes."""
+
+
+def trajectory(cfg: TrainConfig, input_sha256: dict[str, str]) -> dict:
+    """What a checkpoint's run must share with this one to be resumed by it: every option that changes which
+    examples a step sees or what an update does (not RESUME_NEUTRAL), and the input files' contents."""
+    ident = {k: v for k, v in to_dict(cfg).items() if k not in RESUME_NEUTRAL}
+    ident["input_sha256"] = sorted(input_sha256.values())
+    return json.loads(json.dumps(ident, default=str))  # as a checkpoint's state.json holds it
+
+
+def trajectory_changes(previous: dict, run_id: dict) -> list[tuple[str, object, object]]:
+    """(option, checkpoint's value, this run's) for each difference; a checkpoint written before run ids were
+    recorded is compared on method and model only."""
+    before = previous.get("run_id") or {"method": previous.get("method"), "model": previous.get("model")}
+    return [(k, before.get(k), run_id.get(k)) for k in sorted(before) if before.get(k) != run_id.get(k)]
+
+
 def latest_checkpoint_state(storage: str) -> dict | None:
     """state.json of the newest checkpoint in a local Ray Train storage dir (None when there is none)."""
     run_dir = Path(storage) / "train"
@@ -1187,11 +1211,15 @@ def run(cfg: TrainConfig) -> Path:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ds_preset = load_deepspeed_preset(cfg.deepspeed) if cfg.method == "full" and cfg.deepspeed else None
     storage = cfg.storage_path or str(out / "ray_train")
+    input_sha256 = {str(f): _sha256(f) for f in files}
+    run_id = trajectory(cfg, input_sha256)
     previous = latest_checkpoint_state(storage) if "://" not in storage else None
-    if previous and (previous.get("method"), previous.get("model")) != (cfg.method, cfg.model):
+    changed = trajectory_changes(previous, run_id) if previous else []
+    if changed:
         raise ValueError(
-            f"{storage} holds checkpoints of another run (method={previous.get('method')}, model="
-            f"{previous.get('model')!r}); use a new --out (or --storage-path) or delete that folder."
+            f"{storage} holds checkpoints of a run with other options or data ("
+            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed) + "): resuming them would not be this run. "
+            "Use a new --out (or --storage-path), or delete that folder to start over."
         )
     check_report_to(cfg.report_to)
     out.mkdir(parents=True, exist_ok=True)
@@ -1275,7 +1303,7 @@ def run(cfg: TrainConfig) -> Path:
              steps_per_epoch, total_steps, start_step)
 
     loop = {
-        "cfg": to_dict(cfg), "model_path": model_path, "model_spec": cfg.model, "ds_preset": ds_preset,
+        "cfg": to_dict(cfg), "model_path": model_path, "model_spec": cfg.model, "ds_preset": ds_preset, "run_id": run_id,
         "pad_id": int(pad_id), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0), "data": data_ref,
         "nan_steps": [int(x) for x in os.environ.get(NAN_ENV, "").split(",") if x.strip()],
@@ -1328,7 +1356,7 @@ def run(cfg: TrainConfig) -> Path:
                "deepspeed": ds_preset},
         prompt=prompt_record,
         data={
-            "input": str(input_path), "files": [str(f) for f in files], "sha256": {str(f): _sha256(f) for f in files},
+            "input": str(input_path), "files": [str(f) for f in files], "sha256": input_sha256,
             "rows": n_rows, "trained": n_rows - len(rejected), "rejected": len(rejected),
             "rejected_by_reason": by_reason, "rejected_file": "rejected.jsonl", "id": id_name,
             "max_rejected_fraction": cfg.max_rejected_fraction,
