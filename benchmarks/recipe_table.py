@@ -25,7 +25,9 @@ the fields below replaced; `--set stage.field=value` overrides any field of a se
 
 Every step writes under `--out` and records a fingerprint of its config in `<out>/recipe_state.json`; a rerun
 skips steps whose fingerprint and manifest are there (a killed run resumes; a changed option reruns that step
-and the steps after it that read it). Nothing trains or selects on BIRD dev or Spider dev.
+and the steps after it that read it). `--lanes` runs groups of rows at the same time (one process and local Ray
+instance each, sharing the GPU) after the shared steps, then writes the table. Nothing trains or selects on BIRD
+dev or Spider dev.
 """
 
 from __future__ import annotations
