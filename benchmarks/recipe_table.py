@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
 from text2sql_ray import convert, dpo, evaluate, synthesize, train
 from text2sql_ray.common import log, read_manifest, setup_logging, write_json, write_parquet, write_text
 from text2sql_ray.config import build_config
-from text2sql_ray.pipeline import fingerprint, write_mix
+from text2sql_ray.pipeline import clear_stale_checkpoints, fingerprint, write_mix
 
 BENCHMARKS = ("bird", "spider")
 
@@ -252,10 +252,7 @@ class Steps:
             return out
         log.info("recipe: %s -> %s", name, out)
         if module is train:  # a train run of another config left checkpoints: train refuses them, start over
-            stale = Path(cfg.out) / "ray_train"
-            if self.state.get("_started", {}).get(name) not in (None, fp) and not cfg.storage_path and stale.is_dir():
-                log.info("recipe: %s's options changed; removing the old run's checkpoints %s", name, stale)
-                shutil.rmtree(stale)
+            clear_stale_checkpoints(cfg, self.state.get("_started", {}).get(name), fp)
             self.record(name, None, started=fp)
         t0 = time.time()
         module.run(cfg)

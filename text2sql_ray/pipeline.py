@@ -141,6 +141,15 @@ def write_mix(out: Path, sources: list[tuple[str, Path, str]], prompt_from: Path
     return {**counts, "sources": per_source}
 
 
+def clear_stale_checkpoints(train_cfg, started: str | None, fp: str) -> None:
+    """Remove <train out>/ray_train when it was started with another config fingerprint than `fp` (`t2s train`
+    refuses a checkpoint of other options or data; an orchestrator that changed them on purpose starts over)."""
+    stale = Path(train_cfg.out) / "ray_train"
+    if started not in (None, fp) and not train_cfg.storage_path and stale.is_dir():
+        log.info("train's options changed; removing the old run's checkpoints %s", stale)
+        shutil.rmtree(stale)
+
+
 def _check_sft_rows(sft_dir: Path, source: str) -> None:
     """Stop with advice when synthesis verified nothing (a small teacher may verify very few chains)."""
     import pyarrow.parquet as pq
@@ -181,11 +190,7 @@ def run(cfg: PipelineConfig) -> Path:
                                             ("verified_chains", run_dir / "synthesize" / "sft.parquet", "cot")],
                           run_dir / "convert")
             _check_sft_rows(Path(stage_cfg.input), cfg.sft_source)
-            # Checkpoints left by a train run of another config would be resumed as if they were this one's.
-            stale = run_dir / "train" / "ray_train"
-            if state.get("train_started") not in (None, fp) and not stage_cfg.storage_path and stale.is_dir():
-                log.info("pipeline: train's options changed; removing the old run's checkpoints %s", stale)
-                shutil.rmtree(stale)
+            clear_stale_checkpoints(stage_cfg, state.get("train_started"), fp)
             state["train_started"] = fp
             write_json(state_path, state)
         _stage_module(stage).run(stage_cfg)
@@ -294,4 +299,4 @@ def report_markdown(rows: list[dict], manifest: dict, times: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["STAGES", "UPSTREAM", "ConfigError", "fingerprint", "fingerprints", "report_rows", "run", "stage_configs", "write_mix"]
+__all__ = ["STAGES", "UPSTREAM", "ConfigError", "fingerprint", "fingerprints", "report_rows", "run", "clear_stale_checkpoints", "stage_configs", "write_mix"]

@@ -962,11 +962,9 @@ def train_loop_per_worker(loop: dict) -> None:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
         else:
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.detach().float().norm() for p in trainable if p.grad is not None] or [sums.new_zeros(())])))
+            # the total norm either way (an infinite clip norm clips nothing): a NaN gradient shows in it
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
             finite = torch.tensor([float(math.isfinite(grad_norm) and bool(torch.isfinite(sums).all()))], device=device)
             if world > 1:  # every worker skips the same steps
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
