@@ -1,4 +1,5 @@
-"""The recipe's results table on real models: baselines, no-CoT SFT, CoT SFT, CoT SFT + maj@8, on BIRD dev and Spider dev.
+"""The recipe's results table on real models: baselines, no-CoT SFT, CoT SFT, CoT + no-CoT SFT, CoT SFT + DPO (maj@8
+where it matters), on BIRD dev and Spider dev.
 
     python benchmarks/recipe_table.py --config jobs/recipe_small_gpu.yaml \\
         --student <0.5B .gguf or dir> --teacher <1.5B .gguf or dir> \\
@@ -10,15 +11,17 @@ the fields below replaced; `--set stage.field=value` overrides any field of a se
 1. convert BIRD train and Spider train twice each: no-CoT prompts (gold SQL as the answer) and CoT prompts
    (the synthesis input); the job file's `convert:` section, `prompt.cot` set per use;
 2. synthesize on Spider train (it has databases: every chain is verified by execution); `synthesize:`;
-3. train twice from the student (`train:` section, same hyper-parameters): no-CoT SFT on the gold SQL of
-   BIRD train + Spider train; CoT SFT on the execution-verified chains (+ with `--cot-mix-gold` the no-CoT rows too);
-   each when the first row that needs it runs (its `merged/` model is what gets evaluated, if written);
-4. evaluate five models x two benchmarks (`evaluate:`), rows in `--rows` order (so a GPU budget goes to the rows
-   that matter first; rows left out read "not run"): the student with the seed's prompt (bare DDL, SQL
-   only), the student with our prompt (rich schema, SQL only), the no-CoT SFT model (SQL only), the CoT SFT
-   model (CoT prompt; greedy and maj@k in one run, `--maj-k`, temperature `--maj-temperature`), the CoT SFT +
-   DPO model (a new LoRA on the merged CoT SFT model, trained on pairs from the synthesis' verdicts, `--dpo-*`;
-   CoT prompt, greedy); `--nocot-engine` picks another backend for the SQL-only rows;
+3. train three times from the student (`train:` section, same hyper-parameters): no-CoT SFT on the gold SQL of
+   BIRD train + Spider train; CoT SFT on the execution-verified chains; CoT + no-CoT SFT on both sets at once
+   (each row with its own system turn); each when the first row that needs it runs (its `merged/` model is what
+   gets evaluated, if written);
+4. evaluate six models x two benchmarks (`evaluate:`), rows in `--rows` order (so a GPU budget goes to the rows
+   that matter first; rows left out read "not run", or, with `--earlier`, what an earlier table says): the
+   student with the seed's prompt (bare DDL, SQL only), the student with our prompt (rich schema, SQL only), the
+   no-CoT SFT model (SQL only), the CoT SFT and the CoT + no-CoT SFT models (CoT prompt), the CoT SFT + DPO model
+   (a new LoRA on the merged CoT SFT model, trained on pairs from the synthesis' verdicts, `--dpo-*`; CoT prompt,
+   greedy); the SFT rows greedy and maj@k from one run (`--maj-k`, temperature `--maj-temperature`; with vllm one
+   engine execution); `--nocot-engine` picks another backend for the greedy-only SQL rows (the baselines);
 5. the table: `<results>.md` (+ `<results>.json`, `<results>.png`) and every row's predictions in the official
    predict_dev.json format as `<results>/<row>_<bird|spider>_predict_dev.json` (all questions of the file, in
    order; questions whose database is absent, or that a row could not answer, hold an empty SQL and score 0).
@@ -74,9 +77,13 @@ ROWS = (
         "none (bare CREATE TABLEs, SQL only: the seed's prompt)"),
     Row("base_ours", "baseline, our prompt", "student", {"cot": False},
         "none (rich schema: keys, sample values, descriptions; SQL only)"),
-    Row("sft_nocot", "no-CoT SFT", "sft_nocot", {"cot": False}, "LoRA on gold SQL of BIRD train + Spider train"),
+    Row("sft_nocot", "no-CoT SFT", "sft_nocot", {"cot": False}, "LoRA on gold SQL of BIRD train + Spider train",
+        maj=True),
     Row("sft_cot", "CoT SFT", "sft_cot", {"cot": True},
         "LoRA on execution-verified teacher chains (Spider train)", maj=True),
+    Row("sft_mix", "CoT + no-CoT SFT", "sft_mix", {"cot": True},
+        "LoRA on the verified chains and the gold SQL of BIRD train + Spider train at once (each with its own "
+        "system turn)", maj=True),
     Row("sft_cot_dpo", "CoT SFT + DPO", "sft_cot_dpo", {"cot": True},
         "DPO (a new LoRA on the merged CoT SFT model, the reference) on teacher pairs: verified vs wrong or "
         "failing chains of the same Spider train question"),
@@ -97,8 +104,9 @@ def parse_args(argv):
     p.add_argument("--engine", choices=("hf", "vllm"), default=None,
                    help="generation backend of synthesize and evaluate (default: the job file's engine.backend)")
     p.add_argument("--nocot-engine", choices=("hf", "vllm"), default=None,
-                   help="backend of the SQL-only (no-CoT) evaluations (default: as --engine). On one H200 the hf engine "
-                        "scored 432 short BIRD answers in less wall time than a fresh vLLM engine takes to start")
+                   help="backend of the greedy-only SQL (no-CoT) evaluations, the baselines (default: as --engine; "
+                        "maj@k rows keep --engine). On one H200 the hf engine scored 432 short BIRD answers in less "
+                        "wall time than a fresh vLLM engine takes to start")
     p.add_argument("--rows", default=",".join(r.name for r in ROWS),
                    help="rows to run, in this order (a row's model is trained when first needed; rows left out "
                         "show 'not run'). Default: every row, table order")
@@ -119,8 +127,10 @@ def parse_args(argv):
     p.add_argument("--dpo-epochs", type=float, default=1.0, help="DPO row: epochs over the pairs")
     p.add_argument("--dpo-lora-r", type=int, default=64, help="DPO row: rank of the new LoRA (alpha = 2 r)")
     p.add_argument("--dpo-pairs-per-question", type=int, default=2, help="DPO row: pairs per question at most")
-    p.add_argument("--cot-mix-gold", action="store_true",
-                   help="CoT SFT also trains on the no-CoT gold rows (BIRD + Spider train; their own system prompt)")
+    p.add_argument("--earlier", default="",
+                   help="an earlier table's STEM.json (its predictions beside it in STEM/): rows not run now are taken "
+                        "from it, predictions copied and the row marked as earlier, e.g. the committed "
+                        "benchmarks/results/recipe_small_gpu.json to add rows without rerunning the others")
     p.add_argument("--out", default="runs/recipe_small_gpu", help="run directory (every step's output)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "recipe_small_gpu"),
                    help="results stem: STEM.md, STEM.json, STEM.png and STEM/ (predictions)")
@@ -326,12 +336,13 @@ def run_recipe(args) -> dict:
         syn_dir = steps.run("synthesize_spider_train", synthesize, syn_cfg, after=("convert_spider_train_cot",))
     syn_counts = (read_manifest(syn_dir) or {}).get("counts", {})
 
-    # 3. the two SFT sets; each student is trained when a row first needs it (so --rows orders the GPU time)
+    # 3. the SFT sets; each student is trained when a row first needs it (so --rows orders the GPU time)
     gold_sources = [("bird_train_gold", conv["bird_train_nocot"] / "train.parquet", "sql"),
                     ("spider_train_gold", conv["spider_train_nocot"] / "train.parquet", "sql")]
+    chains = [("spider_train_verified_chains", syn_dir / "sft.parquet", "cot")]
     mixes = {"sft_nocot": write_mix(run_dir / "sft" / "nocot", gold_sources, conv["bird_train_nocot"]),
-             "sft_cot": write_mix(run_dir / "sft" / "cot", [("spider_train_verified_chains", syn_dir / "sft.parquet", "cot")]
-                                  + (gold_sources if args.cot_mix_gold else []), conv["spider_train_cot"])}
+             "sft_cot": write_mix(run_dir / "sft" / "cot", chains, conv["spider_train_cot"]),
+             "sft_mix": write_mix(run_dir / "sft" / "mix", chains + gold_sources, conv["spider_train_cot"])}
     from text2sql_ray.models import resolve_model
 
     # the student is evaluated exactly as training starts from it ("" = the embedded default, as a path)
@@ -351,7 +362,7 @@ def run_recipe(args) -> dict:
         kind = name.removeprefix("sft_")
         t = rep(train_t, input=str(run_dir / "sft" / kind), out=str(run_dir / "train" / kind))
         after = ("convert_bird_train_nocot", "convert_spider_train_nocot") + (
-            ("synthesize_spider_train",) if kind == "cot" else ())
+            ("synthesize_spider_train",) if kind in ("cot", "mix") else ())
         models[name] = evaluated(steps.run(f"train_{name}", train, t, after=after))
         return models[name]
 
@@ -389,6 +400,7 @@ def run_recipe(args) -> dict:
     bench_data = {"bird": args.bird_dev, "spider": args.spider}
     results_stem = Path(args.results)
     pred_dir = results_stem.parent / results_stem.name
+    earlier = read_earlier(Path(args.earlier)) if args.earlier else {}  # before pred_dir goes: it may be that dir
     if pred_dir.exists():
         shutil.rmtree(pred_dir)
     pred_dir.mkdir(parents=True)
@@ -405,7 +417,7 @@ def run_recipe(args) -> dict:
                                             "note": not_trained[row.model]}
                 continue
             engine = eval_t.engine
-            if args.nocot_engine and not row.prompt.get("cot"):
+            if args.nocot_engine and not row.prompt.get("cot") and not row.maj:
                 engine = rep(engine, backend=args.nocot_engine)
             samples = 1
             if row.maj:
@@ -426,6 +438,9 @@ def run_recipe(args) -> dict:
         done[row.name] = [(name, label, maj, results[name]) for name, label, maj in entries]
     table = []
     for row in ROWS:  # table order, whatever order the rows ran in
+        if row.name not in done and row.name in earlier:
+            table += earlier_rows(earlier[row.name], pred_dir)
+            continue
         for name, label, maj, res in done.get(row.name, [(row.name, row.label, False, {
                 b: {"ex": None, "n_correct": None, "n_scored": None, "note": "not run"} for b in BENCHMARKS})]):
             table.append({"row": name, "label": label, "training": row.training,
@@ -454,6 +469,50 @@ def run_recipe(args) -> dict:
     return summary
 
 
+def read_earlier(path: Path) -> dict[str, list[dict]]:
+    """--earlier: {row name: its table entries (the row and its maj@k line), each bench's predictions file read
+    into "_predictions" (bytes)} for the rows of an earlier table that have a number."""
+    try:
+        s = json.loads(path.read_text())
+        rows = s["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--earlier {path}: not a results table written by this script ({e}); give its STEM.json")
+    out: dict[str, list[dict]] = {}
+    for row in ROWS:
+        entries = [dict(r) for r in rows if r.get("row") == row.name or r.get("row", "").startswith(f"{row.name}_maj")]
+        if not any(e.get(b, {}).get("ex") is not None for e in entries for b in BENCHMARKS):
+            continue
+        for e in entries:
+            for b in BENCHMARKS:
+                res = e.get(b, {})
+                if res.get("predictions"):
+                    src = path.parent / res["predictions"]
+                    if not src.is_file():
+                        raise SystemExit(f"--earlier {path}: row {e['row']} names predictions {src}, which is not "
+                                         "there; an earlier row is only taken with the predictions it was scored from")
+                    e[b] = {**res, "_predictions": src.read_bytes()}
+            e["earlier"] = {"table": str(path), "run_dir": s.get("run_dir", ""), "student": s.get("student", "")}
+        out[row.name] = entries
+    return out
+
+
+def earlier_rows(entries: list[dict], pred_dir: Path) -> list[dict]:
+    """An earlier table's entries for one row, their predictions written into this table's predictions dir."""
+    rows = []
+    for e in entries:
+        e = dict(e)
+        for b in BENCHMARKS:
+            res = dict(e.get(b, {}))
+            data = res.pop("_predictions", None)
+            if data is not None:
+                name = Path(res["predictions"]).name
+                (pred_dir / name).write_bytes(data)
+                res["predictions"] = f"{pred_dir.name}/{name}"
+            e[b] = res
+        rows.append(e)
+    return rows
+
+
 def table_markdown(s: dict) -> str:
     def cell(r):
         if r.get("ex") is None:
@@ -471,8 +530,12 @@ def table_markdown(s: dict) -> str:
         "|---|---|---|---|---:|---:|",
     ]
     for r in s["rows"]:
-        lines.append(f"| {r['label']} | {r['prompt']}{', CoT' if r['cot'] else ''} | {r['training']} | {r['decoding']} "
+        lines.append(f"| {r['label']}{' (earlier run)' if r.get('earlier') else ''} | {r['prompt']}{', CoT' if r['cot'] else ''} | {r['training']} | {r['decoding']} "
                      f"| {cell(r.get('bird', {}))} | {cell(r.get('spider', {}))} |")
+    earlier = sorted({(r["earlier"]["table"], r["earlier"]["run_dir"]) for r in s["rows"] if r.get("earlier")})
+    if earlier:
+        lines += ["", "Rows marked (earlier run) are not rerun here: taken with their predictions from " + "; ".join(
+            f"`{t}` (run dir `{d}`)" for t, d in earlier) + ". Their step times are in that table, not below."]
     ran = [r for r in s["rows"] if any(r.get(b, {}).get("ex") is not None for b in BENCHMARKS)] or s["rows"]
     skipped = {b: ran[0].get(b, {}).get("n_skipped_missing_db") for b in BENCHMARKS}
     syn = s["synthesis"]
@@ -480,13 +543,14 @@ def table_markdown(s: dict) -> str:
         "",
         (f"Scored questions are those whose database is on disk (skipped: BIRD {skipped['bird']}, Spider "
          f"{skipped['spider']} of the questions asked); EX is the official BIRD rule (set equality of result rows). "
-         "Greedy rows are temperature 0; the maj@k row votes by execution result over k samples of the CoT SFT model "
-         "(its greedy line is the row above, from the same run)."),
+         "Greedy rows are temperature 0; a maj@k row votes by execution result over k samples of the row above's "
+         "model (that greedy line comes from the same run)."),
         "",
-        (f"SFT sets: no-CoT {s['sft_sets']['sft_nocot']['rows']} rows, CoT {s['sft_sets']['sft_cot']['rows']} rows "
+        (f"SFT sets: no-CoT {s['sft_sets']['sft_nocot']['rows']} rows, CoT {s['sft_sets']['sft_cot']['rows']} rows"
+         + (f", CoT + no-CoT {s['sft_sets']['sft_mix']['rows']} rows" if "sft_mix" in s["sft_sets"] else "") + " "
          f"(teacher synthesis on Spider train: {syn.get('selected_questions', '?')} questions, "
          f"{syn.get('samples', '?')} samples, {syn.get('sft_execution_verified', '?')} execution-verified chains kept). "
-         "Training (both SFT rows): " + ", ".join(f"{k} {v}" for k, v in s["train"].items()) + "."),
+         "Training (every SFT row): " + ", ".join(f"{k} {v}" for k, v in s["train"].items()) + "."),
         "",
     ]
     d = s.get("dpo_pairs") or {}

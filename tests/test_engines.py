@@ -22,6 +22,7 @@ from local_http import LocalServer
 
 from text2sql_ray.config import ConfigError, EngineConfig
 from text2sql_ray.engines import (
+    GREEDY_COLUMNS,
     OUTPUT_COLUMNS,
     GenerationError,
     HFGenerator,
@@ -435,6 +436,8 @@ def test_vllm_preprocess_sets_token_ids_per_row_sampling_params_and_keeps_the_ro
     row = vllm_preprocess_row({**src, **tokens, "__t2s_sample": 2, "__t2s_uid": "u"}, cfg)
     assert row["tokenized_prompt"] == [11, 12, 13] and "messages" not in row and "prompt" not in row
     assert row["__t2s_row"] == src and row["__t2s_input_error"] == ""
+    greedy_row = vllm_preprocess_row({**src, **tokens, "__t2s_sample": -1, "__t2s_uid": "u"}, cfg)
+    assert greedy_row["sampling_params"]["temperature"] == 0.0  # generate(..., greedy=True)'s extra row
     assert row["sampling_params"] == {
         "n": 1,
         "temperature": 0.8,
@@ -574,7 +577,7 @@ def fake_vllm_processor(ds):
         if row["__t2s_row"]["question_id"] == 3 and row["__t2s_sample"] == 1:
             return {**row, "__inference_error__": "CUDA out of memory", "generated_text": ""}
         p, ids = row["sampling_params"], list(row["tokenized_prompt"])
-        text = f"{len(ids)}:{ids[0]}|seed={p['seed']}"
+        text = f"{len(ids)}:{ids[0]}|seed={p['seed']}" + ("|greedy" if p["temperature"] == 0 else "")
         return {
             **row,
             "prompt": "",
@@ -599,3 +602,33 @@ def test_vllm_pipeline_expands_samples_and_regroups_rows(ray_local, llama3_tok_d
     assert list(row0["gen_tokens"]) == [4, 4] and row0["gen_error"] == ""
     assert "no text content" in out[BROKEN]["gen_error"] and list(out[BROKEN]["generations"]) == []
     assert out[3]["gen_error"] == "CUDA out of memory" and len(out[3]["generations"]) == 1
+
+
+def test_vllm_pipeline_greedy_rides_along_with_the_samples(ray_local, llama3_tok_dir):
+    """generate(..., greedy=True): one execution gives each row its k samples and, in its own columns, one
+    temperature-0 generation (a sampled row's failure stays with the samples)."""
+    ds = ray_local.data.from_items(ROWS, override_num_blocks=2)
+    ds = vllm_prompt_tokens(ds, vllm_cfg(model=str(llama3_tok_dir)))
+    out = by_qid(_vllm_pipeline(ds, fake_vllm_processor, n=2, num_partitions=2, greedy=True).take_all())
+    assert len(out) == len(ROWS)
+    assert set(out[0]) == {"question_id", "db_id", "messages", *OUTPUT_COLUMNS, *GREEDY_COLUMNS}
+    ids = VLLMPromptTokens(str(llama3_tok_dir)).ids(ROWS[0]["messages"])[0]
+    assert list(out[0]["generations"]) == [f"{len(ids)}:{ids[0]}|seed={sample_seed(0, '0', j)}" for j in range(2)]
+    assert list(out[0]["greedy_generations"]) == [f"{len(ids)}:{ids[0]}|seed={sample_seed(0, '0', -1)}|greedy"]
+    assert list(out[0]["greedy_tokens"]) == [4] and out[0]["greedy_error"] == ""
+    # question 3's sample 1 failed in the engine: its samples say so, its greedy answer is there
+    assert out[3]["gen_error"] == "CUDA out of memory" and len(out[3]["generations"]) == 1
+    assert out[3]["greedy_error"] == "" and list(out[3]["greedy_generations"])[0].endswith("|greedy")
+    # a row with unusable messages: neither samples nor a greedy answer, both with the reason
+    assert "no text content" in out[BROKEN]["gen_error"] and "no text content" in out[BROKEN]["greedy_error"]
+    assert list(out[BROKEN]["greedy_generations"]) == []
+    # n=1 with greedy=True: still grouped, one sample and one greedy text per row
+    ds1 = vllm_prompt_tokens(ray_local.data.from_items(ROWS[:2]), vllm_cfg(model=str(llama3_tok_dir)))
+    one = by_qid(_vllm_pipeline(ds1, fake_vllm_processor, n=1, greedy=True).take_all())
+    assert [len(one[q]["generations"]) for q in (0, 1)] == [1, 1]
+    assert all(list(one[q]["greedy_generations"])[0].endswith("|greedy") for q in (0, 1))
+
+
+def test_greedy_with_the_samples_is_refused_off_vllm(ray_local):
+    with pytest.raises(ValueError, match="vllm backend"):
+        generate(ray_local.data.from_items(ROWS), vllm_cfg(backend="hf"), n=2, greedy=True)

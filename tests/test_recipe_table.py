@@ -87,13 +87,22 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
                                               "--synthesis", str(tmp / "run" / "synthesize" / "spider_train")]
                                  + argv[-6:]) == 0
         rerun["reuse_requests"] = teacher.requests - before
+        # one row run, the rest taken from the first table (--earlier): nothing else reruns
+        assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "earlier"), "--rows", "base_ours",
+                                              "--earlier", str(tmp / "results" / "table.json")] + argv[-6:]) == 0
+        broken = json.loads((tmp / "results" / "table.json").read_text())
+        broken["rows"][2]["bird"]["predictions"] = "table/no_such_predict_dev.json"
+        (tmp / "broken.json").write_text(json.dumps(broken))
+        with pytest.raises(SystemExit, match="which is not there"):
+            recipe_table.main(argv[:-6] + ["--rows", "base_ours", "--earlier", str(tmp / "broken.json")] + argv[-6:])
         with pytest.raises(SystemExit, match="not a `t2s synthesize` output"):
             recipe_table.main(argv[:-6] + ["--synthesis", str(tmp / "run" / "sft" / "cot")] + argv[-6:])
     return {"tmp": tmp, "first_state": first_state, "first_requests": requests, "rerun": rerun,
             "student": tiny_llama_dir}
 
 
-ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_maj2", "sft_cot_dpo"]
+ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_nocot_maj2", "sft_cot", "sft_cot_maj2", "sft_mix",
+             "sft_mix_maj2", "sft_cot_dpo"]
 
 
 def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recipe_run):
@@ -104,14 +113,19 @@ def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recip
         for bench in ("bird", "spider"):
             assert r[bench]["n_scored"] == 4 and r[bench]["n_questions"] == 4, (r["row"], bench)
             assert 0.0 <= r[bench]["ex"] <= 100.0
-    assert [r["decoding"] for r in summary["rows"]][-3:] == ["greedy", "maj@2, T=0.8", "greedy"]
+    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 3 + ["greedy"]
     assert summary["rows"][0]["prompt"] == "seed (bare DDL)" and not summary["rows"][0]["cot"]
-    assert summary["rows"][3]["cot"] and summary["rows"][3]["model"].endswith(("train/cot", "train/cot/merged"))
+    by_row = {r["row"]: r for r in summary["rows"]}
+    assert by_row["sft_cot"]["cot"] and by_row["sft_cot"]["model"].endswith(("train/cot", "train/cot/merged"))
+    assert by_row["sft_mix"]["cot"] and by_row["sft_mix"]["model"].endswith(("train/mix", "train/mix/merged"))
+    assert not by_row["sft_nocot_maj2"]["cot"] and by_row["sft_nocot_maj2"]["bird"]["engine"] == "hf"
     md = (results / "table.md").read_text()
-    for label in ("baseline, seed prompt", "baseline, our prompt", "no-CoT SFT", "| CoT SFT |", "CoT SFT + maj@2",
-                  "| CoT SFT + DPO |", "DPO pairs (teacher samples of the synthesis): 4 pairs from 4 questions"):
+    for label in ("baseline, seed prompt", "baseline, our prompt", "| no-CoT SFT |", "no-CoT SFT + maj@2", "| CoT SFT |",
+                  "CoT SFT + maj@2", "| CoT + no-CoT SFT |", "CoT + no-CoT SFT + maj@2", "| CoT SFT + DPO |",
+                  "DPO pairs (teacher samples of the synthesis): 4 pairs from 4 questions"):
         assert label in md
-    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 6
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 9
+    assert "earlier run" not in md
     assert (results / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -134,13 +148,14 @@ def test_the_sft_sets_are_the_gold_rows_and_the_execution_verified_chains(recipe
     assert sets["sft_nocot"]["sources"]["bird_train_gold"]["rows"] == 8
     assert sets["sft_nocot"]["sources"]["spider_train_gold"]["rows"] == 8
     assert sets["sft_cot"]["rows"] == 4 == summary["synthesis"]["sft_execution_verified"]  # 4 Spider questions
+    assert sets["sft_mix"]["rows"] == 4 + 8 + 8 and sets["sft_mix"]["cot"] == 4
     assert summary["synthesis"]["sft_canonical_match"] == 0
 
 
 def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
     results = recipe_run["tmp"] / "results"
     two = json.loads((results / "two.json").read_text())
-    assert [r["row"] for r in two["rows"]] == ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_dpo"]
+    assert [r["row"] for r in two["rows"]] == ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_mix", "sft_cot_dpo"]
     full = {r["row"]: r for r in json.loads((results / "table.json").read_text())["rows"]}
     for r in two["rows"]:
         for bench in ("bird", "spider"):
@@ -178,17 +193,34 @@ def test_the_students_record_the_prompts_they_were_trained_on(recipe_run):
     from text2sql_ray.prompts import recorded_prompt
 
     run = recipe_run["tmp"] / "run"
-    for kind, conv in (("nocot", "bird_train_nocot"), ("cot", "spider_train_cot")):
+    for kind, conv in (("nocot", "bird_train_nocot"), ("cot", "spider_train_cot"), ("mix", "spider_train_cot")):
         trained, converted = recorded_prompt(run / "train" / kind), recorded_prompt(run / "convert" / conv)
         assert trained is not None and trained["config"] == converted["config"], kind
-        assert trained["config"]["cot"] is (kind == "cot")
+        assert trained["config"]["cot"] is (kind != "nocot")
 
 
 def test_a_rerun_redoes_no_step(recipe_run):
     assert recipe_run["rerun"]["state"] == recipe_run["first_state"]
     assert recipe_run["rerun"]["requests"] == recipe_run["first_requests"] > 0
     steps = [k for k in recipe_run["first_state"] if not k.startswith("_")]
-    assert len(steps) == 3 + 1 + 3 + 10  # 3 conversions, synthesis, 3 trainings, 5 rows x 2 benchmarks
+    assert len(steps) == 3 + 1 + 4 + 12  # 3 conversions, synthesis, 4 trainings, 6 rows x 2 benchmarks
+
+
+def test_earlier_rows_come_with_their_predictions_and_are_marked(recipe_run):
+    results = recipe_run["tmp"] / "results"
+    first = {r["row"]: r for r in json.loads((results / "table.json").read_text())["rows"]}
+    got = json.loads((results / "earlier.json").read_text())
+    assert [r["row"] for r in got["rows"]] == ROW_NAMES
+    for r in got["rows"]:
+        assert bool(r.get("earlier")) is (r["row"] != "base_ours"), r["row"]
+        if r.get("earlier"):
+            assert r["earlier"]["table"] == str(results / "table.json")
+        for b in ("bird", "spider"):
+            assert r[b]["ex"] == first[r["row"]][b]["ex"] and r[b]["predictions"].startswith("earlier/")
+            assert (results / r[b]["predictions"]).read_bytes() == (results / first[r["row"]][b]["predictions"]).read_bytes()
+    md = (results / "earlier.md").read_text()
+    assert "| CoT SFT (earlier run) |" in md and "| baseline, our prompt |" in md
+    assert f"taken with their predictions from `{results / 'table.json'}`" in md
 
 
 def test_lanes_run_rows_in_parallel_processes_and_the_state_keeps_every_lane_s_steps(recipe_run):

@@ -109,3 +109,19 @@ def test_vllm_generate_through_ray_data_llm_keeps_every_row(gpu_ray):
     # three seeds per question (sample_seed), so the samples differ
     assert len({sample_seed(5, "0", j) for j in range(3)}) == 3
     assert len(set(out[0]["generations"]) | set(out[2]["generations"])) >= 4
+
+
+def test_vllm_greedy_and_samples_in_one_execution(gpu_ray):
+    """generate(..., greedy=True): one engine execution gives every row its samples and its temperature-0 text
+    (evaluate's maj@k path), and a broken row neither."""
+    from text2sql_ray.config import EngineConfig
+    from text2sql_ray.engines import generate
+
+    rows = [{"question_id": 0, "messages": chat("How many heroes are there? Table hero(id, name).")},
+            {"question_id": 1, "messages": [{"role": "user"}]}]
+    cfg = EngineConfig(backend="vllm", model=MODEL, temperature=0.8, max_new_tokens=32, max_model_len=4096,
+                       batch_size=8, seed=5)
+    out = {r["question_id"]: r for r in generate(gpu_ray.data.from_items(rows), cfg, n=2, greedy=True).take_all()}
+    assert len(out[0]["generations"]) == 2 and len(out[0]["greedy_generations"]) == 1
+    assert out[0]["greedy_error"] == "" and 1 <= int(out[0]["greedy_tokens"][0]) <= 32
+    assert "no text content" in out[1]["greedy_error"] and list(out[1]["greedy_generations"]) == []

@@ -590,7 +590,7 @@ class EvaluateConfig:
             raise ConfigError(
                 f"evaluate.samples={self.samples} with engine.temperature=0 draws the same answer {self.samples} "
                 "times; set engine.temperature > 0 (e.g. --engine.temperature 0.8) or samples=1. (Greedy EX is "
-                "always reported: it comes from a separate temperature-0 generation.)"
+                "always reported: it comes from its own temperature-0 generation.)"
             )
         if self.model and self.engine.backend == "openai":
             raise ConfigError(

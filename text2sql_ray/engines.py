@@ -6,6 +6,8 @@
           gen_tokens   list[int]  tokens generated per sample (stop token included; see OpenAIGenerator)
           gen_error    str        "" if the row generated, else what went wrong (the row is kept)
         Row order is not preserved (as for any Ray Data map); carry a key column.
+        With greedy=True (vllm backend) also, from the same execution (one engine start, one batch stream):
+          greedy_generations / greedy_tokens / greedy_error   one temperature-0 text per row, as n=1 greedy gives
 
     generate_messages(messages_list, cfg, n=1) -> list[list[str]]    one process, no Ray (benchmarks, baselines)
     HFGenerator(cfg) / OpenAIGenerator(cfg)                          the per-worker objects; Serve reuses them
@@ -46,6 +48,9 @@ from typing import Any
 from .config import EngineConfig
 
 OUTPUT_COLUMNS = ("generations", "gen_tokens", "gen_error")
+GREEDY_COLUMNS = ("greedy_generations", "greedy_tokens", "greedy_error")
+_GREEDY_SAMPLE = -1
+"""The sample index of the extra temperature-0 row of `generate(..., greedy=True)` (samples are 0..n-1)."""
 
 
 @dataclass
@@ -648,11 +653,13 @@ def vllm_lora_model(cfg: EngineConfig) -> str | None:
     return cfg.model if cfg.model and is_adapter_dir(cfg.model) else None
 
 
-def vllm_sampling_params(cfg: EngineConfig, seed: int, max_tokens: int | None = None) -> dict:
+def vllm_sampling_params(
+    cfg: EngineConfig, seed: int, max_tokens: int | None = None, temperature: float | None = None
+) -> dict:
     """One row's vLLM `SamplingParams` (n=1: samples are rows; text comes from the detokenize stage)."""
     return {
         "n": 1,
-        "temperature": float(cfg.temperature),
+        "temperature": float(cfg.temperature if temperature is None else temperature),
         "top_p": float(cfg.top_p),
         "max_tokens": int(cfg.max_new_tokens if max_tokens is None else max_tokens),
         "seed": int(seed),
@@ -704,6 +711,7 @@ def vllm_preprocess_row(
 
     An unusable row (its input error set, or no ids) is sent as a one-token placeholder prompt with
     max_tokens=1 and keeps its error, so it comes back with `gen_error` instead of failing the batch.
+    The extra greedy row of `generate(..., greedy=True)` (sample index `_GREEDY_SAMPLE`) gets temperature 0.
     """
     row = dict(row)
     uid, j = row.pop(_UID, None), int(row.pop(_SAMPLE, 0))
@@ -720,7 +728,8 @@ def vllm_preprocess_row(
         _INPUT_ERROR: error,
         "tokenized_prompt": [0] if error else ids,
         "sampling_params": vllm_sampling_params(
-            cfg, sample_seed(cfg.seed, key, j), max_tokens=1 if error else None
+            cfg, sample_seed(cfg.seed, key, j), max_tokens=1 if error else None,
+            temperature=0.0 if j == _GREEDY_SAMPLE else None,
         ),
     }
     if lora:
@@ -731,8 +740,9 @@ def vllm_preprocess_row(
 def vllm_finish_row(row: dict, n: int) -> dict:
     """Processor output row -> the original row plus the output columns (pure).
 
-    With n > 1 the row is one sample; `vllm_collect_samples` merges them. `__inference_error__` is
-    vLLM's per-row failure (should_continue_on_error).
+    With n > 1 the row is one sample (n = 0: one of a row's samples and its greedy row, `generate(...,
+    greedy=True)`); `vllm_collect_samples` merges them. `__inference_error__` is vLLM's per-row failure
+    (should_continue_on_error).
     """
     orig = dict(row[_ROW])
     error = row.get(_INPUT_ERROR) or row.get("__inference_error__") or ""
@@ -755,22 +765,39 @@ def vllm_finish_row(row: dict, n: int) -> dict:
     }
 
 
-def vllm_collect_samples(group):
-    """The n sample rows of one input row (a pyarrow Table) -> one row with generations in sample order."""
-    group = group.sort_by(_SAMPLE)
-    errors, texts, tokens = (
-        group.column("__t2s_error").to_pylist(),
-        group.column("__t2s_text").to_pylist(),
-        group.column("__t2s_tokens").to_pylist(),
-    )
+def _samples_generation(errors: list, texts: list, tokens: list) -> Generation:
     ok = [e == "" for e in errors]
-    first = group.slice(0, 1).drop_columns([_UID, _SAMPLE, "__t2s_text", "__t2s_tokens", "__t2s_error"])
-    result = Generation(
+    return Generation(
         [t for t, good in zip(texts, ok) if good],
         [c for c, good in zip(tokens, ok) if good],
         next((e for e in errors if e), ""),
     )
-    return _generations_table(first, [result])
+
+
+def vllm_collect_samples(group, greedy: bool = False):
+    """The sample rows of one input row (a pyarrow Table) -> one row with generations in sample order; with
+    greedy=True its temperature-0 row (`_GREEDY_SAMPLE`) goes to the `GREEDY_COLUMNS` instead."""
+    import pyarrow as pa
+
+    group = group.sort_by(_SAMPLE)
+    samples, errors, texts, tokens = (
+        group.column(_SAMPLE).to_pylist(),
+        group.column("__t2s_error").to_pylist(),
+        group.column("__t2s_text").to_pylist(),
+        group.column("__t2s_tokens").to_pylist(),
+    )
+    keep = [j != _GREEDY_SAMPLE for j in samples]
+    first = group.slice(0, 1).drop_columns([_UID, _SAMPLE, "__t2s_text", "__t2s_tokens", "__t2s_error"])
+    result = _samples_generation(*([v for v, k in zip(col, keep) if k] for col in (errors, texts, tokens)))
+    table = _generations_table(first, [result])
+    if not greedy:
+        return table
+    g = _samples_generation(*([v for v, k in zip(col, keep) if not k] for col in (errors, texts, tokens)))
+    if not (g.texts or g.error):
+        g.error = "no greedy generation came back for this row"
+    table = table.append_column(GREEDY_COLUMNS[0], pa.array([g.texts], type=pa.list_(pa.string())))
+    table = table.append_column(GREEDY_COLUMNS[1], pa.array([g.tokens], type=pa.list_(pa.int64())))
+    return table.append_column(GREEDY_COLUMNS[2], pa.array([g.error], type=pa.string()))
 
 
 def _repeat_generations(row: dict, n: int) -> dict:
@@ -779,9 +806,9 @@ def _repeat_generations(row: dict, n: int) -> dict:
     return {**row, "generations": list(row["generations"]) * n, "gen_tokens": list(row["gen_tokens"]) * n}
 
 
-def _expand_samples(row: dict, n: int) -> list[dict]:
+def _expand_samples(row: dict, n: int, greedy: bool = False) -> list[dict]:
     uid = uuid.uuid4().hex
-    return [{**row, _UID: uid, _SAMPLE: j} for j in range(n)]
+    return [{**row, _UID: uid, _SAMPLE: j} for j in ([_GREEDY_SAMPLE] if greedy else []) + list(range(n))]
 
 
 def require_gpus(need: float, what: str) -> None:
@@ -846,18 +873,19 @@ def vllm_prompt_tokens(ds, cfg: EngineConfig, messages_column: str = "messages")
     )
 
 
-def _vllm_pipeline(ds, processor, n: int, num_partitions: int | None = None):
-    """Expand rows (already holding prompt ids) to samples, run `processor` (Dataset -> Dataset),
-    finish and regroup rows.
+def _vllm_pipeline(ds, processor, n: int, num_partitions: int | None = None, greedy: bool = False):
+    """Expand rows (already holding prompt ids) to samples (+ one greedy row each with greedy=True), run
+    `processor` (Dataset -> Dataset), finish and regroup rows.
 
     `num_partitions` is the regrouping shuffle's width (None: Ray's default, DataContext.min_parallelism).
     """
-    if n > 1:
-        ds = ds.flat_map(partial(_expand_samples, n=n))
-    ds = processor(ds).map(partial(vllm_finish_row, n=n))
-    if n > 1:
+    grouped = n > 1 or greedy
+    if grouped:
+        ds = ds.flat_map(partial(_expand_samples, n=n, greedy=greedy))
+    ds = processor(ds).map(partial(vllm_finish_row, n=0 if grouped else 1))
+    if grouped:
         ds = ds.groupby(_UID, num_partitions=num_partitions).map_groups(
-            vllm_collect_samples, batch_format="pyarrow"
+            partial(vllm_collect_samples, greedy=greedy), batch_format="pyarrow"
         )
     return ds
 
@@ -873,16 +901,22 @@ def generate(
     n: int = 1,
     messages_column: str = "messages",
     key_column: str | None = "question_id",
+    greedy: bool = False,
 ):
     """Add `generations` (n texts), `gen_tokens` and `gen_error` to every row of a Ray Dataset (lazily).
 
     Rows carry chat messages in `messages_column`; `key_column` (if present) names the row for seeds.
     A row that cannot be generated keeps its place with `gen_error` set; the job never fails for a row.
+    greedy=True (vllm only): each row's temperature-0 generation too, in the same execution (the
+    `GREEDY_COLUMNS`): self-consistency's k samples and the greedy answer for one engine start.
     """
     import ray
 
     if n < 1:
         raise ValueError(f"n={n}: ask for at least one sample per row.")
+    if greedy and cfg.backend != "vllm":
+        raise ValueError(f"greedy=True is the vllm backend's (per-row sampling params); with {cfg.backend!r} "
+                         "run a temperature-0 generate beside the sampled one.")
     if cfg.backend == "hf":
         if cfg.num_gpus > 0:
             require_gpus(cfg.num_gpus, f"engine.backend='hf' with engine.num_gpus={cfg.num_gpus}")
@@ -928,9 +962,9 @@ def generate(
     if cfg.backend == "vllm":
         processor = build_vllm_processor(cfg, n, messages_column, key_column)
         ds = vllm_prompt_tokens(ds, cfg, messages_column)
-        if cfg.temperature == 0 and n > 1:  # greedy: one sequence per row, repeated
+        if cfg.temperature == 0 and n > 1 and not greedy:  # greedy: one sequence per row, repeated
             return _vllm_pipeline(ds, processor, 1).map(partial(_repeat_generations, n=n))
-        return _vllm_pipeline(ds, processor, n)
+        return _vllm_pipeline(ds, processor, n, greedy=greedy)
     raise ValueError(f"engine.backend={cfg.backend!r} is not one of 'hf', 'vllm', 'openai'.")
 
 

@@ -27,7 +27,8 @@ prompt config a ``t2s train`` output records (generation.py), take ``prompts.ext
 ``t2s evaluate --predictions`` re-scores.
 
 ``--samples k`` (k > 1, ``engine.temperature`` > 0): self-consistency (`majority_at_k`). Greedy EX comes
-from a separate temperature-0 generation, so it equals a plain run's EX; the k samples per question are
+from a temperature-0 generation (with vllm one more row per question in the samples' execution: one engine
+start), so it equals a plain run's EX; the k samples per question are
 verified with ``pair_budget=False`` (each distinct SQL once with its own budget, the gold once with its
 own: a slow gold never removes a vote); the most frequent execution result wins (`majority_vote`); the
 winners are scored like predictions into ``<out>/maj_at_k/`` and reported beside greedy EX.
@@ -343,11 +344,11 @@ def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
         f", then {k} samples each at temperature {engine.temperature}" if k > 1 else "",
     )
     t0 = time.time()
-    greedy = generation.generate_rows(rows, dataclasses.replace(engine, temperature=0.0) if k > 1 else engine, 1)
-    greedy_s = time.time() - t0
-    t0 = time.time()
-    sampled = generation.generate_rows(rows, engine, k) if k > 1 else {}
-    sampling_s = time.time() - t0
+    if k > 1:
+        greedy, sampled, gen_s = generation.greedy_and_samples(rows, engine, k)
+    else:
+        greedy, sampled = generation.generate_rows(rows, engine, 1), {}
+        gen_s = {"greedy": round(time.time() - t0, 3), "sampling": 0.0}
 
     gen_rows, sql_by_qid, samples_sql = extract_answers(split, questions, greedy, sampled, schema_errors)
     n_gen_errors = sum(1 for r in gen_rows if r["error"] and not r["error"].startswith("not generated"))
@@ -368,14 +369,15 @@ def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
         "backend": engine.backend,
         "served_model": served_model or None,
         "prompt_from": prompt_source,
-        "greedy": "a separate temperature-0 generation" if k > 1 else f"temperature {engine.temperature}",
+        "greedy": (("a temperature-0 generation in the same engine execution as the samples" if gen_s["one_execution"]
+                    else "a separate temperature-0 generation") if k > 1 else f"temperature {engine.temperature}"),
         "samples": k,
         "n_generated": len(greedy),
         "n_generation_errors": n_gen_errors,
         "n_no_sql": sum(1 for r in gen_rows if r["text"] is not None and not r["sql"]),
         "tokens": generation.token_stats([r["tokens"] for r in gen_rows if r["tokens"] is not None]),
-        "wall_time_s": {"prompts": round(prompt_s, 3), "greedy": round(greedy_s, 3),
-                        "sampling": round(sampling_s, 3), "scoring": round(scoring_s, 3)},
+        "wall_time_s": {"prompts": round(prompt_s, 3), **{key: v for key, v in gen_s.items() if key != "one_execution"},
+                        "scoring": round(scoring_s, 3)},
     }
     report["generation"] = facts
     if maj is not None:

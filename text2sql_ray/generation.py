@@ -5,7 +5,8 @@
 schema-budget tokenizer that a `t2s train` output records (or an endpoint's model card, `endpoint_prompt`,
 as `t2s serve` shows it), so `question_prompts` builds each question's chat messages exactly as
 `t2s convert` built the training prompt; an option given in the YAML or on the command line that
-differs from the record wins, with a warning. `generate_rows` runs `engines.generate` on Ray Data.
+differs from the record wins, with a warning. `generate_rows` runs `engines.generate` on Ray Data;
+`greedy_and_samples` gets maj@k's greedy answer and samples (one execution with vllm).
 """
 
 from __future__ import annotations
@@ -113,32 +114,53 @@ def question_prompts(split: bird.BirdSplit, questions: list[dict], cfg: Evaluate
     return rows, errors
 
 
-def generate_rows(rows: list[dict], engine: EngineConfig, n: int) -> dict[int, dict]:
-    """{question_id: {texts, tokens, error}} for the rows, through `engines.generate` on Ray Data."""
+def generate_rows(rows: list[dict], engine: EngineConfig, n: int, greedy: bool = False) -> dict[int, dict]:
+    """{question_id: {texts, tokens, error}} for the rows, through `engines.generate` on Ray Data; with
+    greedy=True (vllm) each value also holds "greedy": the row's temperature-0 {texts, tokens, error} from
+    the same execution."""
     import ray
 
-    from .engines import generate
+    from .engines import GREEDY_COLUMNS, generate
 
     if not rows:
         return {}
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
     bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    columns = ["question_id", "generations", "gen_tokens", "gen_error"] + (list(GREEDY_COLUMNS) if greedy else [])
     try:
         blocks = max(1, min(len(rows), math.ceil(len(rows) / engine.batch_size)))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        out = generate(ds, engine, n=n).select_columns(["question_id", "generations", "gen_tokens", "gen_error"])
-        got = out.take_all()
+        got = generate(ds, engine, n=n, greedy=greedy).select_columns(columns).take_all()
     finally:
         ctx.enable_progress_bars = bars
-    return {
-        int(r["question_id"]): {
-            "texts": [str(t) for t in r["generations"]],
-            "tokens": [int(t) for t in r["gen_tokens"]],
-            "error": r["gen_error"] or "",
-        }
-        for r in got
-    }
+    out = {}
+    for r in got:
+        one = {"texts": [str(t) for t in r["generations"]], "tokens": [int(t) for t in r["gen_tokens"]],
+               "error": r["gen_error"] or ""}
+        if greedy:
+            one["greedy"] = {"texts": [str(t) for t in r["greedy_generations"]],
+                             "tokens": [int(t) for t in r["greedy_tokens"]], "error": r["greedy_error"] or ""}
+        out[int(r["question_id"])] = one
+    return out
+
+
+def greedy_and_samples(rows: list[dict], engine: EngineConfig, k: int) -> tuple[dict[int, dict], dict[int, dict], dict]:
+    """Self-consistency's inputs: each row's temperature-0 answer and its k samples at `engine.temperature`, as
+    two `generate_rows` results, and the wall seconds. vllm: one Ray Data execution (each row's greedy
+    generation is one more sample row with its own sampling params: one engine start, not two); hf and openai:
+    a greedy pass, then a sampled pass."""
+    import time
+
+    t0 = time.time()
+    if engine.backend == "vllm":
+        both = generate_rows(rows, engine, k, greedy=True)
+        greedy = {qid: v.pop("greedy") for qid, v in both.items()}
+        return greedy, both, {"greedy_and_sampling": round(time.time() - t0, 3), "one_execution": True}
+    greedy = generate_rows(rows, dataclasses.replace(engine, temperature=0.0), 1)
+    t1 = time.time()
+    sampled = generate_rows(rows, engine, k)
+    return greedy, sampled, {"greedy": round(t1 - t0, 3), "sampling": round(time.time() - t1, 3), "one_execution": False}
 
 
 def token_stats(counts: list[int]) -> dict:

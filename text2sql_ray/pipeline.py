@@ -103,7 +103,7 @@ def write_mix(out: Path, sources: list[tuple[str, Path, str]], prompt_from: Path
     prompt config of the convert run `prompt_from`, whose prompt record the manifest carries (so that train and
     `t2s evaluate --model <train out>` build the prompts trained on); returns the counts (rows, no_cot, cot, and
     rows per source). The pipeline's mix: convert's rows as 'sql' beside synthesize's verified chains as 'cot';
-    benchmarks/recipe_table.py: BIRD + Spider gold rows, and the chains (with --cot-mix-gold the gold rows too)."""
+    benchmarks/recipe_table.py: BIRD + Spider gold rows, the chains, and both at once."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

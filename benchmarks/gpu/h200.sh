@@ -73,17 +73,24 @@ step_synth() {
 # SQL-only rows (their short answers finish before a fresh vLLM engine has started).
 # RECIPE_SYNTHESIS=$SRC/benchmarks/results/recipe_small_gpu_synthesis reuses the committed teacher chains
 # (1500 Spider train questions x 4 from the 1.5B teacher; ~7 GPU minutes saved, the 1.5B GGUF need not travel).
-# RECIPE_LANES (default: the CoT rows beside the SQL-only rows) runs groups of rows at once, each its own process
+# RECIPE_RUN_TGZ=<tar.gz of a run dir's finished steps> is unpacked into /tmp/runs/recipe first: e.g. the conversions
+# made on a CPU machine with the same paths and settings (their fingerprints in its recipe_state.json), ~2.5 GPU
+# minutes saved. RECIPE_SET="--earlier $SRC/benchmarks/results/recipe_small_gpu.json" keeps the committed table's
+# rows that this run does not redo (with their predictions).
+# RECIPE_LANES (default: the CoT rows, the SQL-only rows, the mixed row) runs groups of rows at once, each its own process
 # and Ray instance on the one GPU: vLLM's ~100 s start and the hf rows' CPU-bound parts overlap the other lane's
 # GPU work. vLLM then takes a fixed share (30% of the memory, a 24 GiB KV cache: no profiling, which another
 # process freeing memory would break). RECIPE_LANES= (empty) runs RECIPE_ROWS one after another.
 # nvidia-smi logs the GPU's memory and use every 5 s to $OUT/gpu_mem.csv.
 step_recipe() {
-  local lanes=${RECIPE_LANES-sft_cot,sft_cot_dpo;sft_nocot,base_ours,base_seed} rows=()
+  local lanes=${RECIPE_LANES-sft_cot,sft_cot_dpo;sft_nocot,base_ours,base_seed;sft_mix} rows=()
+  if [ -n "${RECIPE_RUN_TGZ:-}" ]; then
+    mkdir -p /tmp/runs/recipe && tar -xzf "$RECIPE_RUN_TGZ" -C /tmp/runs/recipe || return 1
+  fi
   if [ -n "$lanes" ]; then
     rows=(--lanes "$lanes" --set evaluate.engine.gpu_memory_utilization=0.3 --set evaluate.engine.kv_cache_gb=24)
   else
-    rows=(--rows "${RECIPE_ROWS:-sft_cot,sft_cot_dpo,sft_nocot,base_ours,base_seed}")
+    rows=(--rows "${RECIPE_ROWS:-sft_cot,sft_cot_dpo,sft_nocot,sft_mix,base_ours,base_seed}")
   fi
   nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > "$OUT/gpu_mem.csv" 2>&1 &
   local smi=$!
