@@ -36,6 +36,7 @@ from text2sql_ray.engines import (
     generate,
     generate_messages,
     normalize_messages,
+    prefix_groups,
     prompt_token_ids,
     sample_seed,
     split_total,
@@ -118,6 +119,34 @@ def test_hf_sampled_row_does_not_depend_on_its_batch_mates(hf_sampler):
     assert together[2].texts == alone[0].texts
     assert len(set(together[2].texts)) == 3  # the 3 samples differ from each other
     assert all(1 <= t <= 6 for g in together for t in g.tokens)
+
+
+def test_prefix_groups_share_long_prefixes_and_keep_every_row():
+    schema_a, schema_b = list(range(100, 200)), list(range(300, 390))
+    ids = [schema_a + [1, 2], [7, 8, 9], schema_b + [5], schema_a + [3], schema_b + [6, 6], schema_a[:50] + [4]]
+    groups = prefix_groups(ids)
+    assert sorted(i for members, _ in groups for i in members) == list(range(len(ids)))  # each row once
+    assert ([0, 3], 100) in groups and ([2, 4], 90) in groups
+    assert groups[-1] == ([1, 5], 0)  # nothing long shared (row 5 has 50 ids of schema a): a plain batch
+    # a prefix never swallows a whole prompt: one token is left to continue from
+    assert prefix_groups([schema_a, schema_a + [1]]) == [([0, 1], 99)]
+    assert prefix_groups([[1] * 10, [1] * 10]) == [([0, 1], 0)]  # shorter than MIN_SHARED_PREFIX
+
+
+def test_hf_prefix_cache_gives_the_same_generations_as_whole_prompts(tiny_llama_dir):
+    """Prompts sharing a schema run it once (a KV cache every row continues from): the same texts and token
+    counts as prefilling each prompt whole, greedy and sampled, batch mates of another schema included."""
+    schema = "Tables: " + " ".join(f"t{i}(a{i}, b{i}, c{i})" for i in range(40))
+    msgs = [chat(f"{schema}\nQuestion {q}: how many rows in t{q}?") for q in range(4)] + [chat("Short, unrelated.")]
+    keys = list(range(len(msgs)))
+    for temperature, n in ((0.0, 1), (1.0, 3)):
+        out = {}
+        for on in (False, True):
+            g = HFGenerator(EngineConfig(model=str(tiny_llama_dir), temperature=temperature, max_new_tokens=8,
+                                         batch_size=8, seed=5, prefix_cache=on))
+            out[on] = [(r.texts, r.tokens, r.error) for r in g.generate(msgs, n=n, keys=keys)]
+        assert out[True] == out[False], temperature
+        assert all(len(texts) == n and not err for texts, _, err in out[True])
 
 
 def test_hf_per_call_sampling_equals_a_generator_configured_with_it(hf_sampler, tiny_llama_dir):
@@ -618,7 +647,7 @@ def test_vllm_pipeline_greedy_rides_along_with_the_samples(ray_local, llama3_tok
     assert list(out[0]["greedy_tokens"]) == [4] and out[0]["greedy_error"] == ""
     # question 3's sample 1 failed in the engine: its samples say so, its greedy answer is there
     assert out[3]["gen_error"] == "CUDA out of memory" and len(out[3]["generations"]) == 1
-    assert out[3]["greedy_error"] == "" and list(out[3]["greedy_generations"])[0].endswith("|greedy")
+    assert out[3]["greedy_error"] == "" and next(iter(out[3]["greedy_generations"])).endswith("|greedy")
     # a row with unusable messages: neither samples nor a greedy answer, both with the reason
     assert "no text content" in out[BROKEN]["gen_error"] and "no text content" in out[BROKEN]["greedy_error"]
     assert list(out[BROKEN]["greedy_generations"]) == []
@@ -626,7 +655,7 @@ def test_vllm_pipeline_greedy_rides_along_with_the_samples(ray_local, llama3_tok
     ds1 = vllm_prompt_tokens(ray_local.data.from_items(ROWS[:2]), vllm_cfg(model=str(llama3_tok_dir)))
     one = by_qid(_vllm_pipeline(ds1, fake_vllm_processor, n=1, greedy=True).take_all())
     assert [len(one[q]["generations"]) for q in (0, 1)] == [1, 1]
-    assert all(list(one[q]["greedy_generations"])[0].endswith("|greedy") for q in (0, 1))
+    assert all(next(iter(one[q]["greedy_generations"])).endswith("|greedy") for q in (0, 1))
 
 
 def test_greedy_with_the_samples_is_refused_off_vllm(ray_local):

@@ -15,7 +15,9 @@
 
 Backends:
 - 'hf': transformers `generate` in a Ray Data actor pool (`cfg.concurrency` actors, `cfg.num_cpus` /
-  `cfg.num_gpus` each), left-padded batches of `cfg.batch_size` prompts.
+  `cfg.num_gpus` each), batches of `cfg.batch_size` prompts; with `cfg.prefix_cache` prompts of a batch sharing a long prefix
+  (one database's schema, a question's k samples) prefill it once into a KV cache (`prefix_groups`,
+  `cfg.prefix_cache`): on 2 CPU cores prefill is nearly all of an evaluation's time.
 - 'openai': any OpenAI-compatible endpoint, `cfg.concurrency` requests in flight, retries, timeouts.
 - 'vllm': `ray.data.llm` (`vLLMEngineProcessorConfig` + `build_processor`), GPU only; vllm itself is
   imported by Ray's engine actors, never by this module. The engine gets our prompt token ids
@@ -36,6 +38,7 @@ in the row's `SamplingParams.seed`. Temperature 0 is greedy: one sequence per ro
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import uuid
@@ -192,6 +195,44 @@ def _texts_or_raise(results: list[Generation]) -> list[list[str]]:
 # --------------------------------------------------------------------------------------------------
 
 
+MIN_SHARED_PREFIX = 64
+"""Tokens two prompts must share before the hf engine computes their common prefix once (`prefix_groups`)."""
+
+
+def prefix_groups(ids: list[list[int]], min_prefix: int = MIN_SHARED_PREFIX) -> list[tuple[list[int], int]]:
+    """Rows of one batch -> [(row indices, shared prefix length)] (pure): rows whose prompts begin with the same
+    ids (a database's schema, the same question sampled k times) form a group whose prefix runs once; a group's
+    prefix is at most its shortest prompt minus one token, and a row joins a group of two or more only if that
+    keeps at least 3/4 of the group's prefix. Rows sharing nothing long go together in one last group with
+    prefix 0 (a plain left-padded batch). Every index appears once.
+
+    >>> prefix_groups([[1, 2, 3, 9], [5, 6], [1, 2, 3, 8]], min_prefix=2)
+    [([0, 2], 3), ([1], 0)]
+    """
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    groups: list[tuple[list[int], int]] = []
+    loose: list[int] = []
+    for i in order:
+        if groups:
+            members, prefix = groups[-1]
+            first = ids[members[0]]
+            shared = next((k for k, (a, b) in enumerate(zip(first, ids[i])) if a != b), min(len(first), len(ids[i])))
+            shared = min(shared, prefix, len(ids[i]) - 1)
+            if shared >= min_prefix and (len(members) == 1 or 4 * shared >= 3 * prefix):
+                groups[-1] = (members + [i], shared)
+                continue
+        groups.append(([i], len(ids[i]) - 1))
+    out = []
+    for members, prefix in groups:
+        if len(members) > 1:
+            out.append((sorted(members), prefix))
+        else:
+            loose += members
+    if loose:
+        out.append((sorted(loose), 0))
+    return out
+
+
 class _PerRowSampler:
     """Logits processor that samples each sequence with its own torch generator, then forces that token.
 
@@ -320,6 +361,8 @@ class HFGenerator:
             torch.set_num_threads(max(1, round(cfg.num_cpus)))
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=self.device)
+        # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` is deprecated there)
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
         gc = self.model.generation_config
         eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
@@ -354,25 +397,65 @@ class HFGenerator:
         return enc, processors
 
     def _generate_batch(self, prompts: list[str], keys: list[str], n: int, s: Sampling) -> list[Generation]:
-        import torch
+        from transformers import LogitsProcessorList
 
         reps = 1 if s.temperature == 0 else n
-        enc, processors = self._inputs(prompts, keys, reps, s)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **enc, generation_config=self._generation_config(s.max_new_tokens), logits_processor=processors
-            )
-        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        # add_special_tokens=False: the ids of `prompt_token_ids`.
+        ids = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts for _ in range(reps)]
+        seeds = [sample_seed(self.cfg.seed, k, j) for k in keys for j in range(reps)] if s.temperature != 0 else []
+        new: list[list[int]] = [[] for _ in ids]
+        groups = prefix_groups(ids) if self.cfg.prefix_cache else [(list(range(len(ids))), 0)]
+        for members, prefix in groups:
+            processors = LogitsProcessorList()
+            if seeds:
+                processors.append(_PerRowSampler([seeds[i] for i in members], s.temperature, s.top_p))
+            for i, out in zip(members, self._generate_ids([ids[i] for i in members], prefix, processors, s)):
+                new[i] = out
         results = []
         for i in range(len(prompts)):
             outs, counts = [], []
-            for ids in new[i * reps : (i + 1) * reps]:
-                stop = next((t for t, tok in enumerate(ids) if tok in self.eos_ids), None)
-                body = ids if stop is None else ids[:stop]
+            for row in new[i * reps : (i + 1) * reps]:
+                stop = next((t for t, tok in enumerate(row) if tok in self.eos_ids), None)
+                body = row if stop is None else row[:stop]
                 outs.append(self.tokenizer.decode(body, skip_special_tokens=True))
-                counts.append(len(ids) if stop is None else stop + 1)
+                counts.append(len(row) if stop is None else stop + 1)
             results.append(Generation(outs * (n // reps), counts * (n // reps)))
         return results
+
+    def _generate_ids(self, rows: list[list[int]], prefix: int, processors, s: Sampling) -> list[list[int]]:
+        """The new token ids of each row's greedy (or `processors`-sampled) continuation. With prefix > 0 the rows
+        share their first `prefix` ids: those run once (batch 1) into a KV cache that every row continues from,
+        and each row is laid out as prefix + padding + its own suffix (the mask hides the padding; positions
+        follow the mask, so each token keeps the position it has in its own prompt). Without, rows are
+        left-padded as usual."""
+        import torch
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(r) for r in rows) - prefix
+        input_ids, mask = [], []
+        for r in rows:
+            gap = width - (len(r) - prefix)
+            input_ids.append(r[:prefix] + [pad] * gap + r[prefix:])
+            mask.append([1] * prefix + [0] * gap + [1] * (len(r) - prefix))
+        input_ids = torch.tensor(input_ids, device=self.device)
+        mask = torch.tensor(mask, device=self.device)
+        extra = {}
+        with torch.inference_mode():
+            if prefix:
+                from transformers import DynamicCache
+
+                try:
+                    cache = DynamicCache(config=self.model.config)
+                except TypeError:  # older transformers: no config argument
+                    cache = DynamicCache()
+                self.model(input_ids=input_ids[:1, :prefix], use_cache=True, **{self._cache_kwarg: cache})
+                cache.batch_repeat_interleave(len(rows))
+                extra[self._cache_kwarg] = cache
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, generation_config=self._generation_config(s.max_new_tokens),
+                logits_processor=processors, **extra,
+            )
+        return out[:, input_ids.shape[1] :].tolist()
 
     def generate(
         self, messages_list: list, n: int = 1, keys: list | None = None, sampling: Sampling | None = None
