@@ -482,11 +482,11 @@ def test_vllm_preprocess_sets_token_ids_per_row_sampling_params_and_keeps_the_ro
     assert bad["tokenized_prompt"] == [0]  # a one-token placeholder: the row still comes back
     untokenized = vllm_preprocess_row({"question_id": 9, "messages": chat("q")}, cfg)
     assert "VLLMPromptTokens" in untokenized["__t2s_input_error"]
-    ok = vllm_finish_row({**row, "generated_text": "SELECT 1", "num_generated_tokens": 3}, n=1)
+    ok = vllm_finish_row({**row, "generated_text": "SELECT 1", "num_generated_tokens": 3}, grouped=False)
     assert ok == {**src, "generations": ["SELECT 1"], "gen_tokens": [3], "gen_error": ""}
     assert _repeat_generations(ok, n=2)["generations"] == ["SELECT 1", "SELECT 1"]
     done = vllm_finish_row(
-        {**bad, "generated_text": ".", "num_generated_tokens": 1, "__inference_error__": ""}, n=1
+        {**bad, "generated_text": ".", "num_generated_tokens": 1, "__inference_error__": ""}, grouped=False
     )
     assert done == {
         "question_id": 8,

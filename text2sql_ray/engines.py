@@ -820,18 +820,18 @@ def vllm_preprocess_row(
     return out
 
 
-def vllm_finish_row(row: dict, n: int) -> dict:
+def vllm_finish_row(row: dict, grouped: bool) -> dict:
     """Processor output row -> the original row plus the output columns (pure).
 
-    With n > 1 the row is one sample (n = 0: one of a row's samples and its greedy row, `generate(...,
-    greedy=True)`); `vllm_collect_samples` merges them. `__inference_error__` is vLLM's per-row failure
+    grouped=True: the row is one of an input row's samples (or its greedy row, `generate(..., greedy=True)`);
+    `vllm_collect_samples` merges them. `__inference_error__` is vLLM's per-row failure
     (should_continue_on_error).
     """
     orig = dict(row[_ROW])
     error = row.get(_INPUT_ERROR) or row.get("__inference_error__") or ""
     text = "" if error else str(row.get("generated_text") or "")
     tokens = -1 if error else int(row.get("num_generated_tokens") or 0)
-    if n == 1:
+    if not grouped:
         return {
             **orig,
             "generations": [] if error else [text],
@@ -965,7 +965,7 @@ def _vllm_pipeline(ds, processor, n: int, num_partitions: int | None = None, gre
     grouped = n > 1 or greedy
     if grouped:
         ds = ds.flat_map(partial(_expand_samples, n=n, greedy=greedy))
-    ds = processor(ds).map(partial(vllm_finish_row, n=0 if grouped else 1))
+    ds = processor(ds).map(partial(vllm_finish_row, grouped=grouped))
     if grouped:
         ds = ds.groupby(_UID, num_partitions=num_partitions).map_groups(
             partial(vllm_collect_samples, greedy=greedy), batch_format="pyarrow"

@@ -369,15 +369,14 @@ def run_generation(cfg: EvaluateConfig, started: float | None = None) -> Path:
         "backend": engine.backend,
         "served_model": served_model or None,
         "prompt_from": prompt_source,
-        "greedy": (("a temperature-0 generation in the same engine execution as the samples" if gen_s["one_execution"]
+        "greedy": (("a temperature-0 generation in the same engine execution as the samples" if engine.backend == "vllm"
                     else "a separate temperature-0 generation") if k > 1 else f"temperature {engine.temperature}"),
         "samples": k,
         "n_generated": len(greedy),
         "n_generation_errors": n_gen_errors,
         "n_no_sql": sum(1 for r in gen_rows if r["text"] is not None and not r["sql"]),
         "tokens": generation.token_stats([r["tokens"] for r in gen_rows if r["tokens"] is not None]),
-        "wall_time_s": {"prompts": round(prompt_s, 3), **{key: v for key, v in gen_s.items() if key != "one_execution"},
-                        "scoring": round(scoring_s, 3)},
+        "wall_time_s": {"prompts": round(prompt_s, 3), **gen_s, "scoring": round(scoring_s, 3)},
     }
     report["generation"] = facts
     if maj is not None:

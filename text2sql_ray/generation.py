@@ -134,14 +134,14 @@ def generate_rows(rows: list[dict], engine: EngineConfig, n: int, greedy: bool =
         got = generate(ds, engine, n=n, greedy=greedy).select_columns(columns).take_all()
     finally:
         ctx.enable_progress_bars = bars
+    def one(texts, tokens, error) -> dict:
+        return {"texts": [str(t) for t in texts], "tokens": [int(t) for t in tokens], "error": error or ""}
+
     out = {}
     for r in got:
-        one = {"texts": [str(t) for t in r["generations"]], "tokens": [int(t) for t in r["gen_tokens"]],
-               "error": r["gen_error"] or ""}
+        out[int(r["question_id"])] = one(r["generations"], r["gen_tokens"], r["gen_error"])
         if greedy:
-            one["greedy"] = {"texts": [str(t) for t in r["greedy_generations"]],
-                             "tokens": [int(t) for t in r["greedy_tokens"]], "error": r["greedy_error"] or ""}
-        out[int(r["question_id"])] = one
+            out[int(r["question_id"])]["greedy"] = one(r["greedy_generations"], r["greedy_tokens"], r["greedy_error"])
     return out
 
 
@@ -156,11 +156,11 @@ def greedy_and_samples(rows: list[dict], engine: EngineConfig, k: int) -> tuple[
     if engine.backend == "vllm":
         both = generate_rows(rows, engine, k, greedy=True)
         greedy = {qid: v.pop("greedy") for qid, v in both.items()}
-        return greedy, both, {"greedy_and_sampling": round(time.time() - t0, 3), "one_execution": True}
+        return greedy, both, {"greedy_and_sampling": round(time.time() - t0, 3)}
     greedy = generate_rows(rows, dataclasses.replace(engine, temperature=0.0), 1)
     t1 = time.time()
     sampled = generate_rows(rows, engine, k)
-    return greedy, sampled, {"greedy": round(t1 - t0, 3), "sampling": round(time.time() - t1, 3), "one_execution": False}
+    return greedy, sampled, {"greedy": round(t1 - t0, 3), "sampling": round(time.time() - t1, 3)}
 
 
 def token_stats(counts: list[int]) -> dict:
