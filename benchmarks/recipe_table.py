@@ -478,10 +478,13 @@ def read_earlier(path: Path) -> dict[str, list[dict]]:
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--earlier {path}: not a results table written by this script ({e}); give its STEM.json")
     out: dict[str, list[dict]] = {}
+    secs = s.get("step_seconds") or {}
     for row in ROWS:
         entries = [dict(r) for r in rows if r.get("row") == row.name or r.get("row", "").startswith(f"{row.name}_maj")]
         if not any(e.get(b, {}).get("ex") is not None for e in entries for b in BENCHMARKS):
             continue
+        own_steps = (f"train_{row.model}",) + tuple(f"eval_{row.name}_{b}" for b in BENCHMARKS)
+        own_seconds = {k: secs[k] for k in own_steps if k in secs}
         for e in entries:
             for b in BENCHMARKS:
                 res = e.get(b, {})
@@ -491,7 +494,9 @@ def read_earlier(path: Path) -> dict[str, list[dict]]:
                         raise SystemExit(f"--earlier {path}: row {e['row']} names predictions {src}, which is not "
                                          "there; an earlier row is only taken with the predictions it was scored from")
                     e[b] = {**res, "_predictions": src.read_bytes()}
-            e["earlier"] = {"table": str(path), "run_dir": s.get("run_dir", ""), "student": s.get("student", "")}
+            # a row that table took from a yet earlier one keeps where it was run
+            e["earlier"] = e.get("earlier") or {"table": str(path), "run_dir": s.get("run_dir", ""),
+                                                "student": s.get("student", ""), "step_seconds": own_seconds}
         out[row.name] = entries
     return out
 
@@ -535,7 +540,11 @@ def table_markdown(s: dict) -> str:
     earlier = sorted({(r["earlier"]["table"], r["earlier"]["run_dir"]) for r in s["rows"] if r.get("earlier")})
     if earlier:
         lines += ["", "Rows marked (earlier run) are not rerun here: taken with their predictions from " + "; ".join(
-            f"`{t}` (run dir `{d}`)" for t, d in earlier) + ". Their step times are in that table, not below."]
+            f"`{t}` (run dir `{d}`)" for t, d in earlier) + "."]
+        then = {k: v for r in s["rows"] if r.get("earlier") for k, v in r["earlier"].get("step_seconds", {}).items()}
+        if then:
+            lines.append("Their wall time per step (s), in that run: " + ", ".join(f"{k} {v}" for k, v in then.items())
+                         + ". The times below are this run's.")
     ran = [r for r in s["rows"] if any(r.get(b, {}).get("ex") is not None for b in BENCHMARKS)] or s["rows"]
     skipped = {b: ran[0].get(b, {}).get("n_skipped_missing_db") for b in BENCHMARKS}
     syn = s["synthesis"]

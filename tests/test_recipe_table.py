@@ -208,19 +208,26 @@ def test_a_rerun_redoes_no_step(recipe_run):
 
 def test_earlier_rows_come_with_their_predictions_and_are_marked(recipe_run):
     results = recipe_run["tmp"] / "results"
-    first = {r["row"]: r for r in json.loads((results / "table.json").read_text())["rows"]}
+    first_table = json.loads((results / "table.json").read_text())
+    first = {r["row"]: r for r in first_table["rows"]}
     got = json.loads((results / "earlier.json").read_text())
     assert [r["row"] for r in got["rows"]] == ROW_NAMES
     for r in got["rows"]:
         assert bool(r.get("earlier")) is (r["row"] != "base_ours"), r["row"]
         if r.get("earlier"):
             assert r["earlier"]["table"] == str(results / "table.json")
+            # the row's own step times travel with it (the first table is overwritten when it is the same file)
+            name = r["row"].split("_maj")[0]
+            own = {f"eval_{name}_bird", f"eval_{name}_spider"} | ({f"train_{name}"} if name.startswith("sft_") else set())
+            assert r["earlier"]["step_seconds"] == {k: first_table["step_seconds"][k] for k in own}, r["row"]
         for b in ("bird", "spider"):
             assert r[b]["ex"] == first[r["row"]][b]["ex"] and r[b]["predictions"].startswith("earlier/")
             assert (results / r[b]["predictions"]).read_bytes() == (results / first[r["row"]][b]["predictions"]).read_bytes()
     md = (results / "earlier.md").read_text()
     assert "| CoT SFT (earlier run) |" in md and "| baseline, our prompt |" in md
     assert f"taken with their predictions from `{results / 'table.json'}`" in md
+    then = md.split("Their wall time per step (s), in that run: ")[1].split(". The times below")[0]
+    assert f"eval_sft_cot_bird {first_table['step_seconds']['eval_sft_cot_bird']}" in then and "base_ours" not in then
 
 
 def test_lanes_run_rows_in_parallel_processes_and_the_state_keeps_every_lane_s_steps(recipe_run):
