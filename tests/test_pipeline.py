@@ -197,3 +197,5 @@ def test_pipeline_without_config_uses_the_embedded_laptop_profile(monkeypatch, t
     # one torch thread per reserved CPU: 2 train workers of 1 CPU, 2 generation actors of 1 CPU
     assert (cfg.train.num_workers, cfg.train.cpus_per_worker) == (2, 1.0)
     assert (cfg.evaluate.engine.concurrency, cfg.evaluate.engine.num_cpus) == (2, 1.0)
+    # evaluation prefills each database's schema once per batch; synthesis prefills whole prompts
+    assert cfg.evaluate.engine.prefix_cache is True and cfg.synthesize.engine.prefix_cache is False

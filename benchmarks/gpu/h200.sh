@@ -82,10 +82,14 @@ step_synth() {
 # GPU work. vLLM then takes a fixed share (30% of the memory, a 24 GiB KV cache: no profiling, which another
 # process freeing memory would break). RECIPE_LANES= (empty) runs RECIPE_ROWS one after another.
 # nvidia-smi logs the GPU's memory and use every 5 s to $OUT/gpu_mem.csv.
+# Another student: MODEL=<its .gguf> RECIPE_NAME=<stem> (run dir /tmp/runs/<stem>, table /tmp/runs/recipe_results/<stem>),
+# e.g. MODEL=$X/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf RECIPE_NAME=recipe_15b_gpu RECIPE_LANES='sft_nocot;base_ours'
+# (the 1.5B GGUF in extras; the committed 1.5B-teacher chains still serve the CoT rows).
 step_recipe() {
   local lanes=${RECIPE_LANES-sft_cot,sft_cot_dpo;sft_nocot,base_ours,base_seed;sft_mix} rows=()
+  local name=${RECIPE_NAME:-recipe_small_gpu} run=/tmp/runs/${RECIPE_NAME:-recipe}
   if [ -n "${RECIPE_RUN_TGZ:-}" ]; then
-    mkdir -p /tmp/runs/recipe && tar -xzf "$RECIPE_RUN_TGZ" -C /tmp/runs/recipe || return 1
+    mkdir -p "$run" && tar -xzf "$RECIPE_RUN_TGZ" -C "$run" || return 1
   fi
   if [ -n "$lanes" ]; then
     rows=(--lanes "$lanes" --set evaluate.engine.gpu_memory_utilization=0.3 --set evaluate.engine.kv_cache_gb=24)
@@ -96,8 +100,8 @@ step_recipe() {
   local smi=$!
   python3 "$SRC/benchmarks/recipe_table.py" --config "$SRC/jobs/recipe_small_gpu.yaml" --student "$MODEL" \
     --teacher "$TEACHER" --bird-train $X/bird_train --bird-dev "$DEV" --spider $X/spider --engine vllm --nocot-engine hf \
-    "${rows[@]}" --out /tmp/runs/recipe \
-    --results /tmp/runs/recipe_results/recipe_small_gpu --set synthesize.limit="${RECIPE_SYNTH_LIMIT:-2000}" \
+    "${rows[@]}" --out "$run" \
+    --results "/tmp/runs/recipe_results/$name" --set synthesize.limit="${RECIPE_SYNTH_LIMIT:-2000}" \
     --set synthesize.engine.max_num_seqs=512 --set evaluate.engine.max_num_seqs=512 \
     --set convert.tokenizer="$MODEL" --set evaluate.tokenizer="$MODEL" \
     ${RECIPE_SYNTHESIS:+--synthesis "$RECIPE_SYNTHESIS"} ${RECIPE_SET:-}
