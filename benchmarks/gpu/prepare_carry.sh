@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Everything `benchmarks/gpu/h200.sh recipe` needs, made on a CPU machine that reaches PyPI, as files under .carry/
+# that one device call each moves to the GPU machine's /tmp/carry (the checkout travels beside one, < 64 MiB):
+#   benchmarks/gpu/prepare_carry.sh                 # 0.5B student (the committed table's setting)
+#   STUDENT=qwen-1.5b RECIPE_NAME=recipe_15b_gpu benchmarks/gpu/prepare_carry.sh   # the 1.5B as the student
+# 1. the GGUF(s) via ../shared/models/fetch.sh (sha256-checked) into $MODELS (default ~/.cache/t2s-models);
+# 2. bundle.tar.NN: make_bundle.sh (vLLM 0.26.0 wheel set, the 0.5B GGUF, BIRD dev), 56 MB chunks;
+# 3. extras.tar.NN: extras/ = spider/, bird_train/ (+ the 1.5B GGUF when it is the student), SHA256SUMS, 56 MB chunks;
+# 4. convert.tgz: the recipe's three conversions made HERE with the GPU machine's paths (/tmp/bundle, /tmp/extras,
+#    /tmp/src: the same strings, so the same fingerprints there; h200.sh RECIPE_RUN_TGZ unpacks it and skips them,
+#    ~2.5 GPU minutes saved). This uses (and replaces) /tmp/bundle, /tmp/extras, /tmp/src and /tmp/runs/<run> here.
+# Then it prints the device calls in order. Needs the project's venv (VENV, default .venv) for step 4.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+shared=${SHARED:-$root/../shared}
+models=${MODELS:-$HOME/.cache/t2s-models}
+student=${STUDENT:-qwen-0.5b}
+name=${RECIPE_NAME:-recipe_small_gpu}
+run=/tmp/runs/${RECIPE_NAME:-recipe}
+py=${VENV:-$root/.venv}/bin/python
+carry=$root/.carry
+mkdir -p "$carry"
+rm -f "$carry"/bundle.tar.?? "$carry"/extras.tar.?? "$carry"/convert.tgz
+
+g05=$(bash "$shared/models/fetch.sh" qwen-0.5b "$models" | tail -1)
+bash "$root/benchmarks/gpu/make_bundle.sh" "$carry" "$g05" "$shared/data/bird/dev"
+
+rm -rf /tmp/extras && mkdir -p /tmp/extras
+cp -rL "$shared/data/spider" /tmp/extras/spider
+cp -rL "$shared/data/bird/train" /tmp/extras/bird_train
+model=/tmp/bundle/models/$(basename "$g05")
+if [ "$student" = qwen-1.5b ]; then
+  g15=$(bash "$shared/models/fetch.sh" qwen-1.5b "$models" | tail -1)
+  cp "$g15" /tmp/extras/
+  model=/tmp/extras/$(basename "$g15")
+fi
+(cd /tmp/extras && find . -type f ! -name SHA256SUMS -print0 | xargs -0 sha256sum > SHA256SUMS)
+(cd /tmp && tar -cf - extras) | split -b "${CHUNK_BYTES:-56000000}" -d -a 2 - "$carry/extras.tar."
+
+# the conversions with the device's paths: the data under /tmp/extras is a real directory there and here (convert
+# records resolved paths), the checkout a copy at /tmp/src, the 0.5B GGUF a link at /tmp/bundle/models
+rm -rf /tmp/bundle /tmp/src "$run"
+mkdir -p /tmp/bundle/models /tmp/src
+ln -s "$g05" /tmp/bundle/models/
+ln -s "$shared/data/bird/dev" /tmp/bundle/bird_dev
+tar -cf - --exclude=./.carry --exclude=./.venv . | tar -xf - -C /tmp/src
+(cd /tmp/src && T2S_CACHE=${T2S_CACHE:-/tmp/t2s_cache} HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled PYTHONPATH=/tmp/src \
+  "$py" benchmarks/recipe_table.py --config /tmp/src/jobs/recipe_small_gpu.yaml --student "$model" \
+    --teacher /tmp/extras/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --bird-train /tmp/extras/bird_train \
+    --bird-dev /tmp/bundle/bird_dev --spider /tmp/extras/spider --engine vllm --nocot-engine hf --rows "" \
+    --out "$run" --results /tmp/runs/prepare_carry_table --set synthesize.limit=2000 \
+    --set synthesize.engine.max_num_seqs=512 --set evaluate.engine.max_num_seqs=512 \
+    --set convert.tokenizer="$model" --set evaluate.tokenizer="$model" \
+    --synthesis /tmp/src/benchmarks/results/recipe_small_gpu_synthesis)
+(cd "$run" && tar -czf "$carry/convert.tgz" convert recipe_state.json)
+
+echo
+echo "Fingerprints of the conversions (the GPU machine's recipe_state.json must show the same):"
+grep '"convert_' "$run/recipe_state.json" | grep -v ': [0-9.]*,\?$' || true
+echo
+echo "Device calls, in order (each: carry the one file; the first starts the machine):"
+first=1
+for f in "$carry"/bundle.tar.?? "$carry"/extras.tar.?? "$carry"/convert.tgz; do
+  rel=.carry/$(basename "$f")
+  if [ $first = 1 ]; then
+    echo "  carry [\"$rel\"]: mkdir -p /tmp/carry && cp $rel /tmp/carry/"; first=0
+  else
+    echo "  carry [\"$rel\"]: cp $rel /tmp/carry/ && ls /tmp/carry | wc -l"
+  fi
+done
+extra=""
+[ "$student" = qwen-1.5b ] && extra="MODEL=$model "
+[ -n "${RECIPE_NAME:-}" ] && extra+="RECIPE_NAME=$RECIPE_NAME "
+echo "  then: mkdir -p /tmp/src /tmp/bg && tar -cf - --exclude=./.carry . | tar -xf - -C /tmp/src && cd /tmp/src &&"
+echo "        OUT=/tmp/bg bash benchmarks/gpu/h200.sh setup && (${extra}RECIPE_RUN_TGZ=/tmp/carry/convert.tgz"
+echo "        RECIPE_SYNTHESIS=/tmp/src/benchmarks/results/recipe_small_gpu_synthesis RECIPE_LANES='...' OUT=/tmp/bg"
+echo "        setsid nohup bash benchmarks/gpu/h200.sh recipe > /tmp/bg/driver.log 2>&1 < /dev/null &)"
+echo "  and every watch call: tar the run dir's small files (find $run -size -5M, not convert/ or sft/) into \$OUT."
