@@ -194,6 +194,7 @@ def test_pipeline_without_config_uses_the_embedded_laptop_profile(monkeypatch, t
     assert cfg.synthesize.mode == "hinted" and cfg.synthesize.engine.temperature == 0.8
     assert cfg.sft_source == "mix" and cfg.convert.prompt.cot is False and cfg.convert.val_fraction > 0
     assert cfg.train.lora_layers == 8 and cfg.convert.prompt.max_schema_tokens == 600
+    assert cfg.train.frozen_prefix_cache is True
     # one torch thread per reserved CPU: 2 train workers of 1 CPU, 2 generation actors of 1 CPU
     assert (cfg.train.num_workers, cfg.train.cpus_per_worker) == (2, 1.0)
     assert (cfg.evaluate.engine.concurrency, cfg.evaluate.engine.num_cpus) == (2, 1.0)

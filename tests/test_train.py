@@ -175,6 +175,95 @@ def test_packing_keeps_examples_separate(tiny_llama_dir, tokenizer, sft_rows):
     assert seen == 5
 
 
+def test_frozen_prefix_cache_gives_the_same_loss_and_gradients_without_rerunning_the_frozen_layers(
+        tiny_llama_dir, tokenizer, sft_rows, tmp_path):
+    """LoRA on the last of 2 layers: with train.frozen_prefix_cache a packed batch's second pass reads layer 0's output
+    from the cache (layer 0 does not run) and gives the loss and every LoRA gradient of the plain model; another
+    worker reads it from the shared dir instead of running layer 0."""
+    import torch
+
+    examples = [T.tokenize_conversation(r["messages"], tokenizer) for r in sft_rows[:4]]
+    packed = T.pack_examples([(e.input_ids, e.labels) for e in examples], max(len(e.input_ids) for e in examples) * 2)
+    assert len(packed) < 4  # some sequence holds two examples: the packed-sequence mask is exercised
+    batch = T.collate({k: [p[k] for p in packed] for k in ("input_ids", "labels", "position_ids")},
+                      pad_id=tokenizer.pad_token_id)
+    base = {"model": str(tiny_llama_dir), "lora_layers": 1, "lora_targets": "q_proj,v_proj,down_proj", "lora_dropout": 0.0}
+
+    def loss_and_grads(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(batch["input_ids"], batch["position_ids"], batch["labels"])
+        loss.backward()
+        return loss.detach(), {n: w.grad.clone() for n, w in model.named_parameters() if w.requires_grad}
+
+    plain, _ = T.build_training_model(TrainConfig(**base), str(tiny_llama_dir), torch.float32, "cpu")
+    cached, _ = T.build_training_model(TrainConfig(**base, frozen_prefix_cache=True), str(tiny_llama_dir),
+                                       torch.float32, "cpu")
+    assert (plain.frozen_prefix, cached.frozen_prefix) == (0, 1)
+    plain.train(), cached.train()
+    with torch.no_grad():  # LoRA B starts at zero: move it so that every gradient is non-trivial
+        for model in (plain, cached):
+            torch.manual_seed(1)
+            for n, w in model.named_parameters():
+                if "lora_B" in n:
+                    w.normal_(0, 0.02)
+    want_loss, want_grads = loss_and_grads(plain)
+    assert want_grads and all(g.abs().sum() > 0 for g in want_grads.values())
+    runs = []
+    cached.hf_model().get_decoder().layers[0].register_forward_hook(lambda *a: runs.append(1))
+    cached.prefix_cache_dir = tmp_path / "shared"
+    for n_pass in (1, 2):
+        loss, grads = loss_and_grads(cached)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+        assert grads.keys() == want_grads.keys()
+        for n in grads:
+            torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-5, atol=1e-7)
+        assert (len(runs), cached.prefix_hits, len(cached.prefix_cache)) == (1, n_pass - 1, 1)
+    assert len(list((tmp_path / "shared").glob("*.pt"))) == 1 and not list((tmp_path / "shared").glob(".*"))
+    # a second worker (its own model and memory) on the same dir: layer 0 never runs there, the loss is the same
+    worker2, _ = T.build_training_model(TrainConfig(**base, frozen_prefix_cache=True), str(tiny_llama_dir),
+                                        torch.float32, "cpu")
+    worker2.load_state_dict(cached.state_dict())
+    worker2.train()
+    worker2.prefix_cache_dir = tmp_path / "shared"
+    runs2 = []
+    worker2.hf_model().get_decoder().layers[0].register_forward_hook(lambda *a: runs2.append(1))
+    loss2, _ = loss_and_grads(worker2)
+    torch.testing.assert_close(loss2, want_loss, rtol=1e-6, atol=1e-6)
+    assert (len(runs2), worker2.prefix_hits) == (0, 1) and len(worker2.prefix_cache) == 1
+    # the cache key is the sequence: another batch misses and runs layer 0
+    other = T.collate({k: [p[k] for p in packed[:1]] for k in ("input_ids", "labels", "position_ids")},
+                      pad_id=tokenizer.pad_token_id)
+    cached(other["input_ids"], other["position_ids"], other["labels"])
+    assert (len(runs), len(cached.prefix_cache)) == (2, 2)
+
+
+def test_training_with_frozen_prefix_cache_logs_the_plain_run_s_losses_and_leaves_no_cache(
+        ray_local, tmp_path, tiny_llama_dir, sft_parquet):
+    """Two workers, 3 epochs, LoRA on the last of 2 layers: the same examples and losses at every step as without the
+    cache (workers trade sequences between epochs through the shared dir), and the cache is gone afterwards."""
+    args = ["--max-length", str(MAX_LENGTH), "--packing", "--micro-batch-size", "2", "--max-rejected-fraction", "0.9",
+            "--lr", "1e-2", "--lora-layers", "1", "--lora-targets", "q_proj,v_proj", "--epochs", "3",
+            "--checkpoint-every", "0", "--lora-dropout", "0", "--num-workers", "2", "--cpus-per-worker", "0.5"]
+    from text2sql_ray.cli import main
+
+    for name, extra in (("plain", []), ("cached", ["--frozen-prefix-cache", "true"])):
+        assert main(["train", "--input", str(sft_parquet), "--model", str(tiny_llama_dir), "--out",
+                     str(tmp_path / name), *args, *extra]) == 0
+    plain, cached = (_read_jsonl(tmp_path / n / "steps.jsonl") for n in ("plain", "cached"))
+    assert len(plain) == len(cached) >= 6 and len({s["epoch"] for s in plain}) == 3
+    assert [s["example_ids"] for s in plain] == [s["example_ids"] for s in cached]
+    assert [s["loss"] for s in cached] == pytest.approx([s["loss"] for s in plain], rel=1e-6, abs=1e-7)
+    assert not (tmp_path / "cached" / ".frozen_prefix_cache").exists()
+    assert json.loads((tmp_path / "cached" / "manifest.json").read_text())["config"]["frozen_prefix_cache"] is True
+
+
+def test_frozen_prefix_cache_needs_lora_on_the_last_layers_only():
+    with pytest.raises(ConfigError, match="train.lora_layers"):
+        TrainConfig(frozen_prefix_cache=True, lora_targets="q_proj,v_proj")
+    with pytest.raises(ConfigError, match="method lora or dpo"):
+        TrainConfig(frozen_prefix_cache=True, method="full", lora_layers=2, lora_targets="q_proj")
+
+
 def test_fused_loss_matches_full_logits_loss_and_gradients():
     import torch
 

@@ -330,6 +330,10 @@ class TrainConfig:
     """LoRA target modules: 'all-linear' or a comma-separated list (q_proj,v_proj,...)."""
     lora_layers: int = 0
     """LoRA on the last N decoder layers only (0 = all; needs a lora_targets list): backward stops below them, so a step costs less."""
+    frozen_prefix_cache: bool = False
+    """With lora_layers: the frozen layers below the adapters give a sequence the same output every epoch; keep it (in
+    CPU memory: tokens x hidden size x 4 bytes per sequence) and from the second epoch run only the adapted layers.
+    The same losses and gradients; for multi-epoch runs on small data (the laptop profile)."""
     merge: bool = False
     """Also write a merged full model (LoRA) under merged/."""
     deepspeed: str = ""
@@ -409,6 +413,9 @@ class TrainConfig:
                 "train.lora_layers must be >= 0 (0 = every decoder layer) and needs a list in train.lora_targets "
                 "(PEFT cannot limit 'all-linear' to layers), e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj."
             )
+        if self.frozen_prefix_cache and (self.method not in ("lora", "dpo") or not self.lora_layers):
+            raise ConfigError("train.frozen_prefix_cache needs LoRA on the last layers only (method lora or dpo, "
+                              "train.lora_layers > 0): set train.lora_layers or drop train.frozen_prefix_cache.")
         if self.micro_batch_size < 1 or self.grad_accum < 1 or self.num_workers < 1:
             raise ConfigError("train.micro_batch_size, train.grad_accum and train.num_workers must be >= 1.")
         if self.liger and not self.use_gpu:

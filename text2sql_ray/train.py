@@ -621,19 +621,70 @@ def _lm_with_loss_cls():
         most of the lm_head work as well as the logits' memory. DDP and DeepSpeed wrap this module.
         """
 
-        def __init__(self, lm, loss_impl: str, chunk: int = 0):
+        def __init__(self, lm, loss_impl: str, chunk: int = 0, frozen_prefix: int = 0):
             super().__init__()
             self.lm = lm
             self.loss_impl = loss_impl
             self.chunk = chunk
+            self.frozen_prefix = frozen_prefix
+            """> 0: the decoder's first `frozen_prefix` layers hold no trainable weight; their output for a sequence
+            is kept (CPU memory) and reused the next time that sequence comes (`train.frozen_prefix_cache`)."""
+            self.prefix_cache: dict[bytes, torch.Tensor] = {}  # plain dicts: not submodules, nothing registered twice
+            self._views: dict[str, torch.nn.Module] = {}
+            self.prefix_hits = 0
+            self.prefix_cache_dir: Path | None = None
+            """Also keep each output as a file here (the run's out dir): Ray Train deals a sequence to another worker
+            in another epoch, and that worker reads it instead of running the frozen layers again."""
 
         def hf_model(self):
             return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
+        def _decoder_part(self, part: str):
+            """The decoder with only its frozen layers (no final norm) or only the layers above them: shallow copies
+            sharing every module (and the LoRA weights) with the model, so the two parts run its own forward
+            (rotary embeddings, causal or packed-sequence masks) on either side of the cut."""
+            if part not in self._views:
+                dec = self.hf_model().get_decoder()
+                view = copy.copy(dec)
+                view._modules = dict(dec._modules)
+                layers = list(dec.layers)
+                if part == "prefix":
+                    view._modules["layers"] = torch.nn.ModuleList(layers[: self.frozen_prefix])
+                    view._modules["norm"] = torch.nn.Identity()
+                else:
+                    view._modules["layers"] = torch.nn.ModuleList(layers[self.frozen_prefix :])
+                self._views[part] = view
+            return self._views[part]
+
+        def decoder_hidden(self, input_ids, position_ids):
+            if not self.frozen_prefix:
+                return self.hf_model().get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                                     use_cache=False).last_hidden_state
+            key = hashlib.sha1(b"".join(t.detach().cpu().contiguous().numpy().tobytes() + str(tuple(t.shape)).encode()
+                                        for t in (input_ids, position_ids))).digest()
+            below = self.prefix_cache.get(key)
+            path = self.prefix_cache_dir / f"{key.hex()}.pt" if self.prefix_cache_dir is not None else None
+            if below is None and path is not None and path.is_file():
+                below = self.prefix_cache[key] = torch.load(path)
+            if below is None:
+                with torch.no_grad():
+                    below = self._decoder_part("prefix")(input_ids=input_ids, position_ids=position_ids,
+                                                         use_cache=False).last_hidden_state
+                self.prefix_cache[key] = below.detach().to("cpu")
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    part = path.with_name(f".{path.name}.{os.getpid()}")
+                    torch.save(self.prefix_cache[key], part)
+                    os.replace(part, path)
+            else:
+                self.prefix_hits += 1
+                below = below.to(input_ids.device)
+            return self._decoder_part("rest")(inputs_embeds=below, position_ids=position_ids,
+                                              use_cache=False).last_hidden_state
+
         def labelled(self, input_ids, position_ids, labels):
             """Hidden states of the positions whose next token is trained on, those tokens, and their rows."""
-            hidden = self.hf_model().get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                                   use_cache=False).last_hidden_state
+            hidden = self.decoder_hidden(input_ids, position_ids)
             target = labels[:, 1:]
             keep = target != IGNORE
             return hidden[:, :-1][keep], target[keep], keep.nonzero(as_tuple=True)[0]
@@ -726,7 +777,17 @@ def prepare_for_training(model, cfg: TrainConfig, dtype, device_type: str, resto
     impl = choose_loss_impl(hf.get_output_embeddings(), cfg.fused_loss, cfg.liger)
     if deepspeed_stage == 3:
         impl = "logits"  # the head's weight is a partition outside its module hook
-    return _lm_with_loss_cls()(model, impl), autocast
+    frozen = 0
+    if cfg.frozen_prefix_cache:
+        frozen = hf.config.num_hidden_layers - cfg.lora_layers
+        below = [n for layer in hf.get_decoder().layers[:frozen] for n, w in layer.named_parameters() if w.requires_grad]
+        if below or any(w.requires_grad for w in hf.get_input_embeddings().parameters()):
+            raise ValueError(f"train.frozen_prefix_cache: the {frozen} layers below the adapters must be frozen, but "
+                             f"{below[:3] or 'the input embeddings'} train; leave train.frozen_prefix_cache off")
+        if getattr(hf.config, "attention_dropout", 0.0):
+            raise ValueError("train.frozen_prefix_cache needs attention_dropout 0 (the frozen layers must give the "
+                             f"same output every time; this model has {hf.config.attention_dropout}); leave it off")
+    return _lm_with_loss_cls()(model, impl, frozen_prefix=frozen), autocast
 
 
 def forward_backward(model, micro: list[dict], scale: float, autocast, device, engine=None, dpo: tuple | None = None):
@@ -826,6 +887,13 @@ def _save_full(hf_model, out: Path, sd: dict, dtype) -> None:
         hf_model.generation_config.save_pretrained(out)
 
 
+def frozen_prefix_dir(cfg: TrainConfig, model_path: str, dtype) -> Path:
+    """Where workers share the frozen layers' outputs (`train.frozen_prefix_cache`): under the run's out dir, one
+    folder per base model, cut and dtype (a rerun on another model never reads these); removed when training ends."""
+    tag = hashlib.sha1(f"{model_path}|{cfg.lora_layers}|{dtype}".encode()).hexdigest()[:16]
+    return Path(cfg.out) / ".frozen_prefix_cache" / tag
+
+
 def train_loop_per_worker(loop: dict) -> None:
     """One Ray Train worker: build the model, restore the latest checkpoint if any, train, checkpoint."""
     import ray.train
@@ -862,6 +930,8 @@ def train_loop_per_worker(loop: dict) -> None:
 
         # Model and optimizer --------------------------------------------------------------------
         wrapper, autocast = build_training_model(cfg, loop["model_path"], dtype, device.type, restore, ds_config)
+        if wrapper.frozen_prefix:
+            wrapper.prefix_cache_dir = frozen_prefix_dir(cfg, loop["model_path"], dtype)
         trainable = [p for p in wrapper.parameters() if p.requires_grad]
         if use_ds:
             import deepspeed
@@ -1337,6 +1407,7 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.merge and cfg.method in LORA_METHODS:
         _write_merged(out, model_path, out / "merged")
     history = state["history"]
+    shutil.rmtree(out / ".frozen_prefix_cache", ignore_errors=True)  # a cache of this run, not an output
     plot_loss(history, out / "loss_curve.png", "DPO loss (mean over pairs)" if dpo_run else "loss (assistant tokens)")
     run_now = [h for h in history if h["step"] > start_step]
     tok_s = (sum(h["tokens"] for h in run_now) / sum(h["step_time_s"] for h in run_now)) if run_now else None
