@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
         out[name] = {"wall_time_s": manifest["wall_time_s"], "steps": len(steps),
                      "median_step_time_s": manifest["metrics"]["median_step_time_s"],
                      "losses": [s["loss"] for s in steps]}
+    shutil.rmtree(tmp, ignore_errors=True)
     b, o = out["baseline"], out["frozen_prefix_cache"]
     same = b["losses"] == o["losses"]
     diff = max(abs(x - y) for x, y in zip(b["losses"], o["losses"], strict=True))
