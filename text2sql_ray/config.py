@@ -332,8 +332,9 @@ class TrainConfig:
     """LoRA on the last N decoder layers only (0 = all; needs a lora_targets list): backward stops below them, so a step costs less."""
     frozen_prefix_cache: bool = False
     """With lora_layers: the frozen layers below the adapters give a sequence the same output every epoch; keep it (in
-    CPU memory: tokens x hidden size x 4 bytes per sequence) and from the second epoch run only the adapted layers.
-    The same losses and gradients; for multi-epoch runs on small data (the laptop profile)."""
+    CPU memory and as a file in <out>/.frozen_prefix_cache/ for the other workers, removed at the end: tokens x hidden
+    size x 4 bytes per sequence) and run only the adapted layers when the sequence comes again. The same losses and
+    gradients; for multi-epoch runs on small data (the laptop profile)."""
     merge: bool = False
     """Also write a merged full model (LoRA) under merged/."""
     deepspeed: str = ""

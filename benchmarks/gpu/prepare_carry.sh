@@ -39,7 +39,9 @@ fi
 (cd /tmp && tar -cf - extras) | split -b "${CHUNK_BYTES:-56000000}" -d -a 2 - "$carry/extras.tar."
 
 # the conversions with the device's paths: the data under /tmp/extras is a real directory there and here (convert
-# records resolved paths), the checkout a copy at /tmp/src, the 0.5B GGUF a link at /tmp/bundle/models
+# records resolved paths), the checkout a copy at /tmp/src, the 0.5B GGUF a link at /tmp/bundle/models. Only what a
+# conversion's fingerprint reads is passed (the job file, the data paths, --out, the convert.* settings): keep those
+# in step with h200.sh's step_recipe; `--rows ""` runs the conversions and no row.
 rm -rf /tmp/bundle /tmp/src "$run"
 mkdir -p /tmp/bundle/models /tmp/src
 ln -s "$g05" /tmp/bundle/models/
@@ -48,10 +50,8 @@ tar -cf - --exclude=./.carry --exclude=./.venv . | tar -xf - -C /tmp/src
 (cd /tmp/src && T2S_CACHE=${T2S_CACHE:-/tmp/t2s_cache} HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled PYTHONPATH=/tmp/src \
   "$py" benchmarks/recipe_table.py --config /tmp/src/jobs/recipe_small_gpu.yaml --student "$model" \
     --teacher /tmp/extras/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --bird-train /tmp/extras/bird_train \
-    --bird-dev /tmp/bundle/bird_dev --spider /tmp/extras/spider --engine vllm --nocot-engine hf --rows "" \
-    --out "$run" --results /tmp/runs/prepare_carry_table --set synthesize.limit=2000 \
-    --set synthesize.engine.max_num_seqs=512 --set evaluate.engine.max_num_seqs=512 \
-    --set convert.tokenizer="$model" --set evaluate.tokenizer="$model" \
+    --bird-dev /tmp/bundle/bird_dev --spider /tmp/extras/spider --rows "" \
+    --out "$run" --results /tmp/runs/prepare_carry_table --set convert.tokenizer="$model" \
     --synthesis /tmp/src/benchmarks/results/recipe_small_gpu_synthesis)
 (cd "$run" && tar -czf "$carry/convert.tgz" convert recipe_state.json)
 
