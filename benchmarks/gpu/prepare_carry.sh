@@ -4,11 +4,13 @@
 #   benchmarks/gpu/prepare_carry.sh                 # 0.5B student (the committed table's setting)
 #   STUDENT=qwen-1.5b RECIPE_NAME=recipe_15b_gpu benchmarks/gpu/prepare_carry.sh   # the 1.5B as the student
 # 1. the GGUF(s) via ../shared/models/fetch.sh (sha256-checked) into $MODELS (default ~/.cache/t2s-models);
-# 2. bundle.tar.NN: make_bundle.sh (vLLM 0.26.0 wheel set, the 0.5B GGUF, BIRD dev), 56 MB chunks;
-# 3. extras.tar.NN: extras/ = spider/, bird_train/ (+ the 1.5B GGUF when it is the student), SHA256SUMS, 56 MB chunks;
+# 2. bundle.tar.NN: make_bundle.sh (vLLM 0.26.0 wheel set, the student's GGUF, BIRD dev), 56 MB chunks;
+# 3. extras.tar.NN: extras/ = spider/, bird_train/, SHA256SUMS (one chunk);
 # 4. convert.tgz: the recipe's three conversions made HERE with the GPU machine's paths (/tmp/bundle, /tmp/extras,
 #    /tmp/src: the same strings, so the same fingerprints there; h200.sh RECIPE_RUN_TGZ unpacks it and skips them,
 #    ~2.5 GPU minutes saved). This uses (and replaces) /tmp/bundle, /tmp/extras, /tmp/src and /tmp/runs/<run> here.
+# No teacher file travels: h200.sh RECIPE_SYNTHESIS reuses the committed chains (the 1.5B teacher's); with the 1.5B
+# as the student, the printed calls pass TEACHER=MODEL (the same file) for a synthesis that is not reused.
 # Then it prints the device calls in order. Needs the project's venv (VENV, default .venv) for step 4.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -23,18 +25,14 @@ carry=$root/.carry
 mkdir -p "$carry"
 rm -f "$carry"/bundle.tar.?? "$carry"/extras.tar.?? "$carry"/convert.tgz
 
-g05=$(bash "$shared/models/fetch.sh" qwen-0.5b "$models" | tail -1)
-bash "$root/benchmarks/gpu/make_bundle.sh" "$carry" "$g05" "$shared/data/bird/dev"
+# the bundle carries the student's GGUF (the 1.5B student is also the teacher of the committed chains: one file)
+gs=$(bash "$shared/models/fetch.sh" "$student" "$models" | tail -1)
+bash "$root/benchmarks/gpu/make_bundle.sh" "$carry" "$gs" "$shared/data/bird/dev"
 
 rm -rf /tmp/extras && mkdir -p /tmp/extras
 cp -rL "$shared/data/spider" /tmp/extras/spider
 cp -rL "$shared/data/bird/train" /tmp/extras/bird_train
-model=/tmp/bundle/models/$(basename "$g05")
-if [ "$student" = qwen-1.5b ]; then
-  g15=$(bash "$shared/models/fetch.sh" qwen-1.5b "$models" | tail -1)
-  cp "$g15" /tmp/extras/
-  model=/tmp/extras/$(basename "$g15")
-fi
+model=/tmp/bundle/models/$(basename "$gs")
 (cd /tmp/extras && find . -type f ! -name SHA256SUMS -print0 | xargs -0 sha256sum > SHA256SUMS)
 (cd /tmp && tar -cf - extras) | split -b "${CHUNK_BYTES:-56000000}" -d -a 2 - "$carry/extras.tar."
 
@@ -44,7 +42,7 @@ fi
 # in step with h200.sh's step_recipe; `--rows ""` runs the conversions and no row.
 rm -rf /tmp/bundle /tmp/src "$run"
 mkdir -p /tmp/bundle/models /tmp/src
-ln -s "$g05" /tmp/bundle/models/
+ln -s "$gs" /tmp/bundle/models/
 ln -s "$shared/data/bird/dev" /tmp/bundle/bird_dev
 tar -cf - --exclude=./.carry --exclude=./.venv . | tar -xf - -C /tmp/src
 (cd /tmp/src && T2S_CACHE=${T2S_CACHE:-/tmp/t2s_cache} HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled PYTHONPATH=/tmp/src \
@@ -70,7 +68,7 @@ for f in "$carry"/bundle.tar.?? "$carry"/extras.tar.?? "$carry"/convert.tgz; do
   fi
 done
 extra=""
-[ "$student" = qwen-1.5b ] && extra="MODEL=$model "
+[ "$student" = qwen-1.5b ] && extra="MODEL=$model TEACHER=$model "
 [ -n "${RECIPE_NAME:-}" ] && extra+="RECIPE_NAME=$RECIPE_NAME "
 echo "  then: mkdir -p /tmp/src /tmp/bg && tar -cf - --exclude=./.carry . | tar -xf - -C /tmp/src && cd /tmp/src &&"
 echo "        OUT=/tmp/bg bash benchmarks/gpu/h200.sh setup && (${extra}RECIPE_RUN_TGZ=/tmp/carry/convert.tgz"
