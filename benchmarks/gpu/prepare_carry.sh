@@ -57,14 +57,16 @@ echo
 echo "Fingerprints of the conversions (the GPU machine's recipe_state.json must show the same):"
 grep '"convert_' "$run/recipe_state.json" | grep -v ': [0-9.]*,\?$' || true
 echo
-echo "Device calls, in order (each: carry the one file; the first starts the machine):"
+echo "Device calls, in order (each: carry the one file; the first starts the machine). The machine is given back"
+echo "30 s after a call ends: send every call below, the launch and the watch calls in ONE batch of calls (a pause"
+echo "between batches, or a cut-off reply, lost the machine five times on 2026-12-02); each call does mkdir -p."
 first=1
 for f in "$carry"/bundle.tar.?? "$carry"/extras.tar.?? "$carry"/convert.tgz; do
   rel=.carry/$(basename "$f")
   if [ $first = 1 ]; then
     echo "  carry [\"$rel\"]: mkdir -p /tmp/carry && cp $rel /tmp/carry/"; first=0
   else
-    echo "  carry [\"$rel\"]: cp $rel /tmp/carry/ && ls /tmp/carry | wc -l"
+    echo "  carry [\"$rel\"]: mkdir -p /tmp/carry && cp $rel /tmp/carry/ && ls /tmp/carry | wc -l"
   fi
 done
 extra=""
