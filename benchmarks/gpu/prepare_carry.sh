@@ -3,7 +3,7 @@
 # that one device call each moves to the GPU machine's /tmp/carry (the checkout travels beside one, < 64 MiB):
 #   benchmarks/gpu/prepare_carry.sh                 # 0.5B student (the committed table's setting)
 #   STUDENT=qwen-1.5b RECIPE_NAME=recipe_15b_gpu benchmarks/gpu/prepare_carry.sh   # the 1.5B as the student
-# 1. the GGUF(s) via ../shared/models/fetch.sh (sha256-checked) into $MODELS (default ~/.cache/t2s-models);
+# 1. the student's GGUF via ../shared/models/fetch.sh (sha256-checked) into $MODELS (default ~/.cache/t2s-models);
 # 2. bundle.tar.NN: make_bundle.sh (vLLM 0.26.0 wheel set, the student's GGUF, BIRD dev), 56 MB chunks;
 # 3. extras.tar.NN: extras/ = spider/, bird_train/, SHA256SUMS (one chunk);
 # 4. convert.tgz: the recipe's three conversions made HERE with the GPU machine's paths (/tmp/bundle, /tmp/extras,
@@ -60,14 +60,9 @@ echo
 echo "Device calls, in order (each: carry the one file; the first starts the machine). The machine is given back"
 echo "30 s after a call ends: send every call below, the launch and the watch calls in ONE batch of calls (a pause"
 echo "between batches, or a cut-off reply, lost the machine five times on 2026-12-02); each call does mkdir -p."
-first=1
 for f in "$carry"/bundle.tar.?? "$carry"/extras.tar.?? "$carry"/convert.tgz; do
   rel=.carry/$(basename "$f")
-  if [ $first = 1 ]; then
-    echo "  carry [\"$rel\"]: mkdir -p /tmp/carry && cp $rel /tmp/carry/"; first=0
-  else
-    echo "  carry [\"$rel\"]: mkdir -p /tmp/carry && cp $rel /tmp/carry/ && ls /tmp/carry | wc -l"
-  fi
+  echo "  carry [\"$rel\"]: mkdir -p /tmp/carry && cp $rel /tmp/carry/ && ls /tmp/carry | wc -l"
 done
 extra=""
 [ "$student" = qwen-1.5b ] && extra="MODEL=$model TEACHER=$model "
