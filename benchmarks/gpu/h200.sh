@@ -83,8 +83,10 @@ step_synth() {
 # process freeing memory would break). RECIPE_LANES= (empty) runs RECIPE_ROWS one after another.
 # nvidia-smi logs the GPU's memory and use every 5 s to $OUT/gpu_mem.csv.
 # Another student: MODEL=<its .gguf> RECIPE_NAME=<stem> (run dir /tmp/runs/<stem>, table /tmp/runs/recipe_results/<stem>),
-# e.g. MODEL=$X/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf RECIPE_NAME=recipe_15b_gpu RECIPE_LANES='sft_nocot;base_ours'
-# (the 1.5B GGUF in extras; the committed 1.5B-teacher chains still serve the CoT rows).
+# e.g. (benchmarks/results/recipe_15b_gpu.md, 1039 s on an H200; prepare_carry.sh STUDENT=qwen-1.5b puts the 1.5B GGUF in
+# the bundle) MODEL=TEACHER=$B/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf RECIPE_NAME=recipe_15b_gpu
+# RECIPE_LANES='sft_nocot;base_ours,base_seed' RECIPE_SET='--nocot-engine vllm' (the committed 1.5B-teacher chains
+# would still serve the CoT rows).
 step_recipe() {
   local lanes=${RECIPE_LANES-sft_cot,sft_cot_dpo;sft_nocot,base_ours,base_seed;sft_mix} rows=()
   local name=${RECIPE_NAME:-recipe_small_gpu} run=/tmp/runs/${RECIPE_NAME:-recipe}
