@@ -1,5 +1,5 @@
-"""The recipe's results table on real models: baselines, no-CoT SFT, CoT SFT, CoT + no-CoT SFT, CoT SFT + DPO (maj@8
-where it matters), on BIRD dev and Spider dev.
+"""The recipe's results table on real models: baselines, no-CoT SFT, CoT SFT (blind chains; hinted chains), CoT +
+no-CoT SFT, CoT SFT + DPO (maj@8 where it matters), on BIRD dev and Spider dev.
 
     python benchmarks/recipe_table.py --config jobs/recipe_small_gpu.yaml \\
         --student <0.5B .gguf or dir> --teacher <1.5B .gguf or dir> \\
@@ -10,15 +10,18 @@ the fields below replaced; `--set stage.field=value` overrides any field of a se
 
 1. convert BIRD train and Spider train twice each: no-CoT prompts (gold SQL as the answer) and CoT prompts
    (the synthesis input); the job file's `convert:` section, `prompt.cot` set per use;
-2. synthesize on Spider train (it has databases: every chain is verified by execution); `synthesize:`;
-3. train three times from the student (`train:` section, same hyper-parameters): no-CoT SFT on the gold SQL of
-   BIRD train + Spider train; CoT SFT on the execution-verified chains; CoT + no-CoT SFT on both sets at once
-   (each row with its own system turn); each when the first row that needs it runs (its `merged/` model is what
+2. synthesize on Spider train (it has databases: every chain is verified by execution); `synthesize:`; and, for
+   the hinted row only, when it first runs: synthesize on BIRD train with the teacher shown the gold SQL (the
+   seed's way; `--hinted-samples`, `--hinted-limit`), a chain kept when its final SQL equals the gold after sqlglot
+   canonicalisation (BIRD train has no databases here; `canonical_match`, counted apart) or executes to its result;
+3. train from the student (`train:` section, same hyper-parameters every time): no-CoT SFT on the gold SQL of
+   BIRD train + Spider train; CoT SFT on the execution-verified chains; CoT SFT on the hinted BIRD chains + those
+   chains; CoT + no-CoT SFT on both sets at once (each row with its own system turn); each when the first row that needs it runs (its `merged/` model is what
    gets evaluated, if written);
-4. evaluate six models x two benchmarks (`evaluate:`), rows in `--rows` order (so a GPU budget goes to the rows
+4. evaluate seven models x two benchmarks (`evaluate:`), rows in `--rows` order (so a GPU budget goes to the rows
    that matter first; rows left out read "not run", or, with `--earlier`, what an earlier table says): the
    student with the seed's prompt (bare DDL, SQL only), the student with our prompt (rich schema, SQL only), the
-   no-CoT SFT model (SQL only), the CoT SFT and the CoT + no-CoT SFT models (CoT prompt), the CoT SFT + DPO model
+   no-CoT SFT model (SQL only), the CoT SFT models and the CoT + no-CoT SFT model (CoT prompt), the CoT SFT + DPO model
    (a new LoRA on the merged CoT SFT model, trained on pairs from the synthesis' verdicts, `--dpo-*`; CoT prompt,
    greedy); the SFT rows greedy and maj@k from one run (`--maj-k`, temperature `--maj-temperature`; with vllm one
    engine execution); `--nocot-engine` picks another backend for the greedy-only SQL rows (the baselines);
@@ -81,6 +84,10 @@ ROWS = (
         maj=True),
     Row("sft_cot", "CoT SFT", "sft_cot", {"cot": True},
         "LoRA on execution-verified teacher chains (Spider train)", maj=True),
+    Row("sft_cot_hinted", "CoT SFT, hinted chains", "sft_cot_hinted", {"cot": True},
+        "LoRA on teacher chains written with the gold SQL shown (the seed's way) for BIRD train (final SQL equal to "
+        "the gold after sqlglot canonicalisation where no database exists, else execution-verified) + the verified "
+        "Spider train chains", maj=True),
     Row("sft_mix", "CoT + no-CoT SFT", "sft_mix", {"cot": True},
         "LoRA on the verified chains and the gold SQL of BIRD train + Spider train at once (each with its own "
         "system turn)", maj=True),
@@ -122,6 +129,10 @@ def parse_args(argv):
     p.add_argument("--synthesis", default="",
                    help="an earlier `t2s synthesize` output dir (its sft.parquet and manifest) to use instead of the "
                         "synthesis step, e.g. the committed benchmarks/results/recipe_small_gpu_synthesis")
+    p.add_argument("--hinted-samples", type=int, default=1,
+                   help="CoT SFT, hinted chains row: teacher samples per BIRD train question (shown the gold SQL)")
+    p.add_argument("--hinted-limit", type=int, default=0,
+                   help="CoT SFT, hinted chains row: BIRD train questions given to the teacher (0 = all)")
     p.add_argument("--dpo-lr", type=float, default=2e-5, help="DPO row: learning rate (cosine, 10%% warmup)")
     p.add_argument("--dpo-beta", type=float, default=0.1, help="DPO row: beta")
     p.add_argument("--dpo-epochs", type=float, default=1.0, help="DPO row: epochs over the pairs")
@@ -303,6 +314,15 @@ def _ex_of(report: dict, maj: bool) -> dict:
     return {"ex": report.get("ex"), "n_correct": report.get("n_correct"), "n_scored": report.get("n_scored")}
 
 
+def hinted_note(s: dict) -> str:
+    """The hinted row's SFT set in words (its chains' verdicts counted apart)."""
+    h, m = s.get("synthesis_bird_hinted") or {}, s["sft_sets"]["sft_cot_hinted"]
+    return (f"; CoT SFT, hinted chains {m['rows']} rows (teacher shown the gold SQL on BIRD train: "
+            f"{h.get('selected_questions', '?')} questions, {h.get('samples', '?')} samples, "
+            f"{h.get('sft_canonical_match', '?')} chains kept by canonical match with the gold, "
+            f"{h.get('sft_execution_verified', '?')} execution-verified; plus the Spider chains)")
+
+
 def run_recipe(args) -> dict:
     cfgs = section_configs(args)
     conv_t, syn_t, train_t, eval_t = cfgs["convert"], cfgs["synthesize"], cfgs["train"], cfgs["evaluate"]
@@ -316,8 +336,6 @@ def run_recipe(args) -> dict:
     conv = {}
     for src, data in (("bird_train", args.bird_train), ("spider_train", args.spider)):
         for kind, prompt in (("nocot", nocot_prompt), ("cot", cot_prompt)):
-            if src == "bird_train" and kind == "cot":
-                continue  # no databases for BIRD train here: no execution-verified chains from it
             c = rep(conv_t, data=data, out=str(run_dir / "convert" / f"{src}_{kind}"), prompt=prompt)
             conv[f"{src}_{kind}"] = steps.run(f"convert_{src}_{kind}", convert, c)
 
@@ -340,6 +358,7 @@ def run_recipe(args) -> dict:
     gold_sources = [("bird_train_gold", conv["bird_train_nocot"] / "train.parquet", "sql"),
                     ("spider_train_gold", conv["spider_train_nocot"] / "train.parquet", "sql")]
     chains = [("spider_train_verified_chains", syn_dir / "sft.parquet", "cot")]
+    hinted_counts: dict = {}
     mixes = {"sft_nocot": write_mix(run_dir / "sft" / "nocot", gold_sources, conv["bird_train_nocot"]),
              "sft_cot": write_mix(run_dir / "sft" / "cot", chains, conv["spider_train_cot"]),
              "sft_mix": write_mix(run_dir / "sft" / "mix", chains + gold_sources, conv["spider_train_cot"])}
@@ -355,6 +374,8 @@ def run_recipe(args) -> dict:
             return models.get(name)
         if name == "sft_cot_dpo":
             return dpo_model()
+        if name == "sft_cot_hinted" and name not in mixes:
+            hinted_set()
         if mixes[name]["rows"] == 0:
             not_trained[name] = "no training rows (the teacher verified no chain)"
             log.warning("recipe: %s has no training rows; its table row is left empty", name)
@@ -362,9 +383,23 @@ def run_recipe(args) -> dict:
         kind = name.removeprefix("sft_")
         t = rep(train_t, input=str(run_dir / "sft" / kind), out=str(run_dir / "train" / kind))
         after = ("convert_bird_train_nocot", "convert_spider_train_nocot") + (
-            ("synthesize_spider_train",) if kind in ("cot", "mix") else ())
+            ("synthesize_spider_train",) if kind in ("cot", "mix", "cot_hinted") else ()) + (
+            ("synthesize_bird_train_hinted",) if kind == "cot_hinted" else ())
         models[name] = evaluated(steps.run(f"train_{name}", train, t, after=after))
         return models[name]
+
+    def hinted_set() -> None:
+        """The hinted row's SFT set: the teacher shown each BIRD train question's gold SQL (the seed's recipe; BIRD
+        train has no databases here, so a chain counts when its final SQL equals the gold after sqlglot
+        canonicalisation: `canonical_match`, kept apart from execution-verified in the counts), beside the verified
+        Spider chains. Run when the row first needs it (a teacher generation: GPU time)."""
+        h_cfg = rep(syn_t, input=str(conv["bird_train_cot"]), data=args.bird_train, mode="hinted",
+                    samples=args.hinted_samples, limit=args.hinted_limit, no_db_check="canonical",
+                    sft_canonical_match=True, out=str(run_dir / "synthesize" / "bird_train_hinted"))
+        h_dir = steps.run("synthesize_bird_train_hinted", synthesize, h_cfg, after=("convert_bird_train_cot",))
+        hinted_counts.update((read_manifest(h_dir) or {}).get("counts", {}))
+        mixes["sft_cot_hinted"] = write_mix(run_dir / "sft" / "cot_hinted", chains + [
+            ("bird_train_hinted_chains", h_dir / "sft.parquet", "cot")], conv["spider_train_cot"])
 
     def dpo_model() -> str | None:
         """The DPO row's model: pairs from the synthesis' verdicts (prompts: this run's CoT conversion of Spider
@@ -453,7 +488,7 @@ def run_recipe(args) -> dict:
         "engine": {"synthesize": syn_t.engine.backend, "evaluate": eval_t.engine.backend,
                    "evaluate_nocot": args.nocot_engine or eval_t.engine.backend},
         "data": {"bird_train": args.bird_train, "bird_dev": args.bird_dev, "spider": args.spider},
-        "synthesis": syn_counts, "sft_sets": mixes, "dpo_pairs": dpo_counts, "rows": table, "step_seconds": steps.seconds,
+        "synthesis": syn_counts, "synthesis_bird_hinted": hinted_counts, "sft_sets": mixes, "dpo_pairs": dpo_counts, "rows": table, "step_seconds": steps.seconds,
         "train": {k: getattr(train_t, k) for k in ("method", "epochs", "max_steps", "lr", "schedule", "warmup_ratio",
                                                     "lora_r", "lora_alpha", "lora_dropout", "micro_batch_size",
                                                     "grad_accum", "max_length", "packing", "max_grad_norm")},
@@ -558,7 +593,8 @@ def table_markdown(s: dict) -> str:
         (f"SFT sets: no-CoT {s['sft_sets']['sft_nocot']['rows']} rows, CoT {s['sft_sets']['sft_cot']['rows']} rows"
          + (f", CoT + no-CoT {s['sft_sets']['sft_mix']['rows']} rows" if "sft_mix" in s["sft_sets"] else "") + " "
          f"(teacher synthesis on Spider train: {syn.get('selected_questions', '?')} questions, "
-         f"{syn.get('samples', '?')} samples, {syn.get('sft_execution_verified', '?')} execution-verified chains kept). "
+         f"{syn.get('samples', '?')} samples, {syn.get('sft_execution_verified', '?')} execution-verified chains kept)"
+         + (hinted_note(s) if "sft_cot_hinted" in s["sft_sets"] else "") + ". "
          "Training (every SFT row): " + ", ".join(f"{k} {v}" for k, v in s["train"].items()) + "."),
         "",
     ]

@@ -21,7 +21,7 @@ from local_http import LocalServer
 
 from text2sql_ray import bird
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # ~14 stage runs (each starts its own actors)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # ~19 stage runs (each starts its own actors)
 
 REPO = Path(__file__).resolve().parents[1]
 SPIDER = Path(os.environ.get("T2S_SPIDER_DATA", REPO.parent / "shared" / "data" / "spider"))
@@ -101,8 +101,8 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
             "student": tiny_llama_dir}
 
 
-ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_nocot_maj2", "sft_cot", "sft_cot_maj2", "sft_mix",
-             "sft_mix_maj2", "sft_cot_dpo"]
+ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_nocot_maj2", "sft_cot", "sft_cot_maj2", "sft_cot_hinted",
+             "sft_cot_hinted_maj2", "sft_mix", "sft_mix_maj2", "sft_cot_dpo"]
 
 
 def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recipe_run):
@@ -113,7 +113,7 @@ def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recip
         for bench in ("bird", "spider"):
             assert r[bench]["n_scored"] == 4 and r[bench]["n_questions"] == 4, (r["row"], bench)
             assert 0.0 <= r[bench]["ex"] <= 100.0
-    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 3 + ["greedy"]
+    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 4 + ["greedy"]
     assert summary["rows"][0]["prompt"] == "seed (bare DDL)" and not summary["rows"][0]["cot"]
     by_row = {r["row"]: r for r in summary["rows"]}
     assert by_row["sft_cot"]["cot"] and by_row["sft_cot"]["model"].endswith(("train/cot", "train/cot/merged"))
@@ -121,10 +121,11 @@ def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recip
     assert not by_row["sft_nocot_maj2"]["cot"] and by_row["sft_nocot_maj2"]["bird"]["engine"] == "hf"
     md = (results / "table.md").read_text()
     for label in ("baseline, seed prompt", "baseline, our prompt", "| no-CoT SFT |", "no-CoT SFT + maj@2", "| CoT SFT |",
-                  "CoT SFT + maj@2", "| CoT + no-CoT SFT |", "CoT + no-CoT SFT + maj@2", "| CoT SFT + DPO |",
+                  "CoT SFT + maj@2", "| CoT SFT, hinted chains |",
+                  "| CoT SFT, hinted chains + maj@2 |", "CoT SFT, hinted chains 12 rows", "| CoT + no-CoT SFT |", "CoT + no-CoT SFT + maj@2", "| CoT SFT + DPO |",
                   "DPO pairs (teacher samples of the synthesis): 4 pairs from 4 questions"):
         assert label in md
-    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 9
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 11
     assert "earlier run" not in md
     assert (results / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -152,10 +153,31 @@ def test_the_sft_sets_are_the_gold_rows_and_the_execution_verified_chains(recipe
     assert summary["synthesis"]["sft_canonical_match"] == 0
 
 
+def test_the_hinted_row_trains_on_chains_the_teacher_wrote_with_the_gold_sql_shown(recipe_run):
+    """The hinted row: the teacher shown every BIRD train question's gold SQL (1 sample each), its chains kept
+    beside the Spider chains. The demo's BIRD train has databases, so the chains here are execution-verified; on
+    the real BIRD train (no databases here) the same config keeps canonical matches (sft_canonical_match on),
+    counted apart (tests/test_synthesize.py covers that verdict)."""
+    run = recipe_run["tmp"] / "run"
+    summary = json.loads((recipe_run["tmp"] / "results" / "table.json").read_text())
+    h = summary["synthesis_bird_hinted"]
+    assert h["selected_questions"] == 8 and h["samples"] == 8  # the 8 converted BIRD train rows x 1 sample
+    assert h["sft_execution_verified"] == 8 and h["sft_canonical_match"] == 0  # even samples copy the hint
+    s = summary["sft_sets"]["sft_cot_hinted"]
+    assert s["rows"] == s["cot"] == 4 + 8 and s["no_cot"] == 0
+    assert s["sources"]["bird_train_hinted_chains"]["rows"] == 8 and s["sources"]["spider_train_verified_chains"]["rows"] == 4
+    cfg = json.loads((run / "synthesize" / "bird_train_hinted" / "manifest.json").read_text())["config"]
+    assert cfg["mode"] == "hinted" and cfg["samples"] == 1 and cfg["sft_canonical_match"] is True
+    assert cfg["input"] == str(run / "convert" / "bird_train_cot") and cfg["no_db_check"] == "canonical"
+    row = next(r for r in summary["rows"] if r["row"] == "sft_cot_hinted")
+    assert row["cot"] and row["model"].startswith(str(run / "train" / "cot_hinted"))
+
+
 def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
     results = recipe_run["tmp"] / "results"
     two = json.loads((results / "two.json").read_text())
-    assert [r["row"] for r in two["rows"]] == ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_mix", "sft_cot_dpo"]
+    assert [r["row"] for r in two["rows"]] == ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_hinted",
+                                               "sft_mix", "sft_cot_dpo"]
     full = {r["row"]: r for r in json.loads((results / "table.json").read_text())["rows"]}
     for r in two["rows"]:
         for bench in ("bird", "spider"):
@@ -193,7 +215,8 @@ def test_the_students_record_the_prompts_they_were_trained_on(recipe_run):
     from text2sql_ray.prompts import recorded_prompt
 
     run = recipe_run["tmp"] / "run"
-    for kind, conv in (("nocot", "bird_train_nocot"), ("cot", "spider_train_cot"), ("mix", "spider_train_cot")):
+    for kind, conv in (("nocot", "bird_train_nocot"), ("cot", "spider_train_cot"), ("mix", "spider_train_cot"),
+                       ("cot_hinted", "spider_train_cot")):
         trained, converted = recorded_prompt(run / "train" / kind), recorded_prompt(run / "convert" / conv)
         assert trained is not None and trained["config"] == converted["config"], kind
         assert trained["config"]["cot"] is (kind != "nocot")
@@ -203,7 +226,7 @@ def test_a_rerun_redoes_no_step(recipe_run):
     assert recipe_run["rerun"]["state"] == recipe_run["first_state"]
     assert recipe_run["rerun"]["requests"] == recipe_run["first_requests"] > 0
     steps = [k for k in recipe_run["first_state"] if not k.startswith("_")]
-    assert len(steps) == 3 + 1 + 4 + 12  # 3 conversions, synthesis, 4 trainings, 6 rows x 2 benchmarks
+    assert len(steps) == 4 + 2 + 5 + 14  # 4 conversions, 2 syntheses, 5 trainings, 7 rows x 2 benchmarks
 
 
 def test_earlier_rows_come_with_their_predictions_and_are_marked(recipe_run):

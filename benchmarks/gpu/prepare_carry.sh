@@ -3,10 +3,12 @@
 # that one device call each moves to the GPU machine's /tmp/carry (the checkout travels beside one, < 64 MiB):
 #   benchmarks/gpu/prepare_carry.sh                 # 0.5B student (the committed table's setting)
 #   STUDENT=qwen-1.5b RECIPE_NAME=recipe_15b_gpu benchmarks/gpu/prepare_carry.sh   # the 1.5B as the student
+#   WITH_TEACHER=1 benchmarks/gpu/prepare_carry.sh    # + the 1.5B teacher's GGUF in extras (~20 more chunks), for a
+#                                                     # row whose synthesis is not reused: the hinted row (sft_cot_hinted)
 # 1. the student's GGUF via ../shared/models/fetch.sh (sha256-checked) into $MODELS (default ~/.cache/t2s-models);
 # 2. bundle.tar.NN: make_bundle.sh (vLLM 0.26.0 wheel set, the student's GGUF, BIRD dev), 56 MB chunks;
-# 3. extras.tar.NN: extras/ = spider/, bird_train/, SHA256SUMS (one chunk);
-# 4. convert.tgz: the recipe's three conversions made HERE with the GPU machine's paths (/tmp/bundle, /tmp/extras,
+# 3. extras.tar.NN: extras/ = spider/, bird_train/, SHA256SUMS (one chunk; + the teacher's GGUF with WITH_TEACHER);
+# 4. convert.tgz: the recipe's four conversions made HERE with the GPU machine's paths (/tmp/bundle, /tmp/extras,
 #    /tmp/src: the same strings, so the same fingerprints there; h200.sh RECIPE_RUN_TGZ unpacks it and skips them,
 #    ~2.5 GPU minutes saved). This uses (and replaces) /tmp/bundle, /tmp/extras, /tmp/src and /tmp/runs/<run> here.
 # No teacher file travels: h200.sh RECIPE_SYNTHESIS reuses the committed chains (the 1.5B teacher's); with the 1.5B
@@ -32,6 +34,9 @@ bash "$root/benchmarks/gpu/make_bundle.sh" "$carry" "$gs" "$shared/data/bird/dev
 rm -rf /tmp/extras && mkdir -p /tmp/extras
 cp -rL "$shared/data/spider" /tmp/extras/spider
 cp -rL "$shared/data/bird/train" /tmp/extras/bird_train
+if [ -n "${WITH_TEACHER:-}" ] && [ "$student" != qwen-1.5b ]; then  # h200.sh's default TEACHER path
+  cp -L "$(bash "$shared/models/fetch.sh" qwen-1.5b "$models" | tail -1)" /tmp/extras/
+fi
 model=/tmp/bundle/models/$(basename "$gs")
 (cd /tmp/extras && find . -type f ! -name SHA256SUMS -print0 | xargs -0 sha256sum > SHA256SUMS)
 (cd /tmp && tar -cf - extras) | split -b "${CHUNK_BYTES:-56000000}" -d -a 2 - "$carry/extras.tar."
@@ -71,4 +76,6 @@ echo "  then: mkdir -p /tmp/src /tmp/bg && tar -cf - --exclude=./.carry . | tar 
 echo "        OUT=/tmp/bg bash benchmarks/gpu/h200.sh setup && (${extra}RECIPE_RUN_TGZ=/tmp/carry/convert.tgz"
 echo "        RECIPE_SYNTHESIS=/tmp/src/benchmarks/results/recipe_small_gpu_synthesis RECIPE_LANES='...' OUT=/tmp/bg"
 echo "        setsid nohup bash benchmarks/gpu/h200.sh recipe > /tmp/bg/driver.log 2>&1 < /dev/null &)"
+[ -n "${WITH_TEACHER:-}" ] && echo "        (the hinted row alone, the other rows from the committed table: RECIPE_LANES= RECIPE_ROWS=sft_cot_hinted
+        RECIPE_SET=\"--earlier /tmp/src/benchmarks/results/recipe_small_gpu.json\")"
 echo "  and every watch call: tar the run dir's small files (find $run -size -5M, not convert/ or sft/) into \$OUT."
