@@ -32,12 +32,14 @@ from text2sql_ray.synthesize import (
     canonical_sql,
     done_questions,
     read_parts,
+    report_markdown,
     run,
     sample_rows,
     samples_schema,
     select_sample,
     sft_answer,
     verdict,
+    yield_report,
 )
 
 K = 2
@@ -275,6 +277,27 @@ def test_hinted_chains_that_mention_the_hint_never_become_sft_targets():
     assert select_sample([leak, clean], "shortest", 0, hinted=False)["sample_index"] == 0
 
 
+def test_the_report_counts_canonical_matches_left_out_for_mentioning_the_hint():
+    """A hinted teacher that pastes the reference query matches the gold canonically but is never an SFT target
+    (seen with SmolLM2 on real BIRD train, which has no databases here): the report counts that question apart."""
+    def smp(qid, status, text):
+        return {"question_id": qid, "sample_index": 0, "status": status, "text": text, "sql": "SELECT 1",
+                "difficulty": None, "gold_error": None, "gen_error": None, "gen_tokens": 5}
+
+    pasted = smp(1, "canonical_match", "A reference query, which may be wrong, is:\n" + cot("SELECT 1"))
+    reasoned = smp(2, "canonical_match", "Count the rows of the table.\n" + cot("SELECT 1"))
+    other = smp(3, "unverified", "Something else.\n" + cot("SELECT 2"))
+    chosen = [select_sample([x], "shortest", 0, hinted=True, canonical=True) for x in (pasted, reasoned, other)]
+    assert chosen[0] is None and chosen[1]["question_id"] == 2 and chosen[2] is None
+    sft = [dict(chosen[1])]
+    report = yield_report([pasted, reasoned, other], sft)
+    assert report["questions"]["with_canonical_match"] == 2
+    assert report["sft"]["canonical_match"] == 1 and report["sft"]["canonical_match_left_out"] == 1
+    md = report_markdown({**report, "mode": "hinted", "sft_canonical_match": True})
+    assert "with a canonical match left out (every matching chain mentions the hinted query): 1." in md
+    assert "canonical match left out" not in report_markdown({**report, "mode": "blind", "sft_canonical_match": True})
+
+
 def test_canonical_sql_ignores_spelling_but_not_meaning():
     same = [
         ("SELECT count(*) FROM head WHERE age  >  56", "select COUNT(*) from Head where age > 56;"),
@@ -377,7 +400,8 @@ def test_yield_report_counts_exactly(resumed):
                               "canonical_match": 3, "unverified": 1}
     assert (s["total"], s["verified_fraction"], s["verified_fraction_of_verifiable"]) == (16, 0.1875, 0.25)
     assert s["tokens_generated"] == 14 * 7  # usage.completion_tokens 7 per sample; the 500 question has none
-    assert report["sft"] == {"rows": 2, "verified": 2, "canonical_match": 0, "unverified": 0, "verified_left_out": 0}
+    assert report["sft"] == {"rows": 2, "verified": 2, "canonical_match": 0, "unverified": 0, "verified_left_out": 0,
+                             "canonical_match_left_out": 2}  # sft_canonical_match off: both no-database matches
     md = (resumed["out"] / "report.md").read_text()
     assert "| 8 | 6 | 2 | 33.3% | 25.0% |" in md and "| challenging | 1 | 1 | 1 | 100.0% |" in md
     assert "| canonical_match | 3 |" in md and "Canonical matches stay out of the SFT set" in md
@@ -466,7 +490,8 @@ def test_cli_hinted_with_unverified_questions_in_the_sft_set(ray_local, tmp_path
 
     report = json.loads((out / "manifest.json").read_text())["report"]
     assert report["questions"]["unverified"] == 2 and report["questions"]["yield"] is None
-    assert report["sft"] == {"rows": 2, "verified": 0, "canonical_match": 0, "unverified": 2, "verified_left_out": 0}
+    assert report["sft"] == {"rows": 2, "verified": 0, "canonical_match": 0, "unverified": 2, "verified_left_out": 0,
+                             "canonical_match_left_out": 0}
 
 
 def test_cli_canonical_matches_enter_the_sft_set_only_when_allowed_and_counted_apart(

@@ -456,6 +456,10 @@ def yield_report(samples: list[dict], sft_rows: list[dict]) -> dict:
             "unverified": sum(1 for r in sft_rows if r["status"] == "unverified"),
             # questions with a verified sample but no SFT row (hinted: every verified chain mentions the hint)
             "verified_left_out": n_verified - sum(1 for r in sft_rows if r["status"] == "verified"),
+            # questions without a database with a canonical match but no such SFT row (sft_canonical_match off, or
+            # hinted: every matching chain mentions the hint, e.g. the teacher pasted the reference query)
+            "canonical_match_left_out": sum(1 for f in facts.values() if f["canonical_match"])
+            - sum(1 for r in sft_rows if r["status"] == "canonical_match"),
         },
     }
 
@@ -494,7 +498,10 @@ def report_markdown(report: dict) -> str:
         (f"SFT set: {report['sft']['rows']} rows ({report['sft']['verified']} execution-verified, "
          f"{report['sft'].get('canonical_match', 0)} canonical match, {report['sft']['unverified']} unverified); "
          f"questions with a verified sample left out (every verified chain mentions the hinted query): "
-         f"{report['sft']['verified_left_out']}."),
+         f"{report['sft']['verified_left_out']}"
+         + (f"; with a canonical match left out (every matching chain mentions the hinted query): "
+            f"{report['sft'].get('canonical_match_left_out', 0)}"
+            if report.get("sft_canonical_match") and report.get("mode") == "hinted" else "") + "."),
     ]
     if q["unverified"]:
         check = report.get("no_db_check", "canonical")
