@@ -16,8 +16,8 @@ the fields below replaced; `--set stage.field=value` overrides any field of a se
    canonicalisation (BIRD train has no databases here; `canonical_match`, counted apart) or executes to its result;
 3. train from the student (`train:` section, same hyper-parameters every time): no-CoT SFT on the gold SQL of
    BIRD train + Spider train; CoT SFT on the execution-verified chains; CoT SFT on the hinted BIRD chains + those
-   chains; CoT + no-CoT SFT on both sets at once (each row with its own system turn); each when the first row that needs it runs (its `merged/` model is what
-   gets evaluated, if written);
+   chains; CoT + no-CoT SFT on both sets at once (each row with its own system turn); each when the first row
+   that needs it runs (its `merged/` model is what gets evaluated, if written);
 4. evaluate seven models x two benchmarks (`evaluate:`), rows in `--rows` order (so a GPU budget goes to the rows
    that matter first; rows left out read "not run", or, with `--earlier`, what an earlier table says): the
    student with the seed's prompt (bare DDL, SQL only), the student with our prompt (rich schema, SQL only), the
@@ -488,7 +488,8 @@ def run_recipe(args) -> dict:
         "engine": {"synthesize": syn_t.engine.backend, "evaluate": eval_t.engine.backend,
                    "evaluate_nocot": args.nocot_engine or eval_t.engine.backend},
         "data": {"bird_train": args.bird_train, "bird_dev": args.bird_dev, "spider": args.spider},
-        "synthesis": syn_counts, "synthesis_bird_hinted": hinted_counts, "sft_sets": mixes, "dpo_pairs": dpo_counts, "rows": table, "step_seconds": steps.seconds,
+        "synthesis": syn_counts, "synthesis_bird_hinted": hinted_counts, "sft_sets": mixes, "dpo_pairs": dpo_counts,
+        "rows": table, "step_seconds": steps.seconds,
         "train": {k: getattr(train_t, k) for k in ("method", "epochs", "max_steps", "lr", "schedule", "warmup_ratio",
                                                     "lora_r", "lora_alpha", "lora_dropout", "micro_batch_size",
                                                     "grad_accum", "max_length", "packing", "max_grad_norm")},
