@@ -565,3 +565,21 @@ def test_checkpoints_of_a_run_with_other_options_or_data_are_refused(tmp_path, t
     # a checkpoint from before run ids: method and model only
     assert T.trajectory_changes({"method": cfg.method, "model": cfg.model}, now) == []
     assert T.trajectory_changes({"method": "full", "model": cfg.model}, now) == [("method", "full", "lora")]
+
+
+def test_training_on_a_gpu_keeps_sdpa_off_cudnn_and_leaves_the_other_kernels_on():
+    """cuDNN's SDPA backward gives NaN query gradients on masked widths of 64 mod 128 (pytorch/pytorch#196678: the
+    step-15 NaN of the H200 runs); train_loop_per_worker calls this on a GPU. Only that backend is switched off."""
+    import torch
+
+    from text2sql_ray.train import avoid_cudnn_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        avoid_cudnn_attention(torch)
+        assert torch.backends.cuda.cudnn_sdp_enabled() is False
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
