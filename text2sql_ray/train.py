@@ -898,9 +898,10 @@ def avoid_cudnn_attention(torch) -> None:
     """Keep torch's SDPA off its cuDNN kernel for training. That kernel's backward returns NaN query gradients
     when a mask tensor is passed (ours: the block-diagonal mask of packed sequences), the padded width is 64 mod
     128 and an attention row's log-sum-exp is below about -88.7 (pytorch/pytorch#196678, torch 2.11 on H100/H200;
-    Qwen2.5's layer-0 heads have thousands of such rows in every batch). It was the NaN gradient at step 15 of
-    every no-CoT SFT run on the H200 (0.5B and 1.5B alike): the only micro-batch of 257 whose width, 6080, is 64
-    mod 128. The memory-efficient kernel takes over (finite on the same inputs in that report); the loss is the same."""
+    Qwen2.5's layer-0 heads have thousands of such rows in every batch). That matches the NaN gradient at step 15
+    of every no-CoT SFT run on the H200 (0.5B and 1.5B alike): the only micro-batch of 257 whose width, 6080, is 64
+    mod 128 (found on CPU; not yet confirmed on a GPU). The memory-efficient kernel takes over (finite on the same
+    inputs in that report); it computes the same attention."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
