@@ -21,7 +21,7 @@ from local_http import LocalServer
 
 from text2sql_ray import bird
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # ~19 stage runs (each starts its own actors)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # ~17 stage runs (each starts its own actors)
 
 REPO = Path(__file__).resolve().parents[1]
 SPIDER = Path(os.environ.get("T2S_SPIDER_DATA", REPO.parent / "shared" / "data" / "spider"))
@@ -70,6 +70,8 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         argv = ["--config", str(REPO / "jobs" / "recipe_tiny_cpu.yaml"), "--student", str(tiny_llama_dir),
                 "--teacher", "stand-in-teacher", "--bird", "demo", "--spider", str(SPIDER), "--maj-k", "2",
                 "--out", str(tmp / "run"), "--results", str(tmp / "results" / "table"),
+                # every row but the hinted one, which the reuse run below takes (one student less to train here)
+                "--rows", ",".join(r for r in MAIN_ROWS),
                 "--set", "synthesize.engine.backend=openai", "--set", f"synthesize.engine.endpoint={teacher.endpoint}",
                 "--set", "synthesize.engine.max_retries=0"]
         assert recipe_table.main(argv) == 0
@@ -81,9 +83,10 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         # two rows only, in another order: nothing reruns, the table keeps table order and marks the rest
         assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "two"), "--rows", "base_ours,base_seed"]
                                  + argv[-6:]) == 0
-        # an earlier synthesis reused (no teacher request); only the CoT row asked: its student is retrained
+        # an earlier Spider synthesis reused (no Spider teacher request); only the hinted row asked: its BIRD train
+        # chains are made (the teacher shown the gold SQL) and its student is trained on them + the reused chains
         before = teacher.requests
-        assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "reuse"), "--rows", "sft_cot",
+        assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "reuse"), "--rows", "sft_cot_hinted",
                                               "--synthesis", str(tmp / "run" / "synthesize" / "spider_train")]
                                  + argv[-6:]) == 0
         rerun["reuse_requests"] = teacher.requests - before
@@ -101,8 +104,11 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
             "student": tiny_llama_dir}
 
 
+MAIN_ROWS = ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_mix", "sft_cot_dpo"]
+# the main table: the hinted row reads "not run" (one line, no maj@k line)
 ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_nocot_maj2", "sft_cot", "sft_cot_maj2", "sft_cot_hinted",
-             "sft_cot_hinted_maj2", "sft_mix", "sft_mix_maj2", "sft_cot_dpo"]
+             "sft_mix", "sft_mix_maj2", "sft_cot_dpo"]
+RAN = [r for r in ROW_NAMES if r != "sft_cot_hinted"]
 
 
 def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recipe_run):
@@ -111,9 +117,13 @@ def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recip
     assert [r["row"] for r in summary["rows"]] == ROW_NAMES
     for r in summary["rows"]:
         for bench in ("bird", "spider"):
+            if r["row"] == "sft_cot_hinted":
+                assert r[bench]["ex"] is None and r[bench]["note"] == "not run"
+                continue
             assert r[bench]["n_scored"] == 4 and r[bench]["n_questions"] == 4, (r["row"], bench)
             assert 0.0 <= r[bench]["ex"] <= 100.0
-    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 4 + ["greedy"]
+    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 2 + [
+        "greedy"] + ["greedy", "maj@2, T=0.8", "greedy"]
     assert summary["rows"][0]["prompt"] == "seed (bare DDL)" and not summary["rows"][0]["cot"]
     by_row = {r["row"]: r for r in summary["rows"]}
     assert by_row["sft_cot"]["cot"] and by_row["sft_cot"]["model"].endswith(("train/cot", "train/cot/merged"))
@@ -121,11 +131,10 @@ def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recip
     assert not by_row["sft_nocot_maj2"]["cot"] and by_row["sft_nocot_maj2"]["bird"]["engine"] == "hf"
     md = (results / "table.md").read_text()
     for label in ("baseline, seed prompt", "baseline, our prompt", "| no-CoT SFT |", "no-CoT SFT + maj@2", "| CoT SFT |",
-                  "CoT SFT + maj@2", "| CoT SFT, hinted chains |",
-                  "| CoT SFT, hinted chains + maj@2 |", "CoT SFT, hinted chains 12 rows", "| CoT + no-CoT SFT |", "CoT + no-CoT SFT + maj@2", "| CoT SFT + DPO |",
+                  "CoT SFT + maj@2", "| CoT + no-CoT SFT |", "CoT + no-CoT SFT + maj@2", "| CoT SFT + DPO |",
                   "DPO pairs (teacher samples of the synthesis): 4 pairs from 4 questions"):
         assert label in md
-    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 11
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 9
     assert "earlier run" not in md
     assert (results / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -133,7 +142,7 @@ def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recip
 def test_every_row_writes_official_predictions_per_benchmark(recipe_run):
     pred_dir = recipe_run["tmp"] / "results" / "table"
     names = sorted(p.name for p in pred_dir.iterdir())
-    assert names == sorted(f"{r}_{b}_predict_dev.json" for r in ROW_NAMES for b in ("bird", "spider"))
+    assert names == sorted(f"{r}_{b}_predict_dev.json" for r in RAN for b in ("bird", "spider"))
     spider_dev = bird.load_split(SPIDER, "dev").questions[:4]
     for name in names:
         preds = json.loads((pred_dir / name).read_text())
@@ -154,12 +163,12 @@ def test_the_sft_sets_are_the_gold_rows_and_the_execution_verified_chains(recipe
 
 
 def test_the_hinted_row_trains_on_chains_the_teacher_wrote_with_the_gold_sql_shown(recipe_run):
-    """The hinted row: the teacher shown every BIRD train question's gold SQL (1 sample each), its chains kept
-    beside the Spider chains. The demo's BIRD train has databases, so the chains here are execution-verified; on
-    the real BIRD train (no databases here) the same config keeps canonical matches (sft_canonical_match on),
-    counted apart (tests/test_synthesize.py covers that verdict)."""
+    """The hinted row (the fixture's reuse run): the teacher shown every BIRD train question's gold SQL (1 sample
+    each), its chains kept beside the (reused) Spider chains. The demo's BIRD train has databases, so the chains here
+    are execution-verified; on the real BIRD train (no databases here) the same config keeps canonical matches
+    (sft_canonical_match on), counted apart (tests/test_synthesize.py covers that verdict)."""
     run = recipe_run["tmp"] / "run"
-    summary = json.loads((recipe_run["tmp"] / "results" / "table.json").read_text())
+    summary = json.loads((recipe_run["tmp"] / "results" / "reuse.json").read_text())
     h = summary["synthesis_bird_hinted"]
     assert h["selected_questions"] == 8 and h["samples"] == 8  # the 8 converted BIRD train rows x 1 sample
     assert h["sft_execution_verified"] == 8 and h["sft_canonical_match"] == 0  # even samples copy the hint
@@ -169,8 +178,13 @@ def test_the_hinted_row_trains_on_chains_the_teacher_wrote_with_the_gold_sql_sho
     cfg = json.loads((run / "synthesize" / "bird_train_hinted" / "manifest.json").read_text())["config"]
     assert cfg["mode"] == "hinted" and cfg["samples"] == 1 and cfg["sft_canonical_match"] is True
     assert cfg["input"] == str(run / "convert" / "bird_train_cot") and cfg["no_db_check"] == "canonical"
-    row = next(r for r in summary["rows"] if r["row"] == "sft_cot_hinted")
-    assert row["cot"] and row["model"].startswith(str(run / "train" / "cot_hinted"))
+    assert s["sources"]["spider_train_verified_chains"]["file"] == str(run / "synthesize" / "spider_train" / "sft.parquet")
+    rows = {r["row"]: r for r in summary["rows"]}
+    assert rows["sft_cot_hinted"]["cot"] and rows["sft_cot_hinted"]["model"].startswith(str(run / "train" / "cot_hinted"))
+    assert all(rows[n][b]["n_scored"] == 4 for n in ("sft_cot_hinted", "sft_cot_hinted_maj2") for b in ("bird", "spider"))
+    md = (recipe_run["tmp"] / "results" / "reuse.md").read_text()
+    assert "| CoT SFT, hinted chains |" in md and "| CoT SFT, hinted chains + maj@2 |" in md
+    assert "CoT SFT, hinted chains 12 rows" in md
 
 
 def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
@@ -203,12 +217,13 @@ def test_the_dpo_row_trains_on_every_question_s_pair_from_the_cot_sft_model(reci
     assert all(dpo_row[b]["n_scored"] == 4 for b in ("bird", "spider"))
 
 
-def test_a_reused_synthesis_trains_the_cot_row_without_the_teacher(recipe_run):
+def test_a_reused_synthesis_asks_the_teacher_nothing_for_spider(recipe_run):
     results = recipe_run["tmp"] / "results"
-    assert recipe_run["rerun"]["reuse_requests"] == 0
+    # the hinted row's 8 BIRD train questions are the only teacher requests (1 sample each; the Spider chains reused)
+    assert recipe_run["rerun"]["reuse_requests"] == 8
     reuse = {r["row"]: r for r in json.loads((results / "reuse.json").read_text())["rows"]}
-    assert reuse["sft_cot"]["bird"]["n_scored"] == 4 and reuse["sft_cot_maj2"]["spider"]["n_scored"] == 4
-    assert reuse["base_seed"]["bird"]["note"] == "not run"
+    assert reuse["sft_cot_hinted"]["bird"]["n_scored"] == 4 and reuse["sft_cot_hinted_maj2"]["spider"]["n_scored"] == 4
+    assert reuse["base_seed"]["bird"]["note"] == "not run" and reuse["sft_cot"]["bird"]["note"] == "not run"
 
 
 def test_the_students_record_the_prompts_they_were_trained_on(recipe_run):
@@ -226,7 +241,7 @@ def test_a_rerun_redoes_no_step(recipe_run):
     assert recipe_run["rerun"]["state"] == recipe_run["first_state"]
     assert recipe_run["rerun"]["requests"] == recipe_run["first_requests"] > 0
     steps = [k for k in recipe_run["first_state"] if not k.startswith("_")]
-    assert len(steps) == 4 + 2 + 5 + 14  # 4 conversions, 2 syntheses, 5 trainings, 7 rows x 2 benchmarks
+    assert len(steps) == 4 + 1 + 4 + 12  # 4 conversions, synthesis, 4 trainings, 6 rows x 2 benchmarks
 
 
 def test_earlier_rows_come_with_their_predictions_and_are_marked(recipe_run):
@@ -236,6 +251,9 @@ def test_earlier_rows_come_with_their_predictions_and_are_marked(recipe_run):
     got = json.loads((results / "earlier.json").read_text())
     assert [r["row"] for r in got["rows"]] == ROW_NAMES
     for r in got["rows"]:
+        if r["row"] == "sft_cot_hinted":  # not run in the first table either: nothing to take
+            assert r["bird"]["note"] == "not run" and not r.get("earlier")
+            continue
         assert bool(r.get("earlier")) is (r["row"] != "base_ours"), r["row"]
         if r.get("earlier"):
             assert r["earlier"]["table"] == str(results / "table.json")
