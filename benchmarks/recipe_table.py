@@ -1,5 +1,6 @@
 """The recipe's results table on real models: baselines, no-CoT SFT, CoT SFT (blind chains; hinted chains), CoT +
-no-CoT SFT, CoT SFT + DPO (maj@8 where it matters), on BIRD dev and Spider dev.
+no-CoT SFT (with either), CoT SFT + DPO (teacher pairs; on-policy pairs), maj@8 where it matters, on BIRD dev and
+Spider dev.
 
     python benchmarks/recipe_table.py --config jobs/recipe_small_gpu.yaml \\
         --student <0.5B .gguf or dir> --teacher <1.5B .gguf or dir> \\
@@ -16,15 +17,17 @@ the fields below replaced; `--set stage.field=value` overrides any field of a se
    canonicalisation (BIRD train has no databases here; `canonical_match`, counted apart) or executes to its result;
 3. train from the student (`train:` section, same hyper-parameters every time): no-CoT SFT on the gold SQL of
    BIRD train + Spider train; CoT SFT on the execution-verified chains; CoT SFT on the hinted BIRD chains + those
-   chains; CoT + no-CoT SFT on both sets at once (each row with its own system turn); each when the first row
-   that needs it runs (its `merged/` model is what gets evaluated, if written);
-4. evaluate seven models x two benchmarks (`evaluate:`), rows in `--rows` order (so a GPU budget goes to the rows
+   chains; CoT + no-CoT SFT on both sets at once (each row with its own system turn), with the Spider chains or
+   with the hinted BIRD chains added (`--hinted-synthesis` reuses an earlier hinted synthesis); each when the first
+   row that needs it runs (its `merged/` model is what gets evaluated, if written);
+4. evaluate nine models x two benchmarks (`evaluate:`), rows in `--rows` order (so a GPU budget goes to the rows
    that matter first; rows left out read "not run", or, with `--earlier`, what an earlier table says): the
    student with the seed's prompt (bare DDL, SQL only), the student with our prompt (rich schema, SQL only), the
-   no-CoT SFT model (SQL only), the CoT SFT models and the CoT + no-CoT SFT model (CoT prompt), the CoT SFT + DPO model
+   no-CoT SFT model (SQL only), the CoT SFT models and the CoT + no-CoT SFT models (CoT prompt), the CoT SFT + DPO model
    (a new LoRA on the merged CoT SFT model, trained on pairs from the synthesis' verdicts, `--dpo-*`; CoT prompt,
-   greedy); the SFT rows greedy and maj@k from one run (`--maj-k`, temperature `--maj-temperature`; with vllm one
-   engine execution); `--nocot-engine` picks another backend for the greedy-only SQL rows (the baselines);
+   greedy), the CoT + no-CoT SFT, hinted chains + on-policy DPO model (the same on pairs of that SFT model's own
+   samples of Spider train, drawn with its own CoT prompt: `synthesize.student_prompt`, `--onpolicy-samples`); the SFT rows greedy and maj@k
+   from one run (`--maj-k`, temperature `--maj-temperature`; with vllm one engine execution); `--nocot-engine` picks another backend for the greedy-only SQL rows (the baselines);
 5. the table: `<results>.md` (+ `<results>.json`, `<results>.png`) and every row's predictions in the official
    predict_dev.json format as `<results>/<row>_<bird|spider>_predict_dev.json` (all questions of the file, in
    order; questions whose database is absent, or that a row could not answer, hold an empty SQL and score 0).
@@ -91,9 +94,15 @@ ROWS = (
     Row("sft_mix", "CoT + no-CoT SFT", "sft_mix", {"cot": True},
         "LoRA on the verified chains and the gold SQL of BIRD train + Spider train at once (each with its own "
         "system turn)", maj=True),
+    Row("sft_mix_hinted", "CoT + no-CoT SFT, hinted chains", "sft_mix_hinted", {"cot": True},
+        "LoRA on the hinted BIRD train chains + the verified Spider train chains and the gold SQL of BIRD train + "
+        "Spider train at once (each with its own system turn)", maj=True),
     Row("sft_cot_dpo", "CoT SFT + DPO", "sft_cot_dpo", {"cot": True},
         "DPO (a new LoRA on the merged CoT SFT model, the reference) on teacher pairs: verified vs wrong or "
         "failing chains of the same Spider train question"),
+    Row("sft_mix_hinted_dpo", "CoT + no-CoT SFT, hinted chains + on-policy DPO", "sft_mix_hinted_dpo", {"cot": True},
+        "DPO (a new LoRA on the merged CoT + no-CoT SFT, hinted chains model, the reference) on that model's own "
+        "pairs: k samples per Spider train question with its own CoT prompt, verified vs wrong or failing"),
 )
 
 
@@ -125,10 +134,15 @@ def parse_args(argv):
                         "(--set evaluate.engine.gpu_memory_utilization=0.3 --set evaluate.engine.kv_cache_gb=24). "
                         "Replaces --rows; rows that train the same model must share a lane")
     p.add_argument("--maj-k", type=int, default=8, help="samples per question for the maj@k row")
+    p.add_argument("--benchmarks", default=",".join(BENCHMARKS),
+                   help="the dev sets the rows are evaluated on, of bird,spider (the others read 'not run')")
     p.add_argument("--maj-temperature", type=float, default=0.8, help="sampling temperature of the maj@k row")
     p.add_argument("--synthesis", default="",
                    help="an earlier `t2s synthesize` output dir (its sft.parquet and manifest) to use instead of the "
                         "synthesis step, e.g. the committed benchmarks/results/recipe_small_gpu_synthesis")
+    p.add_argument("--hinted-synthesis", default="",
+                   help="an earlier hinted `t2s synthesize` output on BIRD train (mode hinted) to use instead of the "
+                        "hinted rows' teacher step, e.g. the committed benchmarks/results/recipe_small_gpu_hinted_synthesis")
     p.add_argument("--hinted-samples", type=int, default=1,
                    help="CoT SFT, hinted chains row: teacher samples per BIRD train question (shown the gold SQL)")
     p.add_argument("--hinted-limit", type=int, default=0,
@@ -138,6 +152,9 @@ def parse_args(argv):
     p.add_argument("--dpo-epochs", type=float, default=1.0, help="DPO row: epochs over the pairs")
     p.add_argument("--dpo-lora-r", type=int, default=64, help="DPO row: rank of the new LoRA (alpha = 2 r)")
     p.add_argument("--dpo-pairs-per-question", type=int, default=2, help="DPO row: pairs per question at most")
+    p.add_argument("--onpolicy-samples", type=int, default=4,
+                   help="on-policy DPO row: samples per Spider train question from its SFT model itself "
+                        "(its own prompt, synthesize.engine's temperature; the questions of synthesize.limit)")
     p.add_argument("--earlier", default="",
                    help="an earlier table's STEM.json (its predictions beside it in STEM/): rows not run now are taken "
                         "from it, predictions copied and the row marked as earlier, e.g. the committed "
@@ -160,7 +177,15 @@ def parse_args(argv):
     args.bird_dev = args.bird_dev or (str(Path(args.bird) / "dev") if args.bird else "")
     if not (args.bird_train and args.bird_dev):
         p.error("give --bird DIR (holding train/ and dev/) or both --bird-train and --bird-dev")
+    args.benchmarks = tuple(b for b in (x.strip() for x in args.benchmarks.split(",")) if b)
+    if not args.benchmarks or set(args.benchmarks) - set(BENCHMARKS):
+        p.error(f"--benchmarks: a comma-separated list of {', '.join(BENCHMARKS)}")
+    args.started = time.time()  # steps that finish from now on are this run's (the table's times say which)
     return args
+
+
+# the DPO rows: the SFT model each starts from (its reference model)
+DPO_START = {"sft_cot_dpo": {"sft_cot"}, "sft_mix_hinted_dpo": {"sft_mix_hinted"}}
 
 
 def parse_lanes(text: str) -> list[list[str]]:
@@ -179,11 +204,13 @@ def parse_lanes(text: str) -> list[list[str]]:
     owner: dict[str, int] = {}
     for i, lane in enumerate(lanes):
         for n in lane:
-            trains = {by_name[n].model} | ({"sft_cot"} if n == "sft_cot_dpo" else set())
-            for m in trains - {"student"}:
+            # DPO starts from the CoT SFT model; the hinted rows share one teacher step (the hinted synthesis)
+            needs = {f"the {m} model" for m in {by_name[n].model} | DPO_START.get(n, set()) if m != "student"} | (
+                {"the hinted teacher chains"} if "_hinted" in n else set())
+            for m in sorted(needs):
                 if owner.setdefault(m, i) != i:
-                    raise SystemExit(f"--lanes {text!r}: rows needing the {m} model are in lanes {owner[m] + 1} and "
-                                     f"{i + 1}; put them in one lane (its model is trained once, by one process)")
+                    raise SystemExit(f"--lanes {text!r}: rows needing {m} are in lanes {owner[m] + 1} and "
+                                     f"{i + 1}; put them in one lane (made once, by one process)")
     return lanes
 
 
@@ -289,12 +316,13 @@ class Steps:
             fcntl.flock(lock, fcntl.LOCK_EX)
             disk = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
             mine = {k: v for k, v in self.state.items() if k not in disk and not k.startswith("_")}
-            nested = {k: {**self.state.get(k, {}), **disk.get(k, {})} for k in ("_seconds", "_started")}
+            nested = {k: {**self.state.get(k, {}), **disk.get(k, {})} for k in ("_seconds", "_started", "_finished")}
             self.state = {**disk, **mine, **nested}
             if fp is not None:
                 self.state[name] = fp
             if seconds is not None:
                 self.state["_seconds"][name] = seconds
+                self.state["_finished"][name] = round(time.time(), 1)
             if started is not None:
                 self.state["_started"][name] = started
             self.seconds = self.state["_seconds"]
@@ -315,12 +343,14 @@ def _ex_of(report: dict, maj: bool) -> dict:
 
 
 def hinted_note(s: dict) -> str:
-    """The hinted row's SFT set in words (its chains' verdicts counted apart)."""
-    h, m = s.get("synthesis_bird_hinted") or {}, s["sft_sets"]["sft_cot_hinted"]
-    return (f"; CoT SFT, hinted chains {m['rows']} rows (teacher shown the gold SQL on BIRD train: "
-            f"{h.get('selected_questions', '?')} questions, {h.get('samples', '?')} samples, "
+    """The hinted rows' SFT sets in words (their chains' verdicts counted apart)."""
+    h, sets = s.get("synthesis_bird_hinted") or {}, s["sft_sets"]
+    mixed = (f"; CoT + no-CoT SFT, hinted chains {sets['sft_mix_hinted']['rows']} rows (those chains + the no-CoT "
+             "rows)") if "sft_mix_hinted" in sets else ""
+    return (f"; CoT SFT, hinted chains {sets['sft_cot_hinted']['rows']} rows (teacher shown the gold SQL on BIRD "
+            f"train: {h.get('selected_questions', '?')} questions, {h.get('samples', '?')} samples, "
             f"{h.get('sft_canonical_match', '?')} chains kept by canonical match with the gold, "
-            f"{h.get('sft_execution_verified', '?')} execution-verified; plus the Spider chains)")
+            f"{h.get('sft_execution_verified', '?')} execution-verified; plus the Spider chains)" + mixed)
 
 
 def run_recipe(args) -> dict:
@@ -341,15 +371,10 @@ def run_recipe(args) -> dict:
 
     # 2. teacher chains on Spider train, verified by execution
     syn_cfg = rep(syn_t, input=str(conv["spider_train_cot"]), data=args.spider, out=str(run_dir / "synthesize" / "spider_train"))
+    hinted_reused = reused_synthesis("--hinted-synthesis", args.hinted_synthesis, mode="hinted")  # checked now
     if args.synthesis:  # reuse an earlier synthesis: it stands for the step (its fingerprint is its manifest)
-        syn_dir = Path(args.synthesis)
-        manifest = read_manifest(syn_dir)
-        if manifest is None or manifest.get("stage") != "synthesize" or not (syn_dir / "sft.parquet").is_file():
-            raise SystemExit(f"--synthesis {syn_dir}: not a `t2s synthesize` output (manifest.json with stage "
-                             "'synthesize' and sft.parquet); give the dir `t2s synthesize --out` wrote")
-        steps.record("synthesize_spider_train", hashlib.sha256(
-            (json.dumps(manifest, sort_keys=True, default=str) + str(syn_dir.resolve())).encode()).hexdigest()[:16])
-        log.info("recipe: synthesis from %s (%s SFT rows), not rerun", syn_dir, manifest.get("counts", {}).get("sft_rows"))
+        syn_dir, fp = reused_synthesis("--synthesis", args.synthesis)
+        steps.record("synthesize_spider_train", fp)
     else:
         syn_dir = steps.run("synthesize_spider_train", synthesize, syn_cfg, after=("convert_spider_train_cot",))
     syn_counts = (read_manifest(syn_dir) or {}).get("counts", {})
@@ -367,15 +392,15 @@ def run_recipe(args) -> dict:
     # the student is evaluated exactly as training starts from it ("" = the embedded default, as a path)
     models, not_trained = {"student": train_t.model or resolve_model("")}, {}
 
-    dpo_counts: dict = {}
+    dpo_counts: dict = {}  # per DPO row
 
     def model_for(name: str) -> str | None:
         if name in models or name in not_trained:
             return models.get(name)
-        if name == "sft_cot_dpo":
-            return dpo_model()
-        if name == "sft_cot_hinted" and name not in mixes:
-            hinted_set()
+        if name in DPO_START:
+            return dpo_model(name)
+        if name in ("sft_cot_hinted", "sft_mix_hinted") and name not in mixes:
+            hinted_sets()
         if mixes[name]["rows"] == 0:
             not_trained[name] = "no training rows (the teacher verified no chain)"
             log.warning("recipe: %s has no training rows; its table row is left empty", name)
@@ -383,47 +408,68 @@ def run_recipe(args) -> dict:
         kind = name.removeprefix("sft_")
         t = rep(train_t, input=str(run_dir / "sft" / kind), out=str(run_dir / "train" / kind))
         after = ("convert_bird_train_nocot", "convert_spider_train_nocot") + (
-            ("synthesize_spider_train",) if kind in ("cot", "mix", "cot_hinted") else ()) + (
-            ("synthesize_bird_train_hinted",) if kind == "cot_hinted" else ())
+            ("synthesize_spider_train",) if kind != "nocot" else ()) + (
+            ("synthesize_bird_train_hinted",) if kind.endswith("_hinted") else ())
         models[name] = evaluated(steps.run(f"train_{name}", train, t, after=after))
         return models[name]
 
-    def hinted_set() -> None:
-        """The hinted row's SFT set: the teacher shown each BIRD train question's gold SQL (the seed's recipe; BIRD
+    def hinted_sets() -> None:
+        """The hinted rows' SFT sets: the teacher shown each BIRD train question's gold SQL (the seed's recipe; BIRD
         train has no databases here, so a chain counts when its final SQL equals the gold after sqlglot
         canonicalisation: `canonical_match`, kept apart from execution-verified in the counts), beside the verified
-        Spider chains. Run when the row first needs it (a teacher generation: GPU time)."""
-        h_cfg = rep(syn_t, input=str(conv["bird_train_cot"]), data=args.bird_train, mode="hinted",
-                    samples=args.hinted_samples, limit=args.hinted_limit, no_db_check="canonical",
-                    sft_canonical_match=True, out=str(run_dir / "synthesize" / "bird_train_hinted"))
-        h_dir = steps.run("synthesize_bird_train_hinted", synthesize, h_cfg, after=("convert_bird_train_cot",))
+        Spider chains (and, for the mixed row, the gold SQL rows). Made when a hinted row first needs them (a teacher
+        generation: GPU time), or read from --hinted-synthesis."""
+        if hinted_reused:
+            h_dir, fp = hinted_reused
+            steps.record("synthesize_bird_train_hinted", fp)
+        else:
+            h_cfg = rep(syn_t, input=str(conv["bird_train_cot"]), data=args.bird_train, mode="hinted",
+                        samples=args.hinted_samples, limit=args.hinted_limit, no_db_check="canonical",
+                        sft_canonical_match=True, out=str(run_dir / "synthesize" / "bird_train_hinted"))
+            h_dir = steps.run("synthesize_bird_train_hinted", synthesize, h_cfg, after=("convert_bird_train_cot",))
         hinted_counts.update((read_manifest(h_dir) or {}).get("counts", {}))
-        mixes["sft_cot_hinted"] = write_mix(run_dir / "sft" / "cot_hinted", chains + [
-            ("bird_train_hinted_chains", h_dir / "sft.parquet", "cot")], conv["spider_train_cot"])
+        hinted = chains + [("bird_train_hinted_chains", h_dir / "sft.parquet", "cot")]
+        mixes["sft_cot_hinted"] = write_mix(run_dir / "sft" / "cot_hinted", hinted, conv["spider_train_cot"])
+        mixes["sft_mix_hinted"] = write_mix(run_dir / "sft" / "mix_hinted", hinted + gold_sources,
+                                            conv["spider_train_cot"])
 
-    def dpo_model() -> str | None:
-        """The DPO row's model: pairs from the synthesis' verdicts (prompts: this run's CoT conversion of Spider
-        train, the synthesis input), trained from the CoT SFT model (the reference)."""
-        name, start = "sft_cot_dpo", model_for("sft_cot")
+    def dpo_model(name: str) -> str | None:
+        """A DPO row's model: a new LoRA on its SFT model (the reference), trained on pairs of one Spider train question
+        (prompts: this run's CoT conversion of Spider train). sft_cot_dpo: the teacher's samples (the synthesis'
+        verdicts); sft_mix_hinted_dpo: on-policy, its SFT model's own samples, drawn with its own CoT prompt."""
+        (start_row,) = DPO_START[name]
+        start = model_for(start_row)
         if start is None:
-            not_trained[name] = "no CoT SFT model to start from"
+            not_trained[name] = f"no {start_row} model to start from"
             return None
-        t = rep(train_t, method="dpo", input=str(run_dir / "dpo" / "pairs.parquet"), model=start,
-                out=str(run_dir / "train" / "cot_dpo"), packing=False, lr=args.dpo_lr, epochs=args.dpo_epochs,
+        kind = name.removeprefix("sft_")
+        # the teacher row keeps the paths of the runs before the on-policy row existed (a resumed run stays valid)
+        pair_dir = run_dir / ("dpo" if name == "sft_cot_dpo" else f"dpo_{kind}")
+        samples_dir, after = syn_dir, (f"train_{start_row}",)
+        if name != "sft_cot_dpo":
+            o_cfg = rep(syn_t, input=str(conv["spider_train_cot"]), data=args.spider, mode="blind", student_prompt=True,
+                        samples=args.onpolicy_samples, sft_canonical_match=False, include_unverified=False,
+                        engine=rep(syn_t.engine, model=start), out=str(run_dir / "synthesize" / "spider_train_onpolicy"))
+            samples_dir = steps.run("synthesize_spider_train_onpolicy", synthesize, o_cfg, after=after)
+            after = after + ("synthesize_spider_train_onpolicy",)
+        t = rep(train_t, method="dpo", input=str(pair_dir / "pairs.parquet"), model=start,
+                out=str(run_dir / "train" / kind), packing=False, lr=args.dpo_lr, epochs=args.dpo_epochs,
                 max_steps=0, schedule="cosine", warmup_ratio=0.1, lora_r=args.dpo_lora_r, lora_alpha=2 * args.dpo_lora_r,
                 dpo_beta=args.dpo_beta, dpo_pairs_per_question=args.dpo_pairs_per_question)
         conv_file = conv["spider_train_cot"] / "train.parquet"
-        built = dpo.read_input([syn_dir / "samples.parquet", conv_file], t)
-        dpo_counts.update(dpo.manifest_section(built, len(built.pairs), t, from_samples=True))
-        dpo_counts["pairs_file"] = str(run_dir / "dpo" / "pairs.parquet")
-        write_json(run_dir / "dpo" / "pairs.json", dpo_counts)
+        built = dpo.read_input([samples_dir / "samples.parquet", conv_file], t)
+        counts = dpo_counts.setdefault(name, {})
+        counts.update(dpo.manifest_section(built, len(built.pairs), t, from_samples=True))
+        counts["pairs_file"] = str(pair_dir / "pairs.parquet")
+        counts["samples_from"] = str(samples_dir)
+        write_json(pair_dir / "pairs.json", counts)
         if not built.pairs:
             not_trained[name] = "no preference pairs (no question has both a verified and a failing chain)"
             return None
         import pyarrow as pa
 
-        write_parquet(run_dir / "dpo" / "pairs.parquet", pa.Table.from_pylist(built.pairs))
-        models[name] = evaluated(steps.run(f"train_{name}", train, t, after=("train_sft_cot",)))
+        write_parquet(pair_dir / "pairs.parquet", pa.Table.from_pylist(built.pairs))
+        models[name] = evaluated(steps.run(f"train_{name}", train, t, after=after))
         return models[name]
 
     # 4. evaluations: every row on both benchmarks, in --rows order
@@ -435,7 +481,8 @@ def run_recipe(args) -> dict:
     bench_data = {"bird": args.bird_dev, "spider": args.spider}
     results_stem = Path(args.results)
     pred_dir = results_stem.parent / results_stem.name
-    earlier = read_earlier(Path(args.earlier)) if args.earlier else {}  # before pred_dir goes: it may be that dir
+    # before pred_dir goes: it may be that dir
+    earlier, earlier_summary = read_earlier(Path(args.earlier)) if args.earlier else ({}, {})
     if pred_dir.exists():
         shutil.rmtree(pred_dir)
     pred_dir.mkdir(parents=True)
@@ -446,10 +493,10 @@ def run_recipe(args) -> dict:
         results = {e[0]: {} for e in entries}
         model = model_for(row.model)
         for bench in BENCHMARKS:
-            if model is None:
+            if model is None or bench not in args.benchmarks:
                 for e in entries:
                     results[e[0]][bench] = {"ex": None, "n_correct": None, "n_scored": None,
-                                            "note": not_trained[row.model]}
+                                            "note": not_trained[row.model] if model is None else "not run"}
                 continue
             engine = eval_t.engine
             if args.nocot_engine and not row.prompt.get("cot") and not row.maj:
@@ -483,20 +530,36 @@ def run_recipe(args) -> dict:
                           "cot": bool(row.prompt.get("cot")), "decoding": f"maj@{args.maj_k}, T={args.maj_temperature}"
                           if maj else "greedy", "model": models.get(row.model, ""), **res})
 
+    took = {r["row"] for r in table if r.get("earlier")}
+    dpo_train = (f"LoRA r {args.dpo_lora_r} / alpha {2 * args.dpo_lora_r} on the merged CoT SFT model, lr {args.dpo_lr} "
+                 f"cosine (10% warmup), beta {args.dpo_beta}, {args.dpo_epochs} epoch(s), at most "
+                 f"{args.dpo_pairs_per_question} pairs per question")
+    dpo_pairs = {"dpo_pairs": dpo_counts.get("sft_cot_dpo", {}),
+                 "dpo_pairs_onpolicy": dpo_counts.get("sft_mix_hinted_dpo", {})}
+    for key, name in (("dpo_pairs", "sft_cot_dpo"), ("dpo_pairs_onpolicy", "sft_mix_hinted_dpo")):
+        if name in took and not dpo_pairs[key]:  # an earlier row keeps the words on what it was trained on
+            dpo_pairs[key], dpo_train = earlier_summary.get(key) or {}, earlier_summary.get("dpo_train", dpo_train)
+    for name in ("sft_cot_hinted", "sft_mix_hinted"):
+        if name in took and name not in mixes and name in earlier_summary.get("sft_sets", {}):
+            mixes[name] = earlier_summary["sft_sets"][name]
+            hinted_counts = hinted_counts or earlier_summary.get("synthesis_bird_hinted") or {}
+    finished = steps.state.get("_finished", {})
     summary = {
-        "config": str(args.config), "student": train_t.model, "teacher": syn_t.engine.model,
+        "config": shown(args.config), "student": train_t.model, "teacher": syn_t.engine.model,
         "engine": {"synthesize": syn_t.engine.backend, "evaluate": eval_t.engine.backend,
                    "evaluate_nocot": args.nocot_engine or eval_t.engine.backend},
         "data": {"bird_train": args.bird_train, "bird_dev": args.bird_dev, "spider": args.spider},
-        "synthesis": syn_counts, "synthesis_bird_hinted": hinted_counts, "sft_sets": mixes, "dpo_pairs": dpo_counts,
-        "rows": table, "step_seconds": steps.seconds,
+        "synthesis": syn_counts, "synthesis_bird_hinted": hinted_counts, "sft_sets": mixes, **dpo_pairs,
+        "rows": table,
+        # wall time of the steps this run ran; a step done in the run dir before (an earlier, killed run, or a run dir
+        # unpacked from elsewhere: h200.sh RECIPE_RUN_TGZ) is listed apart, its time not this run's
+        "step_seconds": {k: v for k, v in steps.seconds.items() if finished.get(k, 0) >= args.started},
+        "step_seconds_before": {k: v for k, v in steps.seconds.items() if finished.get(k, 0) < args.started},
         "train": {k: getattr(train_t, k) for k in ("method", "epochs", "max_steps", "lr", "schedule", "warmup_ratio",
                                                     "lora_r", "lora_alpha", "lora_dropout", "micro_batch_size",
                                                     "grad_accum", "max_length", "packing", "max_grad_norm")},
         "run_dir": str(run_dir),
-        "dpo_train": (f"LoRA r {args.dpo_lora_r} / alpha {2 * args.dpo_lora_r} on the merged CoT SFT model, lr {args.dpo_lr} "
-                      f"cosine (10% warmup), beta {args.dpo_beta}, {args.dpo_epochs} epoch(s), at most "
-                      f"{args.dpo_pairs_per_question} pairs per question"),
+        "dpo_train": dpo_train,
     }
     write_json(results_stem.with_suffix(".json"), summary)
     write_text(results_stem.with_suffix(".md"), table_markdown(summary))
@@ -505,16 +568,43 @@ def run_recipe(args) -> dict:
     return summary
 
 
-def read_earlier(path: Path) -> dict[str, list[dict]]:
-    """--earlier: {row name: its table entries (the row and its maj@k line), each bench's predictions file read
-    into "_predictions" (bytes)} for the rows of an earlier table that have a number."""
+def reused_synthesis(flag: str, path: str, mode: str | None = None) -> tuple[Path, str] | None:
+    """--synthesis / --hinted-synthesis: (the dir, the fingerprint that stands for its step: its manifest and
+    where it is), checked to be a `t2s synthesize` output (of `mode`, when given); None when not given."""
+    if not path:
+        return None
+    d = Path(path)
+    manifest = read_manifest(d)
+    if manifest is None or manifest.get("stage") != "synthesize" or not (d / "sft.parquet").is_file():
+        raise SystemExit(f"{flag} {d}: not a `t2s synthesize` output (manifest.json with stage 'synthesize' and "
+                         "sft.parquet); give the dir `t2s synthesize --out` wrote")
+    got = (manifest.get("config") or {}).get("mode")
+    if mode and got != mode:
+        raise SystemExit(f"{flag} {d}: a synthesis in mode {got!r}, not {mode!r}; give a `t2s synthesize --mode "
+                         f"{mode}` output")
+    log.info("recipe: synthesis from %s (%s SFT rows), not rerun", d, manifest.get("counts", {}).get("sft_rows"))
+    return d, hashlib.sha256((json.dumps(manifest, sort_keys=True, default=str) + str(d.resolve())).encode()).hexdigest()[:16]
+
+
+def shown(path: str) -> str:
+    """A path as a table shows it: relative to this checkout when inside it (the GPU machine's copy at /tmp/src and
+    a user's clone then read the same), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO.resolve()))
+    except (OSError, ValueError):
+        return str(path)
+
+
+def read_earlier(path: Path) -> tuple[dict[str, list[dict]], dict]:
+    """--earlier: ({row name: its table entries (the row and its maj@k line), each bench's predictions file read
+    into "_predictions" (bytes)} for the rows of an earlier table that have a number, that table's summary)."""
     try:
         s = json.loads(path.read_text())
         rows = s["rows"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--earlier {path}: not a results table written by this script ({e}); give its STEM.json")
     out: dict[str, list[dict]] = {}
-    secs = s.get("step_seconds") or {}
+    secs = {**(s.get("step_seconds_before") or {}), **(s.get("step_seconds") or {})}  # a row's steps ran then or before
     for row in ROWS:
         entries = [dict(r) for r in rows if r.get("row") == row.name or r.get("row", "").startswith(f"{row.name}_maj")]
         if not any(e.get(b, {}).get("ex") is not None for e in entries for b in BENCHMARKS):
@@ -531,10 +621,10 @@ def read_earlier(path: Path) -> dict[str, list[dict]]:
                                          "there; an earlier row is only taken with the predictions it was scored from")
                     e[b] = {**res, "_predictions": src.read_bytes()}
             # a row that table took from a yet earlier one keeps where it was run
-            e["earlier"] = e.get("earlier") or {"table": str(path), "run_dir": s.get("run_dir", ""),
+            e["earlier"] = e.get("earlier") or {"table": shown(str(path)), "run_dir": s.get("run_dir", ""),
                                                 "student": s.get("student", ""), "step_seconds": own_seconds}
         out[row.name] = entries
-    return out
+    return out, s
 
 
 def earlier_rows(entries: list[dict], pred_dir: Path) -> list[dict]:
@@ -573,7 +663,7 @@ def table_markdown(s: dict) -> str:
     for r in s["rows"]:
         lines.append(f"| {r['label']}{' (earlier run)' if r.get('earlier') else ''} | {r['prompt']}{', CoT' if r['cot'] else ''} | {r['training']} | {r['decoding']} "
                      f"| {cell(r.get('bird', {}))} | {cell(r.get('spider', {}))} |")
-    earlier = sorted({(r["earlier"]["table"], r["earlier"]["run_dir"]) for r in s["rows"] if r.get("earlier")})
+    earlier = sorted({(shown(r["earlier"]["table"]), r["earlier"]["run_dir"]) for r in s["rows"] if r.get("earlier")})
     if earlier:
         lines += ["", "Rows marked (earlier run) are not rerun here: taken with their predictions from " + "; ".join(
             f"`{t}` (run dir `{d}`)" for t, d in earlier) + "."]
@@ -581,8 +671,8 @@ def table_markdown(s: dict) -> str:
         if then:
             lines.append("Their wall time per step (s), in that run: " + ", ".join(f"{k} {v}" for k, v in then.items())
                          + ". The times below are this run's.")
-    ran = [r for r in s["rows"] if any(r.get(b, {}).get("ex") is not None for b in BENCHMARKS)] or s["rows"]
-    skipped = {b: ran[0].get(b, {}).get("n_skipped_missing_db") for b in BENCHMARKS}
+    skipped = {b: next((r[b].get("n_skipped_missing_db") for r in s["rows"] if r.get(b, {}).get("ex") is not None), "n/a")
+               for b in BENCHMARKS}
     syn = s["synthesis"]
     lines += [
         "",
@@ -599,13 +689,17 @@ def table_markdown(s: dict) -> str:
          "Training (every SFT row): " + ", ".join(f"{k} {v}" for k, v in s["train"].items()) + "."),
         "",
     ]
-    d = s.get("dpo_pairs") or {}
-    if d:
+    for key, whose in (("dpo_pairs", "teacher samples of the synthesis"),
+                       ("dpo_pairs_onpolicy", "the SFT model's own samples on Spider train, its own CoT prompt")):
+        d = s.get(key) or {}
+        if not d:
+            continue
         q = d.get("questions", {})
         lines += [
-            (f"DPO pairs (teacher samples of the synthesis): {d.get('pairs')} pairs from {q.get('paired', '?')} questions "
-             "(" + ", ".join(f"{k} {v}" for k, v in q.items() if k != "paired") + f"); {d.get('samples_in_pairs')} of "
-             f"{d.get('samples')} samples in a pair. Training: {s.get('dpo_train', '')}. Policy: {d.get('policy', '')}."),
+            (f"{'DPO' if key == 'dpo_pairs' else 'On-policy DPO'} pairs ({whose}): {d.get('pairs')} pairs from "
+             f"{q.get('paired', '?')} questions (" + ", ".join(f"{k} {v}" for k, v in q.items() if k != "paired")
+             + f"); {d.get('samples_in_pairs')} of {d.get('samples')} samples in a pair. Training: "
+             f"{s.get('dpo_train', '')}. Policy: {d.get('policy', '')}."),
             "",
         ]
     lines += [
@@ -613,8 +707,12 @@ def table_markdown(s: dict) -> str:
         "not answered): " + ", ".join(f"`{r[b]['predictions']}`" for r in s["rows"] for b in BENCHMARKS
                                       if r.get(b, {}).get("predictions")) + ".",
         "",
-        "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in s["step_seconds"].items()) + ".",
+        "Wall time per step (s), this run: " + (", ".join(f"{k} {v}" for k, v in s["step_seconds"].items()) or
+                                                "none (every step was done before)") + ".",
     ]
+    if s.get("step_seconds_before"):
+        lines += ["", "Done in the run dir before this run started, not rerun (their time then, s): " + ", ".join(
+            f"{k} {v}" for k, v in s["step_seconds_before"].items()) + "."]
     if s.get("lanes"):
         lines += ["", "Lanes (processes sharing the GPU, steps within a lane one after another): " + "; ".join(
             f"{k}: {','.join(v['rows'])} ({v['seconds']} s{'' if v['rc'] == 0 else ', failed: rc ' + str(v['rc'])})"

@@ -5,6 +5,9 @@ with the right counts; a rerun redoes nothing.
 Stand-ins, for what cannot run here: the student is the tiny random Llama (a real 0.5B model on CPU would take
 hours), and the teacher (a 1.5B model on a GPU in the real run) is a local OpenAI-compatible HTTP server that
 answers every hinted teacher prompt with a chain ending in the hinted query, so the CoT step has verified chains.
+The same server stands in for the on-policy DPO row's sampler (the student it starts from, served by vLLM in the
+real run; the tiny random student writes no SQL): asked with the student's own prompt under the student model's
+name, it answers with the question's gold SQL (or a failing query), and the test checks what it was asked.
 The data are real: the bundled demo (BIRD format) as BIRD, and the first questions of the real Spider.
 """
 
@@ -31,18 +34,23 @@ HINT = re.compile(r"A reference query, which may be wrong, is:\n```sql\n(.*?)\n`
 class HintCopyingTeacher(LocalServer):
     """/v1/chat/completions answering a hinted teacher prompt with a short chain that ends in the hinted SQL."""
 
-    def __init__(self):
+    def __init__(self, gold_by_question: dict[str, str]):
         from fastapi import FastAPI
 
         self.requests = 0
+        self.asked: list[dict] = []  # per request: the model name, the system turn, whether a hint was shown
         app = FastAPI()
+        # longest first: a question that is part of a longer one never takes its gold
+        questions = sorted(gold_by_question, key=len, reverse=True)
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
             body = await request.json()
             self.requests += 1
-            m = HINT.search(body["messages"][-1]["content"])
-            sql = m.group(1) if m else "SELECT 1"
+            user = body["messages"][-1]["content"]
+            m = HINT.search(user)
+            self.asked.append({"model": body["model"], "system": body["messages"][0]["content"], "hinted": bool(m)})
+            sql = m.group(1) if m else next((gold_by_question[q] for q in questions if q in user), "SELECT 1")
             n = body.get("n", 1)
             # even samples copy the hint (verified), odd ones query a table that does not exist (an execution
             # error): every question gets a chosen and a rejected chain, the DPO row's pairs
@@ -66,11 +74,13 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
     import recipe_table
 
     tmp = tmp_path_factory.mktemp("recipe")
-    with HintCopyingTeacher() as teacher:
+    gold = {q["question"]: q["SQL"] for q in bird.load_split(SPIDER, "train").questions[:50]}
+    with HintCopyingTeacher(gold) as teacher:
         argv = ["--config", str(REPO / "jobs" / "recipe_tiny_cpu.yaml"), "--student", str(tiny_llama_dir),
                 "--teacher", "stand-in-teacher", "--bird", "demo", "--spider", str(SPIDER), "--maj-k", "2",
                 "--out", str(tmp / "run"), "--results", str(tmp / "results" / "table"),
-                # every row but the hinted one, which the reuse run below takes (one student less to train here)
+                # the rows of the teacher's Spider chains; the hinted rows are the reuse runs' below (sft_mix, the
+                # CoT + no-CoT set, is trained there with the hinted chains: the same code, one student less here)
                 "--rows", ",".join(r for r in MAIN_ROWS),
                 "--set", "synthesize.engine.backend=openai", "--set", f"synthesize.engine.endpoint={teacher.endpoint}",
                 "--set", "synthesize.engine.max_retries=0"]
@@ -86,10 +96,20 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         # an earlier Spider synthesis reused (no Spider teacher request); only the hinted row asked: its BIRD train
         # chains are made (the teacher shown the gold SQL) and its student is trained on them + the reused chains
         before = teacher.requests
+        # (BIRD only: --benchmarks; the main run covers both)
         assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "reuse"), "--rows", "sft_cot_hinted",
-                                              "--synthesis", str(tmp / "run" / "synthesize" / "spider_train")]
-                                 + argv[-6:]) == 0
+                                              "--synthesis", str(tmp / "run" / "synthesize" / "spider_train"),
+                                              "--benchmarks", "bird"] + argv[-6:]) == 0
         rerun["reuse_requests"] = teacher.requests - before
+        # the mixed hinted row from that hinted synthesis, reused (--hinted-synthesis): no teacher request at all;
+        # then its on-policy DPO row: the mixed model samples Spider train itself, with its own CoT prompt
+        before = len(teacher.asked)
+        assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "mixed"), "--rows",
+                                              "sft_mix_hinted,sft_mix_hinted_dpo", "--onpolicy-samples", "2",
+                                              "--synthesis", str(tmp / "run" / "synthesize" / "spider_train"),
+                                              "--hinted-synthesis", str(tmp / "run" / "synthesize" / "bird_train_hinted"),
+                                              "--benchmarks", "bird"] + argv[-6:]) == 0
+        rerun["mixed_asked"] = teacher.asked[before:]
         # one row run, the rest taken from the first table (--earlier): nothing else reruns
         assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "earlier"), "--rows", "base_ours",
                                               "--earlier", str(tmp / "results" / "table.json")] + argv[-6:]) == 0
@@ -100,15 +120,19 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
             recipe_table.main(argv[:-6] + ["--rows", "base_ours", "--earlier", str(tmp / "broken.json")] + argv[-6:])
         with pytest.raises(SystemExit, match="not a `t2s synthesize` output"):
             recipe_table.main(argv[:-6] + ["--synthesis", str(tmp / "run" / "sft" / "cot")] + argv[-6:])
+        with pytest.raises(SystemExit, match="a synthesis in mode 'blind', not 'hinted'"):  # the on-policy samples
+            recipe_table.main(argv[:-6] + ["--hinted-synthesis", str(tmp / "run" / "synthesize" / "spider_train_onpolicy")]
+                              + argv[-6:])
     return {"tmp": tmp, "first_state": first_state, "first_requests": requests, "rerun": rerun,
             "student": tiny_llama_dir}
 
 
-MAIN_ROWS = ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_mix", "sft_cot_dpo"]
-# the main table: the hinted row reads "not run" (one line, no maj@k line)
+MAIN_ROWS = ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_dpo"]
+# the main table: the other rows read "not run" (one line each, no maj@k line)
+NOT_IN_MAIN = ("sft_cot_hinted", "sft_mix", "sft_mix_hinted", "sft_mix_hinted_dpo")
 ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_nocot_maj2", "sft_cot", "sft_cot_maj2", "sft_cot_hinted",
-             "sft_mix", "sft_mix_maj2", "sft_cot_dpo"]
-RAN = [r for r in ROW_NAMES if r != "sft_cot_hinted"]
+             "sft_mix", "sft_mix_hinted", "sft_cot_dpo", "sft_mix_hinted_dpo"]
+RAN = [r for r in ROW_NAMES if r not in NOT_IN_MAIN]
 
 
 def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recipe_run):
@@ -117,25 +141,28 @@ def test_the_table_has_every_row_on_both_benchmarks_with_the_scored_counts(recip
     assert [r["row"] for r in summary["rows"]] == ROW_NAMES
     for r in summary["rows"]:
         for bench in ("bird", "spider"):
-            if r["row"] == "sft_cot_hinted":
+            if r["row"] in NOT_IN_MAIN:
                 assert r[bench]["ex"] is None and r[bench]["note"] == "not run"
                 continue
             assert r[bench]["n_scored"] == 4 and r[bench]["n_questions"] == 4, (r["row"], bench)
             assert 0.0 <= r[bench]["ex"] <= 100.0
-    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 2 + [
-        "greedy"] + ["greedy", "maj@2, T=0.8", "greedy"]
+    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 2 + ["greedy"] * 5
+    # the rerun (same --results) wrote this table: it ran nothing, so no time is called its own; the first run's
+    # times of every step are kept, said apart
+    assert summary["step_seconds"] == {}
+    assert summary["step_seconds_before"] == recipe_run["first_state"]["_seconds"]
+    assert set(summary["step_seconds_before"]) == {k for k in recipe_run["first_state"] if not k.startswith("_")}
     assert summary["rows"][0]["prompt"] == "seed (bare DDL)" and not summary["rows"][0]["cot"]
     by_row = {r["row"]: r for r in summary["rows"]}
     assert by_row["sft_cot"]["cot"] and by_row["sft_cot"]["model"].endswith(("train/cot", "train/cot/merged"))
-    assert by_row["sft_mix"]["cot"] and by_row["sft_mix"]["model"].endswith(("train/mix", "train/mix/merged"))
     assert not by_row["sft_nocot_maj2"]["cot"] and by_row["sft_nocot_maj2"]["bird"]["engine"] == "hf"
     md = (results / "table.md").read_text()
     for label in ("baseline, seed prompt", "baseline, our prompt", "| no-CoT SFT |", "no-CoT SFT + maj@2", "| CoT SFT |",
-                  "CoT SFT + maj@2", "| CoT + no-CoT SFT |", "CoT + no-CoT SFT + maj@2", "| CoT SFT + DPO |",
+                  "CoT SFT + maj@2", "| CoT + no-CoT SFT | ours (rich), CoT |", "| CoT SFT + DPO |",
                   "DPO pairs (teacher samples of the synthesis): 4 pairs from 4 questions"):
         assert label in md
-    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 9
-    assert "earlier run" not in md
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "/4)" in ln]) == 7
+    assert "earlier run" not in md and "Wall time per step (s), this run: none (every step was done before)." in md
     assert (results / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -181,17 +208,40 @@ def test_the_hinted_row_trains_on_chains_the_teacher_wrote_with_the_gold_sql_sho
     assert s["sources"]["spider_train_verified_chains"]["file"] == str(run / "synthesize" / "spider_train" / "sft.parquet")
     rows = {r["row"]: r for r in summary["rows"]}
     assert rows["sft_cot_hinted"]["cot"] and rows["sft_cot_hinted"]["model"].startswith(str(run / "train" / "cot_hinted"))
-    assert all(rows[n][b]["n_scored"] == 4 for n in ("sft_cot_hinted", "sft_cot_hinted_maj2") for b in ("bird", "spider"))
+    assert all(rows[n]["bird"]["n_scored"] == 4 and rows[n]["spider"]["note"] == "not run"
+               for n in ("sft_cot_hinted", "sft_cot_hinted_maj2"))
     md = (recipe_run["tmp"] / "results" / "reuse.md").read_text()
     assert "| CoT SFT, hinted chains |" in md and "| CoT SFT, hinted chains + maj@2 |" in md
     assert "CoT SFT, hinted chains 12 rows" in md
+
+
+def test_the_mixed_hinted_row_reuses_the_hinted_chains_beside_the_gold_rows(recipe_run):
+    """--hinted-synthesis: the hinted chains of the reuse run stand for the teacher step (no teacher request); the
+    mixed row trains on them + the Spider chains + the gold SQL rows of BIRD train and Spider train."""
+    run = recipe_run["tmp"] / "run"
+    assert [a for a in recipe_run["rerun"]["mixed_asked"] if a["model"] == "stand-in-teacher"] == []
+    summary = json.loads((recipe_run["tmp"] / "results" / "mixed.json").read_text())
+    s = summary["sft_sets"]["sft_mix_hinted"]
+    assert s["rows"] == 8 + 4 + 8 + 8 and s["cot"] == 12 and s["no_cot"] == 16
+    assert s["sources"]["bird_train_hinted_chains"]["file"] == str(run / "synthesize" / "bird_train_hinted" / "sft.parquet")
+    assert summary["synthesis_bird_hinted"]["sft_execution_verified"] == 8
+    rows = {r["row"]: r for r in summary["rows"]}
+    assert rows["sft_mix_hinted"]["cot"] and rows["sft_mix_hinted"]["model"].startswith(str(run / "train" / "mix_hinted"))
+    assert all(rows[n]["bird"]["n_scored"] == 4 for n in ("sft_mix_hinted", "sft_mix_hinted_maj2"))
+    assert rows["sft_cot_hinted"]["bird"]["note"] == "not run"
+    assert "CoT + no-CoT SFT, hinted chains 28 rows" in (recipe_run["tmp"] / "results" / "mixed.md").read_text()
+    # only the mixed rows' steps ran in that run (the conversions and Spider chains were there)
+    assert set(summary["step_seconds"]) == {"train_sft_mix_hinted", "eval_sft_mix_hinted_bird", "synthesize_spider_train_onpolicy",
+                                            "train_sft_mix_hinted_dpo", "eval_sft_mix_hinted_dpo_bird"}
 
 
 def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
     results = recipe_run["tmp"] / "results"
     two = json.loads((results / "two.json").read_text())
     assert [r["row"] for r in two["rows"]] == ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_hinted",
-                                               "sft_mix", "sft_cot_dpo"]
+                                               "sft_mix", "sft_mix_hinted", "sft_cot_dpo", "sft_mix_hinted_dpo"]
+    # nothing ran in that run: no time is called this run's; the steps done before keep their times, said apart
+    assert two["step_seconds"] == {} and two["step_seconds_before"] == recipe_run["first_state"]["_seconds"]
     full = {r["row"]: r for r in json.loads((results / "table.json").read_text())["rows"]}
     for r in two["rows"]:
         for bench in ("bird", "spider"):
@@ -201,7 +251,9 @@ def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
                 assert r[bench]["ex"] is None and r[bench]["note"] == "not run"
     assert sorted(p.name for p in (results / "two").iterdir()) == sorted(
         f"{r}_{b}_predict_dev.json" for r in ("base_seed", "base_ours") for b in ("bird", "spider"))
-    assert "n/a (not run)" in (results / "two.md").read_text()
+    two_md = (results / "two.md").read_text()
+    assert "n/a (not run)" in two_md and "Wall time per step (s), this run: none (every step was done before)." in two_md
+    assert "Done in the run dir before this run started, not rerun (their time then, s): " in two_md
 
 
 def test_the_dpo_row_trains_on_every_question_s_pair_from_the_cot_sft_model(recipe_run):
@@ -222,16 +274,46 @@ def test_a_reused_synthesis_asks_the_teacher_nothing_for_spider(recipe_run):
     # the hinted row's 8 BIRD train questions are the only teacher requests (1 sample each; the Spider chains reused)
     assert recipe_run["rerun"]["reuse_requests"] == 8
     reuse = {r["row"]: r for r in json.loads((results / "reuse.json").read_text())["rows"]}
-    assert reuse["sft_cot_hinted"]["bird"]["n_scored"] == 4 and reuse["sft_cot_hinted_maj2"]["spider"]["n_scored"] == 4
+    assert reuse["sft_cot_hinted"]["bird"]["n_scored"] == 4 and reuse["sft_cot_hinted_maj2"]["bird"]["n_scored"] == 4
     assert reuse["base_seed"]["bird"]["note"] == "not run" and reuse["sft_cot"]["bird"]["note"] == "not run"
+
+
+def test_the_on_policy_dpo_row_trains_on_its_sft_model_s_own_pairs(recipe_run):
+    """The mixed hinted SFT model samples Spider train (k 2) with the CoT prompt it was trained on (its system turn,
+    no hint), under its own name; the pairs (gold vs failing) train a new LoRA on it, evaluated with the CoT prompt."""
+    from text2sql_ray.config import PromptConfig
+    from text2sql_ray.prompts import recorded_prompt, system_prompt
+
+    run = recipe_run["tmp"] / "run"
+    summary = json.loads((recipe_run["tmp"] / "results" / "mixed.json").read_text())
+    start = next(r for r in summary["rows"] if r["row"] == "sft_mix_hinted")["model"]
+    syn = json.loads((run / "synthesize" / "spider_train_onpolicy" / "manifest.json").read_text())
+    assert syn["config"]["student_prompt"] is True and syn["config"]["mode"] == "blind"
+    assert syn["config"]["engine"]["model"] == start and syn["counts"]["samples"] == 4 * 2
+    onpolicy = recipe_run["rerun"]["mixed_asked"]
+    trained_prompt = recorded_prompt(run / "train" / "mix_hinted")["config"]
+    assert onpolicy and all(a["model"] == start and not a["hinted"] for a in onpolicy)
+    assert {a["system"] for a in onpolicy} == {system_prompt(PromptConfig(**trained_prompt))}
+    d = summary["dpo_pairs_onpolicy"]
+    assert d["pairs"] == 4 and d["questions"]["paired"] == 4 and d["samples"] == 8 and d["samples_in_pairs"] == 8
+    assert d["samples_from"] == str(run / "synthesize" / "spider_train_onpolicy")
+    manifest = json.loads((run / "train" / "mix_hinted_dpo" / "manifest.json").read_text())
+    assert manifest["config"]["method"] == "dpo" and manifest["config"]["model"] == start
+    assert manifest["data"]["dpo"]["pairs_trained"] == 4
+    row = next(r for r in summary["rows"] if r["row"] == "sft_mix_hinted_dpo")
+    assert row["cot"] and row["model"].startswith(str(run / "train" / "mix_hinted_dpo"))
+    assert row["bird"]["n_scored"] == 4 and row["spider"]["note"] == "not run"  # --benchmarks bird
+    assert summary["dpo_pairs"] == {}  # the teacher-pair row did not run here
+    md = (recipe_run["tmp"] / "results" / "mixed.md").read_text()
+    assert "On-policy DPO pairs (the SFT model's own samples on Spider train, its own CoT prompt): 4 pairs" in md
 
 
 def test_the_students_record_the_prompts_they_were_trained_on(recipe_run):
     from text2sql_ray.prompts import recorded_prompt
 
     run = recipe_run["tmp"] / "run"
-    for kind, conv in (("nocot", "bird_train_nocot"), ("cot", "spider_train_cot"), ("mix", "spider_train_cot"),
-                       ("cot_hinted", "spider_train_cot")):
+    for kind, conv in (("nocot", "bird_train_nocot"), ("cot", "spider_train_cot"), ("cot_hinted", "spider_train_cot"),
+                       ("mix_hinted", "spider_train_cot")):
         trained, converted = recorded_prompt(run / "train" / kind), recorded_prompt(run / "convert" / conv)
         assert trained is not None and trained["config"] == converted["config"], kind
         assert trained["config"]["cot"] is (kind != "nocot")
@@ -241,7 +323,7 @@ def test_a_rerun_redoes_no_step(recipe_run):
     assert recipe_run["rerun"]["state"] == recipe_run["first_state"]
     assert recipe_run["rerun"]["requests"] == recipe_run["first_requests"] > 0
     steps = [k for k in recipe_run["first_state"] if not k.startswith("_")]
-    assert len(steps) == 4 + 1 + 4 + 12  # 4 conversions, synthesis, 4 trainings, 6 rows x 2 benchmarks
+    assert len(steps) == 4 + 1 + 3 + 10  # 4 conversions, synthesis, 3 trainings, 5 rows x 2 benchmarks
 
 
 def test_earlier_rows_come_with_their_predictions_and_are_marked(recipe_run):
@@ -251,7 +333,7 @@ def test_earlier_rows_come_with_their_predictions_and_are_marked(recipe_run):
     got = json.loads((results / "earlier.json").read_text())
     assert [r["row"] for r in got["rows"]] == ROW_NAMES
     for r in got["rows"]:
-        if r["row"] == "sft_cot_hinted":  # not run in the first table either: nothing to take
+        if r["row"] in NOT_IN_MAIN:  # not run in the first table either: nothing to take
             assert r["bird"]["note"] == "not run" and not r.get("earlier")
             continue
         assert bool(r.get("earlier")) is (r["row"] != "base_ours"), r["row"]
@@ -260,15 +342,17 @@ def test_earlier_rows_come_with_their_predictions_and_are_marked(recipe_run):
             # the row's own step times travel with it (the first table is overwritten when it is the same file)
             name = r["row"].split("_maj")[0]
             own = {f"eval_{name}_bird", f"eval_{name}_spider"} | ({f"train_{name}"} if name.startswith("sft_") else set())
-            assert r["earlier"]["step_seconds"] == {k: first_table["step_seconds"][k] for k in own}, r["row"]
+            assert r["earlier"]["step_seconds"] == {k: first_table["step_seconds_before"][k] for k in own}, r["row"]
         for b in ("bird", "spider"):
             assert r[b]["ex"] == first[r["row"]][b]["ex"] and r[b]["predictions"].startswith("earlier/")
             assert (results / r[b]["predictions"]).read_bytes() == (results / first[r["row"]][b]["predictions"]).read_bytes()
     md = (results / "earlier.md").read_text()
     assert "| CoT SFT (earlier run) |" in md and "| baseline, our prompt |" in md
+    # the DPO row taken from the earlier table keeps its pairs' counts (this run built none)
+    assert got["dpo_pairs"] == first_table["dpo_pairs"] and "DPO pairs (teacher samples of the synthesis): 4 pairs" in md
     assert f"taken with their predictions from `{results / 'table.json'}`" in md
     then = md.split("Their wall time per step (s), in that run: ")[1].split(". The times below")[0]
-    assert f"eval_sft_cot_bird {first_table['step_seconds']['eval_sft_cot_bird']}" in then and "base_ours" not in then
+    assert f"eval_sft_cot_bird {first_table['step_seconds_before']['eval_sft_cot_bird']}" in then and "base_ours" not in then
 
 
 def test_lanes_run_rows_in_parallel_processes_and_the_state_keeps_every_lane_s_steps(recipe_run):
@@ -322,6 +406,10 @@ def test_lanes_are_checked_before_anything_runs():
         recipe_table.parse_lanes("base_ours;base_ours")
     with pytest.raises(SystemExit, match="sft_cot model are in lanes 1 and 2"):
         recipe_table.parse_lanes("sft_cot;sft_cot_dpo")  # DPO starts from the CoT SFT model: one lane trains it
+    with pytest.raises(SystemExit, match="the hinted teacher chains are in lanes 1 and 2"):
+        recipe_table.parse_lanes("sft_cot_hinted;sft_mix_hinted")  # one teacher step makes both rows' chains
+    with pytest.raises(SystemExit, match="the hinted teacher chains are in lanes 1 and 2"):
+        recipe_table.parse_lanes("sft_mix_hinted;sft_mix_hinted_dpo")  # and the model it starts from
     assert recipe_table.lane_argv(["--out", "r", "--rows", "x", "--lanes=a;b", "--results", "old", "--maj-k", "2"],
                                   ["a", "b"], Path("new")) == ["--out", "r", "--maj-k", "2", "--rows", "a,b",
                                                                 "--results", "new"]

@@ -541,3 +541,25 @@ def test_hf_engine_gives_every_sample_a_checked_verdict(ray_local, tmp_path, dem
     verified_q = {r["question_id"] for r in rows if r["status"] == "verified"}
     assert {r["question_id"] for r in rows_of(out, "sft.parquet")} == verified_q
     assert read_parts(out / "samples") == rows
+
+
+def test_student_prompt_samples_with_the_conversion_s_own_turns_and_only_blind():
+    """On-policy sampling (`synthesize.student_prompt`): the engine gets the conversion row's system and user turns
+    as they are (what train and evaluate show the student), not the teacher's instructions."""
+    from text2sql_ray.config import ConfigError
+    from text2sql_ray.synthesize import _work_rows, run_fingerprint
+
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    row = {"question_id": 3, "db_id": "x", "difficulty": None, "gold_sql": "SELECT 1", "messages": msgs}
+    work, failed = _work_rows([row], None, SynthesizeConfig(student_prompt=True))
+    assert failed == [] and work[0]["teacher_messages"] == msgs[:2]
+    teacher, _ = _work_rows([row], None, SynthesizeConfig())
+    assert teacher[0]["teacher_messages"][0]["content"] != "S" and teacher[0]["teacher_messages"][1]["content"].startswith("U")
+    # a row without a user turn fails on its own rows, one per sample, saying why
+    work, failed = _work_rows([{**row, "messages": msgs[:1]}], None, SynthesizeConfig(student_prompt=True, samples=2))
+    assert work == [] and len(failed) == 2 and all("no user turn" in f["gen_error"] for f in failed)
+    with pytest.raises(ConfigError, match="set synthesize.mode blind"):
+        SynthesizeConfig(student_prompt=True, mode="hinted")
+    # a resumed teacher run (its run_config.json has no such key) still compares equal
+    assert "student_prompt" not in run_fingerprint(SynthesizeConfig())
+    assert run_fingerprint(SynthesizeConfig(student_prompt=True))["student_prompt"] is True

@@ -252,6 +252,10 @@ class SynthesizeConfig:
     """Questions without a database: 'canonical' marks samples whose SQL equals the gold after sqlglot canonicalisation 'canonical_match' (weaker than execution, counted apart); 'none' leaves all 'unverified'."""
     sft_canonical_match: bool = False
     """Let 'canonical_match' chains (questions without a database) into the SFT set; their rows keep that status."""
+    student_prompt: bool = False
+    """Sample with each conversion row's own prompt (the student's system and user turns, as train and evaluate show
+    them) instead of the teacher's instructions: on-policy samples of a fine-tuned student (`--engine.model <train
+    output>`), e.g. for DPO pairs. Mode 'blind' only (the student never sees a hint)."""
     retry_failed: bool = True
     """On a rerun into the same out dir, generate again the questions whose samples all failed to generate."""
     timeout_s: float = 30.0
@@ -266,6 +270,9 @@ class SynthesizeConfig:
         _check_choice("synthesize.mode", self.mode, ("blind", "hinted"))
         _check_choice("synthesize.select", self.select, ("shortest", "first", "random"))
         _check_choice("synthesize.no_db_check", self.no_db_check, ("canonical", "none"))
+        if self.student_prompt and self.mode != "blind":
+            raise ConfigError("synthesize.student_prompt samples with the student's own prompt, which shows no hint: "
+                              "set synthesize.mode blind (or student_prompt false for the teacher's hinted prompt).")
         if self.samples < 1:
             raise ConfigError("synthesize.samples must be >= 1.")
         if self.limit < 0 or self.exec_actors < 0 or self.timeout_s <= 0:

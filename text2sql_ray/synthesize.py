@@ -11,7 +11,8 @@ existing ``<out>/convert`` is reused). ``--db-ids`` and ``--limit`` pick the que
 Per question (Ray Data, streaming):
 1. the teacher prompt: the convert row's user turn (what the student will see) plus the teacher's
    instructions, ``prompts.teacher_messages_for``; mode ``blind`` hides the gold SQL, ``hinted`` shows
-   it as a possibly-wrong hint;
+   it as a possibly-wrong hint (``student_prompt``: the convert row's own system and user turns instead,
+   ``prompts.student_messages_for``, for on-policy samples of a fine-tuned student);
 2. ``engines.generate(..., n=k)``: k samples from the teacher (``hf`` / ``vllm`` / ``openai``);
 3. ``Verifier`` (an actor pool of SQLite executors, the evaluator's sandbox and BIRD rule,
    ``verify.check_candidates`` as in evaluate's maj@k): the final SQL of every sample (``prompts.extract_sql``)
@@ -63,7 +64,7 @@ from pathlib import Path
 from . import bird
 from .common import ensure_ray, log, pct, read_manifest, write_json, write_manifest, write_parquet, write_text
 from .config import ConvertConfig, SynthesizeConfig
-from .prompts import _fences, extract_sql, format_answer, strip_sql, teacher_messages_for
+from .prompts import _fences, extract_sql, format_answer, strip_sql, student_messages_for, teacher_messages_for
 
 STATUSES = ("verified", "wrong", "exec_error", "no_sql", "gen_error", "canonical_match", "unverified")
 NO_DB_STATUSES = ("canonical_match", "unverified")
@@ -646,7 +647,9 @@ def run_fingerprint(cfg: SynthesizeConfig) -> dict:
     """What must not change between a run and its resumption (the samples would not be comparable)."""
     e = cfg.engine
     return {"mode": cfg.mode, "samples": cfg.samples, "backend": e.backend, "model": e.model,
-            "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens, "seed": e.seed}
+            "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens, "seed": e.seed,
+            # only when on (the run_config.json of an earlier teacher run lacks the key and stays comparable)
+            **({"student_prompt": True} if cfg.student_prompt else {})}
 
 
 def check_fingerprint(parts_dir: Path, cfg: SynthesizeConfig) -> None:
@@ -703,7 +706,10 @@ def _work_rows(todo: list[dict], split: bird.BirdSplit | None, cfg: SynthesizeCo
         base = {"question_id": int(r["question_id"]), "db_id": r["db_id"], "difficulty": r.get("difficulty"),
                 "db_path": str(db_path) if db_path else "", "gold_sql": r["gold_sql"] or ""}
         try:
-            msgs = teacher_messages_for(list(r["messages"] or []), cfg.mode, r["gold_sql"])
+            if cfg.student_prompt:  # on-policy: what the student sees at train and evaluate time, no assistant turn
+                msgs = student_messages_for(list(r["messages"] or []))
+            else:
+                msgs = teacher_messages_for(list(r["messages"] or []), cfg.mode, r["gold_sql"])
         except (ValueError, TypeError, KeyError) as e:
             failed += sample_rows({**base, "generations": [], "gen_tokens": [],
                                    "gen_error": f"teacher prompt: {type(e).__name__}: {e}"}, cfg.samples, None,

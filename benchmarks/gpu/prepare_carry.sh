@@ -78,4 +78,7 @@ echo "        RECIPE_SYNTHESIS=/tmp/src/benchmarks/results/recipe_small_gpu_synt
 echo "        setsid nohup bash benchmarks/gpu/h200.sh recipe > /tmp/bg/driver.log 2>&1 < /dev/null &)"
 [ -n "${WITH_TEACHER:-}" ] && echo "        (the hinted row alone, the other rows from the committed table: RECIPE_LANES= RECIPE_ROWS=sft_cot_hinted
         RECIPE_SET=\"--earlier /tmp/src/benchmarks/results/recipe_small_gpu.json\")"
+echo "        (the mixed hinted rows from the committed hinted chains, no teacher: RECIPE_SYNTH_LIMIT=1000 RECIPE_LANES=
+        RECIPE_ROWS=sft_mix_hinted,sft_mix_hinted_dpo RECIPE_SET=\"--earlier /tmp/src/benchmarks/results/recipe_small_gpu.json
+        --hinted-synthesis /tmp/src/benchmarks/results/recipe_small_gpu_hinted_synthesis\")"
 echo "  and every watch call: tar the run dir's small files (find $run -size -5M, not convert/ or sft/) into \$OUT."
