@@ -50,3 +50,15 @@ def test_iter_jsonl_names_the_line_of_bad_json_and_of_non_utf8_bytes(tmp_path):
     p.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
     with pytest.raises(ValueError, match=r"x.jsonl:2: not UTF-8"):
         read_jsonl(p)
+
+
+def test_a_manifest_records_the_sqlite_version_its_verdicts_came_from(tmp_path):
+    """Execution verdicts can depend on SQLite (3.43+ sums floats with compensation: an AVG's last bit), so every
+    stage's manifest says which one ran."""
+    import sqlite3
+
+    from text2sql_ray.common import read_manifest, write_manifest
+
+    write_manifest(tmp_path, "evaluate", {"x": 1}, 0.0, counts={"n": 2})
+    m = read_manifest(tmp_path)
+    assert m["sqlite_version"] == sqlite3.sqlite_version and m["stage"] == "evaluate" and m["counts"] == {"n": 2}

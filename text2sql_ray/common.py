@@ -131,11 +131,14 @@ def write_parquet(path: str | Path, table) -> Path:
 def write_manifest(out_dir: str | Path, stage: str, cfg: Any, started: float, **sections: Any) -> Path:
     """manifest.json beside a stage's outputs: resolved config, version, counts, metrics, wall time."""
     import dataclasses
+    import sqlite3
 
     config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
     manifest = {
         "stage": stage,
         "package_version": __version__,
+        # the execution verdicts depend on it (e.g. SQLite 3.43+ sums floats with compensation: AVG's last bit)
+        "sqlite_version": sqlite3.sqlite_version,
         "config": config,
         "wall_time_s": round(time.time() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
