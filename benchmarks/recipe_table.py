@@ -26,8 +26,10 @@ the fields below replaced; `--set stage.field=value` overrides any field of a se
    no-CoT SFT model (SQL only), the CoT SFT models and the CoT + no-CoT SFT models (CoT prompt), the CoT SFT + DPO model
    (a new LoRA on the merged CoT SFT model, trained on pairs from the synthesis' verdicts, `--dpo-*`; CoT prompt,
    greedy), the CoT + no-CoT SFT, hinted chains + on-policy DPO model (the same on pairs of that SFT model's own
-   samples of Spider train, drawn with its own CoT prompt: `synthesize.student_prompt`, `--onpolicy-samples`); the SFT rows greedy and maj@k
-   from one run (`--maj-k`, temperature `--maj-temperature`; with vllm one engine execution); `--nocot-engine` picks another backend for the greedy-only SQL rows (the baselines);
+   samples of Spider train, drawn with its own CoT prompt: `synthesize.student_prompt`, `--onpolicy-samples`); the
+   SFT rows greedy and maj@k from one run (`--maj-k`, temperature `--maj-temperature`; with vllm one engine
+   execution); `--nocot-engine` picks another backend for the greedy-only SQL rows (the baselines); `--benchmarks`
+   limits the dev sets;
 5. the table: `<results>.md` (+ `<results>.json`, `<results>.png`) and every row's predictions in the official
    predict_dev.json format as `<results>/<row>_<bird|spider>_predict_dev.json` (all questions of the file, in
    order; questions whose database is absent, or that a row could not answer, hold an empty SQL and score 0).
@@ -531,7 +533,7 @@ def run_recipe(args) -> dict:
                           if maj else "greedy", "model": models.get(row.model, ""), **res})
 
     took = {r["row"] for r in table if r.get("earlier")}
-    dpo_train = (f"LoRA r {args.dpo_lora_r} / alpha {2 * args.dpo_lora_r} on the merged CoT SFT model, lr {args.dpo_lr} "
+    dpo_train = (f"LoRA r {args.dpo_lora_r} / alpha {2 * args.dpo_lora_r} on the row's merged SFT model, lr {args.dpo_lr} "
                  f"cosine (10% warmup), beta {args.dpo_beta}, {args.dpo_epochs} epoch(s), at most "
                  f"{args.dpo_pairs_per_question} pairs per question")
     dpo_pairs = {"dpo_pairs": dpo_counts.get("sft_cot_dpo", {}),
