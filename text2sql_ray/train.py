@@ -900,8 +900,10 @@ def avoid_cudnn_attention(torch) -> None:
     128 and an attention row's log-sum-exp is below about -88.7 (pytorch/pytorch#196678, torch 2.11 on H100/H200;
     Qwen2.5's layer-0 heads have thousands of such rows in every batch). That matches the NaN gradient at step 15
     of every no-CoT SFT run on the H200 (0.5B and 1.5B alike): the only micro-batch of 257 whose width, 6080, is 64
-    mod 128 (found on CPU; not yet confirmed on a GPU). The memory-efficient kernel takes over (finite on the same
-    inputs in that report); it computes the same attention."""
+    mod 128. Confirmed on an H200 (benchmarks/results/h200_cudnn_nan): the same 16 steps give a NaN gradient at
+    step 15 with this call patched out and none with it. The memory-efficient kernel takes over; it computes the
+    same attention, but its median step was 1.62 s against cuDNN's 1.24 s there (0.5B, LoRA r 256, 6144-token
+    packs): padding the packed width to a multiple of 128 instead would keep cuDNN's speed (not done yet)."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
