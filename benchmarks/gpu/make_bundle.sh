@@ -6,7 +6,7 @@
 # 2. slims the two big ones with `zip -d` (files stay compressed, run bits kept): vllm without its FA2
 #    kernels (Hopper runs FA3), the Blackwell fmha sources, the vllm-rs binary and the cp313/cp314
 #    deep_gemm builds (304 -> 153 MB); ray without its Java jars, RLlib, C++ API and dashboard build;
-# 3. tars wheels + model + BIRD dev (with SHA256SUMS) and splits it into CHUNK_BYTES chunks bundle.tar.NN (default 56 MB:
+# 3. tars wheels + model + BIRD dev (with SHA256SUMS) and splits it into CHUNK_BYTES chunks bundle.tar.NN (default 40 MB:
 #    one chunk and the ~6 MB checkout stay under a call's 64 MiB carry limit).
 set -euo pipefail
 chunks=${1:?usage: make_bundle.sh CHUNK_DIR GGUF BIRD_DEV_DIR}; gguf=${2:?}; dev=${3:?}
@@ -28,5 +28,5 @@ cp -r "$dev" "$work/bundle/bird_dev"
 (cd "$work/bundle" && find . -type f ! -name SHA256SUMS -print0 | xargs -0 sha256sum > SHA256SUMS)
 du -sh "$work/bundle"/*
 rm -f "$chunks"/bundle.tar.??
-(cd "$work" && tar -cf - bundle) | split -b "${CHUNK_BYTES:-56000000}" -d -a 2 - "$chunks/bundle.tar."
+(cd "$work" && tar -cf - bundle) | split -b "${CHUNK_BYTES:-40000000}" -d -a 2 - "$chunks/bundle.tar."
 ls -la "$chunks"

@@ -6,7 +6,7 @@
 #   WITH_TEACHER=1 benchmarks/gpu/prepare_carry.sh    # + the 1.5B teacher's GGUF in extras (~20 more chunks), for a
 #                                                     # row whose synthesis is not reused: the hinted row (sft_cot_hinted)
 # 1. the student's GGUF via ../shared/models/fetch.sh (sha256-checked) into $MODELS (default ~/.cache/t2s-models);
-# 2. bundle.tar.NN: make_bundle.sh (vLLM 0.26.0 wheel set, the student's GGUF, BIRD dev), 56 MB chunks;
+# 2. bundle.tar.NN: make_bundle.sh (vLLM 0.26.0 wheel set, the student's GGUF, BIRD dev), 40 MB chunks;
 # 3. extras.tar.NN: extras/ = spider/, bird_train/, SHA256SUMS (one chunk; + the teacher's GGUF with WITH_TEACHER);
 # 4. convert.tgz: the recipe's four conversions made HERE with the GPU machine's paths (/tmp/bundle, /tmp/extras,
 #    /tmp/src: the same strings, so the same fingerprints there; h200.sh RECIPE_RUN_TGZ unpacks it and skips them,
@@ -39,7 +39,7 @@ if [ -n "${WITH_TEACHER:-}" ] && [ "$student" != qwen-1.5b ]; then  # h200.sh's 
 fi
 model=/tmp/bundle/models/$(basename "$gs")
 (cd /tmp/extras && find . -type f ! -name SHA256SUMS -print0 | xargs -0 sha256sum > SHA256SUMS)
-(cd /tmp && tar -cf - extras) | split -b "${CHUNK_BYTES:-56000000}" -d -a 2 - "$carry/extras.tar."
+(cd /tmp && tar -cf - extras) | split -b "${CHUNK_BYTES:-40000000}" -d -a 2 - "$carry/extras.tar."
 
 # the conversions with the device's paths: the data under /tmp/extras is a real directory there and here (convert
 # records resolved paths), the checkout a copy at /tmp/src, the 0.5B GGUF a link at /tmp/bundle/models. Only what a
