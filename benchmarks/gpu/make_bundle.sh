@@ -7,7 +7,7 @@
 #    kernels (Hopper runs FA3), the Blackwell fmha sources, the vllm-rs binary and the cp313/cp314
 #    deep_gemm builds (304 -> 153 MB); ray without its Java jars, RLlib, C++ API and dashboard build;
 # 3. tars wheels + model + BIRD dev (with SHA256SUMS) and splits it into CHUNK_BYTES chunks bundle.tar.NN (default 40 MB:
-#    one chunk and the ~6 MB checkout stay under a call's 64 MiB carry limit).
+#    one chunk and the checkout, 16 MB on 2026-12-04, stay under a call's 64 MiB carry limit).
 set -euo pipefail
 chunks=${1:?usage: make_bundle.sh CHUNK_DIR GGUF BIRD_DEV_DIR}; gguf=${2:?}; dev=${3:?}
 here=$(cd "$(dirname "$0")" && pwd)
