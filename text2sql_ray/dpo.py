@@ -85,6 +85,7 @@ def build_pairs(samples: list[dict], conv_by_qid: dict[int, dict], pairs_per_que
     A pair: question_id, prompt (the convert row's system and user turns: what the student sees), chosen and
     rejected (assistant texts), chosen_sample_index, rejected_sample_index, rejected_status.
     """
+    from .prompts import prompt_turns
     from .synthesize import mentions_hint, sft_answer
 
     by_q: dict[int, list[dict]] = {}
@@ -142,8 +143,7 @@ def build_pairs(samples: list[dict], conv_by_qid: dict[int, dict], pairs_per_que
                 drop(s, "no_counterpart", key)
             continue
         outcomes["paired"] += 1
-        prompt = [{"role": m["role"], "content": m["content"]} for m in conv_by_qid[qid]["messages"]
-                  if m["role"] != "assistant"]
+        prompt = prompt_turns(conv_by_qid[qid]["messages"])
         used_c, used_r = set(), set()
         for i, j in pair_order(len(chosen), len(rejected), pairs_per_question):
             (c, c_text), (r, r_text) = chosen[i], rejected[j]

@@ -152,13 +152,10 @@ def teacher_messages_for(messages: list[dict], mode: str = "blind", gold_sql: st
     return _teacher(user, mode, gold_sql)
 
 
-def student_messages_for(messages: list[dict]) -> list[dict]:
-    """The student's own prompt for a conversation row of `t2s convert`: its system and user turns, the answer left
-    out (on-policy sampling, `synthesize.student_prompt`)."""
-    turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] in ("system", "user")]
-    if not any(m["role"] == "user" for m in turns):
-        raise ValueError("student_messages_for: the conversation has no user turn.")
-    return turns
+def prompt_turns(messages: list[dict]) -> list[dict]:
+    """The student's prompt of a conversation row of `t2s convert`: every turn but the answer (what train and
+    evaluate show the student; SFT rows and DPO pairs put a new answer after it; on-policy sampling sends it)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "assistant"]
 
 
 def _teacher(user_block: str, mode: str, gold_sql: str | None) -> list[dict]:

@@ -12,7 +12,7 @@ Per question (Ray Data, streaming):
 1. the teacher prompt: the convert row's user turn (what the student will see) plus the teacher's
    instructions, ``prompts.teacher_messages_for``; mode ``blind`` hides the gold SQL, ``hinted`` shows
    it as a possibly-wrong hint (``student_prompt``: the convert row's own system and user turns instead,
-   ``prompts.student_messages_for``, for on-policy samples of a fine-tuned student);
+   ``prompts.prompt_turns``, for on-policy samples of a fine-tuned student);
 2. ``engines.generate(..., n=k)``: k samples from the teacher (``hf`` / ``vllm`` / ``openai``);
 3. ``Verifier`` (an actor pool of SQLite executors, the evaluator's sandbox and BIRD rule,
    ``verify.check_candidates`` as in evaluate's maj@k): the final SQL of every sample (``prompts.extract_sql``)
@@ -64,7 +64,7 @@ from pathlib import Path
 from . import bird
 from .common import ensure_ray, log, pct, read_manifest, write_json, write_manifest, write_parquet, write_text
 from .config import ConvertConfig, SynthesizeConfig
-from .prompts import _fences, extract_sql, format_answer, strip_sql, student_messages_for, teacher_messages_for
+from .prompts import _fences, extract_sql, format_answer, prompt_turns, strip_sql, teacher_messages_for
 
 STATUSES = ("verified", "wrong", "exec_error", "no_sql", "gen_error", "canonical_match", "unverified")
 NO_DB_STATUSES = ("canonical_match", "unverified")
@@ -353,7 +353,7 @@ def select_sample(samples: list[dict], rule: str, seed: int, include_unverified:
 
 def sft_row(conv: dict, sample: dict) -> dict:
     """The SFT row: the convert row with its assistant turn replaced by the chosen sample's normalised chain."""
-    prompt = [{"role": m["role"], "content": m["content"]} for m in conv["messages"] if m["role"] != "assistant"]
+    prompt = prompt_turns(conv["messages"])
     answer = sft_answer(sample["text"], sample["sql"])
     return {
         "question_id": int(conv["question_id"]),
@@ -706,8 +706,10 @@ def _work_rows(todo: list[dict], split: bird.BirdSplit | None, cfg: SynthesizeCo
         base = {"question_id": int(r["question_id"]), "db_id": r["db_id"], "difficulty": r.get("difficulty"),
                 "db_path": str(db_path) if db_path else "", "gold_sql": r["gold_sql"] or ""}
         try:
-            if cfg.student_prompt:  # on-policy: what the student sees at train and evaluate time, no assistant turn
-                msgs = student_messages_for(list(r["messages"] or []))
+            if cfg.student_prompt:  # on-policy: what the student sees at train and evaluate time
+                msgs = prompt_turns(list(r["messages"] or []))
+                if not any(m["role"] == "user" for m in msgs):
+                    raise ValueError("the conversation has no user turn.")
             else:
                 msgs = teacher_messages_for(list(r["messages"] or []), cfg.mode, r["gold_sql"])
         except (ValueError, TypeError, KeyError) as e:
