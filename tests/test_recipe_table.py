@@ -37,7 +37,6 @@ class HintCopyingTeacher(LocalServer):
     def __init__(self, gold_by_question: dict[str, str]):
         from fastapi import FastAPI
 
-        self.requests = 0
         self.asked: list[dict] = []  # per request: the model name, the system turn, whether a hint was shown
         app = FastAPI()
         # longest first: a question that is part of a longer one never takes its gold
@@ -46,7 +45,6 @@ class HintCopyingTeacher(LocalServer):
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
             body = await request.json()
-            self.requests += 1
             user = body["messages"][-1]["content"]
             m = HINT.search(user)
             self.asked.append({"model": body["model"], "system": body["messages"][0]["content"], "hinted": bool(m)})
@@ -62,6 +60,10 @@ class HintCopyingTeacher(LocalServer):
                     "usage": {"prompt_tokens": 1, "completion_tokens": 9 * n, "total_tokens": 1 + 9 * n}}
 
         super().__init__(app)
+
+    @property
+    def requests(self) -> int:
+        return len(self.asked)
 
 
 @pytest.fixture(scope="module")

@@ -321,6 +321,10 @@ class TrainConfig:
     """Tokens per sequence; a longer example is never cut but rejected (listed in <out>/rejected.jsonl)."""
     max_rejected_fraction: float = 0.01
     """Fail when more than this share of the input rows would be rejected (too long, no assistant tokens, unreadable)."""
+    cudnn_attention: bool = False
+    """On a GPU, let torch's SDPA use its cuDNN kernel (off by default: its backward gives NaN gradients on packed
+    widths of 64 mod 128, pytorch/pytorch#196678; on an H200 it was ~24% faster a step; see
+    benchmarks/gpu/cudnn_nan.sh)."""
     max_nonfinite_fraction: float = 0.05
     """A step whose loss or gradient is NaN/inf makes no update (skipped, listed in the manifest's
     data.nonfinite_steps with a warning naming its examples); more than this share of the steps (and more

@@ -903,7 +903,8 @@ def avoid_cudnn_attention(torch) -> None:
     mod 128. Confirmed on an H200 (benchmarks/results/h200_cudnn_nan): the same 16 steps give a NaN gradient at
     step 15 with this call patched out and none with it. The memory-efficient kernel takes over; it computes the
     same attention, but its median step was 1.62 s against cuDNN's 1.24 s there (0.5B, LoRA r 256, 6144-token
-    packs): padding the packed width to a multiple of 128 instead would keep cuDNN's speed (not done yet)."""
+    packs; benchmarks/gpu/cudnn_nan.sh; `train.cudnn_attention` keeps cuDNN): padding the packed width to a
+    multiple of 128 instead would keep cuDNN's speed safely (not done yet)."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
@@ -923,7 +924,7 @@ def train_loop_per_worker(loop: dict) -> None:
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
-    else:
+    elif not cfg.cudnn_attention:
         avoid_cudnn_attention(torch)
     dtype = models.torch_dtype(cfg.dtype, device.type)
     ds_config = deepspeed_config(loop["ds_preset"], cfg, bf16=dtype == torch.bfloat16) if loop["ds_preset"] else None
