@@ -5,7 +5,8 @@
 # the Qwen2.5-Coder-0.5B-Instruct GGUF, BIRD dev), and for `recipe`/`eval15` /tmp/carry/extras.tar.NN (a tar of
 # extras/: the 1.5B GGUF, ../shared/data/spider as spider/, BIRD train as bird_train/, SHA256SUMS), moved there
 # beforehand in chunks. Each step logs to
-# $OUT/<step>.log and keeps going when another step failed; run outputs are tarred into $OUT/runs.tgz.
+# $OUT/<step>.log and keeps going when another step failed; run outputs are tarred into $OUT/runs.tgz (not with
+# NO_RUNS_TGZ=1).
 set -uo pipefail
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/t2s_out}
@@ -161,4 +162,6 @@ for step in "$@"; do
   "step_$step" 2>&1 | tee "$OUT/$step.log"
   echo "=== $step rc=${PIPESTATUS[0]} $((SECONDS - t0)) s" | tee -a "$OUT/$step.log"
 done
-(cd /tmp/runs && tar -czf "$OUT/runs.tgz" --exclude='convert' . 2>/dev/null) || true
+# NO_RUNS_TGZ=1: not this tar (the recipe's run dir holds GBs of merged models: a minute of GPU time to gzip them;
+# benchmarks/gpu/collect.sh takes what matters, bounded to what a device call brings back)
+[ -n "${NO_RUNS_TGZ:-}" ] || (cd /tmp/runs && tar -czf "$OUT/runs.tgz" --exclude='convert' . 2>/dev/null) || true
