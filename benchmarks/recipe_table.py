@@ -136,6 +136,9 @@ def parse_args(argv):
                         "(--set evaluate.engine.gpu_memory_utilization=0.3 --set evaluate.engine.kv_cache_gb=24). "
                         "Replaces --rows; rows that train the same model must share a lane")
     p.add_argument("--maj-k", type=int, default=8, help="samples per question for the maj@k row")
+    p.add_argument("--no-maj", default="",
+                   help="rows (comma-separated) evaluated greedy only this run: their maj@k line is left out (k "
+                        "samples per question cost ~2 more GPU minutes per row and benchmark on an H200)")
     p.add_argument("--benchmarks", default=",".join(BENCHMARKS),
                    help="the dev sets the rows are evaluated on, of bird,spider (the others read 'not run')")
     p.add_argument("--maj-temperature", type=float, default=0.8, help="sampling temperature of the maj@k row")
@@ -152,6 +155,9 @@ def parse_args(argv):
     p.add_argument("--dpo-lr", type=float, default=2e-5, help="DPO row: learning rate (cosine, 10%% warmup)")
     p.add_argument("--dpo-beta", type=float, default=0.1, help="DPO row: beta")
     p.add_argument("--dpo-epochs", type=float, default=1.0, help="DPO row: epochs over the pairs")
+    p.add_argument("--dpo-sft-weight", type=float, default=0.0,
+                   help="DPO rows: train.dpo_sft_weight, an NLL term on the chosen answer (RPO); 0 = plain DPO, the "
+                        "committed rows' setting")
     p.add_argument("--dpo-lora-r", type=int, default=64, help="DPO row: rank of the new LoRA (alpha = 2 r)")
     p.add_argument("--dpo-pairs-per-question", type=int, default=2, help="DPO row: pairs per question at most")
     p.add_argument("--onpolicy-samples", type=int, default=4,
@@ -182,6 +188,10 @@ def parse_args(argv):
     args.benchmarks = tuple(b for b in (x.strip() for x in args.benchmarks.split(",")) if b)
     if not args.benchmarks or set(args.benchmarks) - set(BENCHMARKS):
         p.error(f"--benchmarks: a comma-separated list of {', '.join(BENCHMARKS)}")
+    args.no_maj = {n for n in (x.strip() for x in args.no_maj.split(",")) if n}
+    unknown = sorted(args.no_maj - {r.name for r in ROWS})
+    if unknown:
+        raise SystemExit(f"--no-maj: unknown row(s) {', '.join(unknown)}; rows are {', '.join(r.name for r in ROWS)}")
     args.started = time.time()  # steps that finish from now on are this run's (the table's times say which)
     return args
 
@@ -457,7 +467,8 @@ def run_recipe(args) -> dict:
         t = rep(train_t, method="dpo", input=str(pair_dir / "pairs.parquet"), model=start,
                 out=str(run_dir / "train" / kind), packing=False, lr=args.dpo_lr, epochs=args.dpo_epochs,
                 max_steps=0, schedule="cosine", warmup_ratio=0.1, lora_r=args.dpo_lora_r, lora_alpha=2 * args.dpo_lora_r,
-                dpo_beta=args.dpo_beta, dpo_pairs_per_question=args.dpo_pairs_per_question)
+                dpo_beta=args.dpo_beta, dpo_sft_weight=args.dpo_sft_weight,
+                dpo_pairs_per_question=args.dpo_pairs_per_question)
         conv_file = conv["spider_train_cot"] / "train.parquet"
         built = dpo.read_input([samples_dir / "samples.parquet", conv_file], t)
         counts = dpo_counts.setdefault(name, {})
@@ -490,8 +501,9 @@ def run_recipe(args) -> dict:
     pred_dir.mkdir(parents=True)
     done = {}
     for row in (by_name[n] for n in wanted):
+        maj_row = row.maj and row.name not in args.no_maj
         entries = [(row.name, row.label, False)] + ([(f"{row.name}_maj{args.maj_k}", f"{row.label} + maj@{args.maj_k}",
-                                                      True)] if row.maj else [])
+                                                      True)] if maj_row else [])
         results = {e[0]: {} for e in entries}
         model = model_for(row.model)
         for bench in BENCHMARKS:
@@ -501,10 +513,10 @@ def run_recipe(args) -> dict:
                                             "note": not_trained[row.model] if model is None else "not run"}
                 continue
             engine = eval_t.engine
-            if args.nocot_engine and not row.prompt.get("cot") and not row.maj:
+            if args.nocot_engine and not row.prompt.get("cot") and not maj_row:
                 engine = rep(engine, backend=args.nocot_engine)
             samples = 1
-            if row.maj:
+            if maj_row:
                 samples, engine = args.maj_k, rep(engine, temperature=args.maj_temperature)
             e_cfg = rep(eval_t, data=bench_data[bench], model=model, predictions="", endpoint="",
                         compare=[], samples=samples, engine=rep(engine, model=""),
@@ -535,12 +547,17 @@ def run_recipe(args) -> dict:
     took = {r["row"] for r in table if r.get("earlier")}
     dpo_train = (f"LoRA r {args.dpo_lora_r} / alpha {2 * args.dpo_lora_r} on the row's merged SFT model, lr {args.dpo_lr} "
                  f"cosine (10% warmup), beta {args.dpo_beta}, {args.dpo_epochs} epoch(s), at most "
-                 f"{args.dpo_pairs_per_question} pairs per question")
+                 f"{args.dpo_pairs_per_question} pairs per question"
+                 + (f", + {args.dpo_sft_weight} x the chosen answer's NLL per token (RPO)" if args.dpo_sft_weight
+                    else ""))
     dpo_pairs = {"dpo_pairs": dpo_counts.get("sft_cot_dpo", {}),
                  "dpo_pairs_onpolicy": dpo_counts.get("sft_mix_hinted_dpo", {})}
     for key, name in (("dpo_pairs", "sft_cot_dpo"), ("dpo_pairs_onpolicy", "sft_mix_hinted_dpo")):
-        if name in took and not dpo_pairs[key]:  # an earlier row keeps the words on what it was trained on
-            dpo_pairs[key], dpo_train = earlier_summary.get(key) or {}, earlier_summary.get("dpo_train", dpo_train)
+        if dpo_pairs[key]:  # each DPO row's own words on how it was trained (the rows may come from two runs)
+            dpo_pairs[key] = {**dpo_pairs[key], "training": dpo_train}
+        elif name in took:  # an earlier row keeps the words on what it was trained on
+            e = earlier_summary.get(key) or {}
+            dpo_pairs[key] = {**e, "training": e.get("training") or earlier_summary.get("dpo_train", "")} if e else {}
     for name in ("sft_cot_hinted", "sft_mix_hinted"):
         if name in took and name not in mixes and name in earlier_summary.get("sft_sets", {}):
             mixes[name] = earlier_summary["sft_sets"][name]
@@ -701,7 +718,7 @@ def table_markdown(s: dict) -> str:
             (f"{'DPO' if key == 'dpo_pairs' else 'On-policy DPO'} pairs ({whose}): {d.get('pairs')} pairs from "
              f"{q.get('paired', '?')} questions (" + ", ".join(f"{k} {v}" for k, v in q.items() if k != "paired")
              + f"); {d.get('samples_in_pairs')} of {d.get('samples')} samples in a pair. Training: "
-             f"{s.get('dpo_train', '')}. Policy: {d.get('policy', '')}."),
+             f"{d.get('training') or s.get('dpo_train', '')}. Policy: {d.get('policy', '')}."),
             "",
         ]
     lines += [

@@ -91,14 +91,16 @@ def hand_pairs(questions):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.25])
-def test_dpo_loss_and_gradients_equal_a_full_logits_computation(tiny_llama_dir, tokenizer, hand_pairs, label_smoothing):
+@pytest.mark.parametrize(("label_smoothing", "sft_weight"), [(0.0, 0.0), (0.25, 0.0), (0.0, 0.5)])
+def test_dpo_loss_and_gradients_equal_a_full_logits_computation(tiny_llama_dir, tokenizer, hand_pairs, label_smoothing,
+                                                                sft_weight):
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     beta = 0.5
-    cfg = TrainConfig(method="dpo", lora_dropout=0.0, dpo_beta=beta, dpo_label_smoothing=label_smoothing)
+    cfg = TrainConfig(method="dpo", lora_dropout=0.0, dpo_beta=beta, dpo_label_smoothing=label_smoothing,
+                      dpo_sft_weight=sft_weight)
     wrapper, _ = T.build_training_model(cfg, str(tiny_llama_dir), torch.float32, "cpu")
     assert wrapper.loss_impl == "fused"
     wrapper.chunk = 7  # several chunks per sequence
@@ -107,7 +109,7 @@ def test_dpo_loss_and_gradients_equal_a_full_logits_computation(tiny_llama_dir, 
             if "lora_B" in name:
                 p.normal_(0.0, 0.05)
     b = _batch(tokenizer, hand_pairs)
-    sums = wrapper(**_inputs(b), dpo=(beta, label_smoothing))
+    sums = wrapper(**_inputs(b), dpo=(beta, label_smoothing, sft_weight))
     sums[0].backward()
     lora = {n: p for n, p in wrapper.lm.named_parameters() if p.requires_grad}
     ours = {n: p.grad.clone() for n, p in lora.items()}
@@ -120,7 +122,11 @@ def test_dpo_loss_and_gradients_equal_a_full_logits_computation(tiny_llama_dir, 
         reference = _hand_logprobs(reference_model, b)
     m = len(hand_pairs)
     z = beta * ((policy[:m] - reference[:m]) - (policy[m:] - reference[m:]))
-    loss = (-(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)).sum()
+    # RPO's term: the chosen answer's mean NLL per token, its tokens counted from the labels by hand
+    n_chosen = torch.tensor([sum(1 for t in row[1:] if t != T.IGNORE) for row in b["labels"][:m].tolist()])
+    chosen_nll = -policy[:m] / n_chosen
+    loss = (-(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+            + sft_weight * chosen_nll).sum()
     loss.backward()
     assert abs(float(z.detach().abs().max())) > 0.01  # the case is not trivial (policy != reference)
     # fp32 sums of ~60 token log-probs of ~-11 each: the two summation orders differ by ~1e-4 per sequence
@@ -130,6 +136,7 @@ def test_dpo_loss_and_gradients_equal_a_full_logits_computation(tiny_llama_dir, 
     torch.testing.assert_close(sums[1], z.detach().sum(), rtol=0.0, atol=2e-4)
     assert float(sums[2].detach()) == float((z.detach() > 0).sum())
     torch.testing.assert_close(sums[3] - sums[4], sums[1], rtol=0.0, atol=1e-5)
+    torch.testing.assert_close(sums[5], chosen_nll.detach().sum(), rtol=1e-5, atol=0.0)  # reported at any weight
     for n, p in lora.items():  # the same fp32 noise: within 1e-4 of each tensor's largest gradient
         assert float((ours[n] - p.grad).abs().max()) <= 1e-4 * float(p.grad.abs().max()), n
 
@@ -203,15 +210,29 @@ def dpo_steps(tmp_path_factory, tiny_llama_dir, tokenizer, hand_pairs):
     opt = torch.optim.AdamW(trainable, lr=3e-3)
     margins = []
     for _ in range(6):
-        sums = T.forward_backward(wrapper, [b], 1.0 / m, None, torch.device("cpu"), dpo=(cfg.dpo_beta, 0.0))
+        sums = T.forward_backward(wrapper, [b], 1.0 / m, None, torch.device("cpu"), dpo=(cfg.dpo_beta, 0.0, 0.0))
         margins.append(float(sums[1]) / m)
         opt.step()
         opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         policy_after = wrapper.sequence_logprobs(**_inputs(b))
-        margins.append(float(D.dpo_sums(policy_after, reference(), cfg.dpo_beta, 0.0)[1]) / m)
+        margins.append(float(D.dpo_sums(policy_after, reference(), cfg.dpo_beta, 0.0,
+                                        n_tokens=torch.ones_like(policy_after))[1]) / m)
+    # the same six steps from the same start with RPO's NLL term on the chosen answers (weight 1)
+    cfg_rpo = TrainConfig(method="dpo", lora_dropout=0.0, dpo_beta=0.1, dpo_sft_weight=1.0)
+    rpo, _ = T.build_training_model(cfg_rpo, start, torch.float32, "cpu")
+    opt = torch.optim.AdamW([p for p in rpo.parameters() if p.requires_grad], lr=3e-3)
+    rpo_margins = []
+    for _ in range(6):
+        sums = T.forward_backward(rpo, [b], 1.0 / m, None, torch.device("cpu"), dpo=(0.1, 0.0, 1.0))
+        rpo_margins.append(float(sums[1]) / m)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        rpo_after = rpo.sequence_logprobs(**_inputs(b))
     return {"start": start, "out": tmp / "out", "sft_logp": sft_logp, "base_logp": base_logp,
-            "ref_before": ref_before, "ref_after": reference(), "policy_after": policy_after, "margins": margins}
+            "ref_before": ref_before, "ref_after": reference(), "policy_after": policy_after, "margins": margins,
+            "rpo_after": rpo_after, "rpo_margins": rpo_margins, "m": m}
 
 
 def test_a_lora_starting_checkpoint_is_merged_once_into_out_base(dpo_steps):
@@ -239,6 +260,16 @@ def test_the_chosen_minus_rejected_margin_grows_over_the_steps(dpo_steps):
     assert margins[0] == 0.0  # a new LoRA (B = 0): the policy is exactly the reference
     assert all(b > a for a, b in itertools.pairwise(margins)), margins
     assert margins[-1] > 0.05
+
+
+def test_the_nll_term_keeps_the_chosen_answers_likelier_than_plain_dpo_does(dpo_steps):
+    """dpo_sft_weight (RPO): the same steps from the same start end with every chosen answer likelier than after
+    plain DPO's steps, and the margin still grows (the H200's plain DPO made its chosen chains less likely)."""
+    m, ref = dpo_steps["m"], dpo_steps["ref_after"]
+    plain, rpo = dpo_steps["policy_after"][:m], dpo_steps["rpo_after"][:m]
+    assert all(float(r) > float(p) for r, p in zip(rpo, plain)), (rpo, plain)
+    assert float((rpo - ref[:m]).sum()) > float((plain - ref[:m]).sum())
+    assert dpo_steps["rpo_margins"][0] == 0.0 and dpo_steps["rpo_margins"][-1] > dpo_steps["rpo_margins"][1] > 0
 
 
 # --------------------------------------------------------------------------------------------------

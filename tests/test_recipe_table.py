@@ -106,10 +106,12 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
                                               "--benchmarks", "bird"] + argv[-6:]) == 0
         rerun["reuse_requests"] = teacher.requests - before
         # the mixed hinted row from that hinted synthesis, reused (--hinted-synthesis): no teacher request at all;
-        # then its on-policy DPO row: the mixed model samples Spider train itself, with its own CoT prompt
+        # then its on-policy DPO row: the mixed model samples Spider train itself, with its own CoT prompt. Greedy
+        # only (--no-maj), as on the GPU where the row's maj@k costs minutes
         before = len(teacher.asked)
         assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "mixed"), "--rows",
                                               "sft_mix_hinted,sft_mix_hinted_dpo", "--onpolicy-samples", "2",
+                                              "--no-maj", "sft_mix_hinted", "--dpo-sft-weight", "0.5",
                                               "--synthesis", str(tmp / "run" / "synthesize" / "spider_train"),
                                               "--hinted-synthesis", str(tmp / "run" / "synthesize" / "bird_train_hinted"),
                                               "--benchmarks", "bird"] + argv[-6:]) == 0
@@ -122,6 +124,8 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         (tmp / "broken.json").write_text(json.dumps(broken))
         with pytest.raises(SystemExit, match="which is not there"):
             recipe_table.main(argv[:-6] + ["--rows", "base_ours", "--earlier", str(tmp / "broken.json")] + argv[-6:])
+        with pytest.raises(SystemExit, match="--no-maj: unknown row"):
+            recipe_table.main(argv[:-6] + ["--no-maj", "sft_nocott"] + argv[-6:])
         with pytest.raises(SystemExit, match="not a `t2s synthesize` output"):
             recipe_table.main(argv[:-6] + ["--synthesis", str(tmp / "run" / "sft" / "cot")] + argv[-6:])
         with pytest.raises(SystemExit, match="a synthesis in mode 'blind', not 'hinted'"):  # the on-policy samples
@@ -233,7 +237,11 @@ def test_the_mixed_hinted_row_reuses_the_hinted_chains_beside_the_gold_rows(reci
     assert summary["synthesis_bird_hinted"]["sft_execution_verified"] == 8
     rows = {r["row"]: r for r in summary["rows"]}
     assert rows["sft_mix_hinted"]["cot"] and rows["sft_mix_hinted"]["model"].startswith(str(run / "train" / "mix_hinted"))
-    assert all(rows[n]["bird"]["n_scored"] == 4 for n in ("sft_mix_hinted", "sft_mix_hinted_maj2"))
+    # --no-maj: the greedy line alone, from an evaluation of one sample per question
+    assert rows["sft_mix_hinted"]["bird"]["n_scored"] == 4 and rows["sft_mix_hinted"]["decoding"] == "greedy"
+    assert "sft_mix_hinted_maj2" not in rows and "maj@" not in rows["sft_mix_hinted"]["bird"]["predictions"]
+    report = json.loads((run / "eval" / "sft_mix_hinted_bird" / "report.json").read_text())
+    assert report["generation"]["samples"] == 1 and "maj_at_k" not in report
     assert rows["sft_cot_hinted"]["bird"]["note"] == "not run"
     assert "CoT + no-CoT SFT, hinted chains 28 rows" in (recipe_run["tmp"] / "results" / "mixed.md").read_text()
     # only the mixed rows' steps ran in that run (the conversions and Spider chains were there)
@@ -306,6 +314,10 @@ def test_the_on_policy_dpo_row_trains_on_its_sft_model_s_own_pairs(recipe_run):
     assert d["samples_from"] == str(run / "synthesize" / "spider_train_onpolicy")
     manifest = json.loads((run / "train" / "mix_hinted_dpo" / "manifest.json").read_text())
     assert manifest["config"]["method"] == "dpo" and manifest["config"]["model"] == start
+    # --dpo-sft-weight: RPO's NLL term on the chosen answers, in the config, the loss words and every step's stats
+    assert manifest["config"]["dpo_sft_weight"] == 0.5 and "0.5 x the chosen answer's mean NLL" in manifest["model"]["loss"]
+    steps = [json.loads(line) for line in (run / "train" / "mix_hinted_dpo" / "steps.jsonl").read_text().splitlines()]
+    assert steps and all(s["dpo_chosen_nll"] > 0 for s in steps)
     assert manifest["data"]["dpo"]["pairs_trained"] == 4
     row = next(r for r in summary["rows"] if r["row"] == "sft_mix_hinted_dpo")
     assert row["cot"] and row["model"].startswith(str(run / "train" / "mix_hinted_dpo"))
@@ -313,6 +325,7 @@ def test_the_on_policy_dpo_row_trains_on_its_sft_model_s_own_pairs(recipe_run):
     assert summary["dpo_pairs"] == {}  # the teacher-pair row did not run here
     md = (recipe_run["tmp"] / "results" / "mixed.md").read_text()
     assert "On-policy DPO pairs (the SFT model's own samples on Spider train, its own CoT prompt): 4 pairs" in md
+    assert "+ 0.5 x the chosen answer's NLL per token (RPO)" in md and d["training"].endswith("(RPO)")
 
 
 def test_the_students_record_the_prompts_they_were_trained_on(recipe_run):

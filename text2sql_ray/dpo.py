@@ -17,9 +17,9 @@ train.py runs DPO in its own Ray Train loop (the same checkpoints, resume, outpu
 2. `read_input`: a synthesize output dir (its samples.parquet, and the convert rows its manifest names for
    the prompts) or a pairs Parquet (columns prompt, chosen, rejected, optional question_id; train writes
    one, `pairs.parquet`, into every DPO output).
-3. `dpo_sums`: the sigmoid DPO loss with conservative-DPO label smoothing, from per-sequence summed
-   log-probs of the assistant tokens (train.py computes them chunk by chunk: the [tokens x vocab]
-   logits never exist in full).
+3. `dpo_sums`: the sigmoid DPO loss with conservative-DPO label smoothing, optionally plus an NLL term on
+   the chosen answer (`dpo_sft_weight`, RPO), from per-sequence summed log-probs of the assistant tokens
+   (train.py computes them chunk by chunk: the [tokens x vocab] logits never exist in full).
 
 The reference model is the starting checkpoint, and it is the policy with its adapter disabled: DPO is
 LoRA only. A base model: policy = base + a new LoRA, reference = base. A LoRA `t2s train` output (the
@@ -49,8 +49,10 @@ unverified); an exec_error of a question whose gold SQL failed (not known to be 
 hinted chain that talks about the hint (never a target, as in SFT); an answer identical to an earlier one;
 a rejected answer identical to a chosen one; the question has no sample of the other side; the question
 already has dpo_pairs_per_question pairs."""
-STAT_NAMES = ("loss", "margin", "accuracy", "chosen_reward", "rejected_reward")
-"""The sums `dpo_sums` returns, in order (train divides them by the step's pairs)."""
+STAT_NAMES = ("loss", "margin", "accuracy", "chosen_reward", "rejected_reward", "chosen_nll")
+"""The sums `dpo_sums` returns, in order (train divides them by the step's pairs). chosen_nll: the chosen
+answer's mean negative log-likelihood per token under the policy (plain DPO can raise it while the margin grows:
+both answers lose probability, and the model drifts to text neither pair member holds)."""
 
 
 def statuses(spec: str) -> tuple[str, ...]:
@@ -264,13 +266,15 @@ def pair_sequences(pair_indices: list[int]) -> list[int]:
     return [2 * p for p in pair_indices] + [2 * p + 1 for p in pair_indices]
 
 
-def dpo_sums(policy, reference, beta: float, label_smoothing: float):
-    """Sums over the pairs of the DPO loss and its statistics (`STAT_NAMES`), as a [5] tensor.
+def dpo_sums(policy, reference, beta: float, label_smoothing: float, sft_weight: float = 0.0, *, n_tokens):
+    """Sums over the pairs of the DPO loss and its statistics (`STAT_NAMES`), as a [6] tensor.
 
     `policy` and `reference`: [2m] summed log-probs of each sequence's assistant tokens, the m chosen first,
-    then the m rejected. Rewards r = beta * (policy - reference); margin z = r_chosen - r_rejected; loss =
-    -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z) (sigmoid DPO, Rafailov et al. 2023; eps > 0 is
-    conservative DPO). Only the loss carries a gradient.
+    then the m rejected; `n_tokens`: [2m] their assistant token counts. Rewards r = beta * (policy - reference);
+    margin z = r_chosen - r_rejected; loss = -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z) (sigmoid DPO,
+    Rafailov et al. 2023; eps > 0 is conservative DPO) + sft_weight * the chosen answer's mean NLL per token
+    (sft_weight > 0: RPO, Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's rpo_alpha).
+    Only the loss carries a gradient.
     """
     import torch
     import torch.nn.functional as F
@@ -280,9 +284,12 @@ def dpo_sums(policy, reference, beta: float, label_smoothing: float):
     rejected_r = beta * (policy[m:] - reference[m:])
     z = chosen_r - rejected_r
     losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    chosen_nll = -policy[:m] / n_tokens[:m].clamp(min=1).to(policy.dtype)
+    if sft_weight:
+        losses = losses + sft_weight * chosen_nll
     zd = z.detach()
     return torch.stack([losses.sum(), zd.sum(), (zd > 0).float().sum(), chosen_r.detach().sum(),
-                        rejected_r.detach().sum()])
+                        rejected_r.detach().sum(), chosen_nll.detach().sum()])
 
 
 def whole_pairs(kept: list[tuple], rejected: list[dict], pairs: list[dict]) -> tuple[list[tuple], list[dict]]:

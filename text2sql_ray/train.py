@@ -696,15 +696,16 @@ def _lm_with_loss_cls():
             return torch.zeros(input_ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
 
         def forward(self, input_ids, position_ids, labels, dpo: tuple | None = None):
-            """The summed loss of the assistant tokens; with `dpo` = (beta, label_smoothing) the rows are m
-            chosen then m rejected answers and the result is `dpo.dpo_sums` (the pairs' summed DPO loss first),
-            the reference being this model with its LoRA adapter disabled."""
+            """The summed loss of the assistant tokens; with `dpo` = (beta, label_smoothing, sft_weight) the rows
+            are m chosen then m rejected answers and the result is `dpo.dpo_sums` (the pairs' summed DPO loss
+            first), the reference being this model with its LoRA adapter disabled."""
             if dpo is not None:
                 from .dpo import dpo_sums
 
                 with torch.no_grad(), self.lm.disable_adapter():
                     reference = self.sequence_logprobs(input_ids, position_ids, labels)
-                return dpo_sums(self.sequence_logprobs(input_ids, position_ids, labels), reference, *dpo)
+                return dpo_sums(self.sequence_logprobs(input_ids, position_ids, labels), reference, *dpo,
+                                n_tokens=(labels[:, 1:] != IGNORE).sum(1))
             hidden, target, _ = self.labelled(input_ids, position_ids, labels)
             return linear_cross_entropy_sum(hidden, self.hf_model().get_output_embeddings(), target, self.loss_impl,
                                             self.chunk)
@@ -792,7 +793,7 @@ def prepare_for_training(model, cfg: TrainConfig, dtype, device_type: str, resto
 
 def forward_backward(model, micro: list[dict], scale: float, autocast, device, engine=None, dpo: tuple | None = None):
     """Forward and backward of one optimizer step's micro-batches; returns the summed loss (detached) as a
-    [1] tensor, or with `dpo` = (beta, label_smoothing) the summed `dpo.STAT_NAMES` as a [5] tensor.
+    [1] tensor, or with `dpo` = (beta, label_smoothing, sft_weight) the summed `dpo.STAT_NAMES` as a [6] tensor.
 
     `scale` turns the summed loss into the step's mean (1 / assistant tokens of the step, or 1 / pairs of
     the step with DPO, times the number of workers whose gradients DDP/DeepSpeed average). With DDP,
@@ -802,7 +803,7 @@ def forward_backward(model, micro: list[dict], scale: float, autocast, device, e
     import torch
 
     autocast_ctx = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else contextlib.nullcontext
-    sums = torch.zeros(1 if dpo is None else 5, dtype=torch.float64, device=device)
+    sums = torch.zeros(1 if dpo is None else 6, dtype=torch.float64, device=device)  # 6: dpo.STAT_NAMES
     for k, b in enumerate(micro):
         inputs = {key: b[key].to(device, non_blocking=True) for key in ("input_ids", "position_ids", "labels")}
         if engine is not None:
@@ -1001,7 +1002,7 @@ def train_loop_per_worker(loop: dict) -> None:
 
     # Loop -----------------------------------------------------------------------------------------
     data = ray.get(loop["data"])  # the kept examples' token ids (read-only views of the object store)
-    dpo_args = (cfg.dpo_beta, cfg.dpo_label_smoothing) if cfg.method == "dpo" else None
+    dpo_args = (cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_sft_weight) if cfg.method == "dpo" else None
     # The unit a step draws: a sequence, or with DPO a pair p (sequences 2p chosen and 2p + 1 rejected).
     n_units = (len(data["seq_starts"]) - 1) // (2 if dpo_args else 1)
     total, steps_per_epoch = loop["total_steps"], loop["steps_per_epoch"]
@@ -1437,6 +1438,8 @@ def run(cfg: TrainConfig) -> Path:
         model={"spec": cfg.model, "resolved": model_path, "method": cfg.method,
                "loss": (f"sigmoid DPO (beta {cfg.dpo_beta}, label smoothing {cfg.dpo_label_smoothing}) on the summed "
                         "log-probs of the assistant tokens; reference = the starting model (LoRA disabled)"
+                        + (f"; + {cfg.dpo_sft_weight} x the chosen answer's mean NLL per token (RPO)"
+                           if cfg.dpo_sft_weight else "")
                         if dpo_run else "assistant tokens only"),
                "deepspeed": ds_preset},
         prompt=prompt_record,
