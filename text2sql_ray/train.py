@@ -803,7 +803,9 @@ def forward_backward(model, micro: list[dict], scale: float, autocast, device, e
     import torch
 
     autocast_ctx = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else contextlib.nullcontext
-    sums = torch.zeros(1 if dpo is None else 6, dtype=torch.float64, device=device)  # 6: dpo.STAT_NAMES
+    from .dpo import STAT_NAMES
+
+    sums = torch.zeros(1 if dpo is None else len(STAT_NAMES), dtype=torch.float64, device=device)
     for k, b in enumerate(micro):
         inputs = {key: b[key].to(device, non_blocking=True) for key in ("input_ids", "position_ids", "labels")}
         if engine is not None:

@@ -65,10 +65,14 @@ echo
 echo "Device calls, in order (each: carry the one file; the first starts the machine). The machine is given back"
 echo "30 s after a call ends: send every call below, the launch and the watch calls in ONE batch of calls (a pause"
 echo "between batches, or a cut-off reply, lost the machine five times on 2026-12-02); each call does mkdir -p."
+first="[ -f /tmp/t0 ] || date +%s > /tmp/t0; "  # the first call marks the hold's start: the watch calls' deadline
 for f in "$carry"/bundle.tar.?? "$carry"/extras.tar.?? "$carry"/convert.tgz; do
   rel=.carry/$(basename "$f")
-  echo "  carry [\"$rel\"]: mkdir -p /tmp/carry && cp $rel /tmp/carry/ && ls /tmp/carry | wc -l"
+  echo "  carry [\"$rel\"]: ${first}mkdir -p /tmp/carry && cp $rel /tmp/carry/ && ls /tmp/carry | wc -l"
+  first=""
 done
+echo "  (small files may share a call: the last bundle chunk + extras + convert.tgz came to 46 MB, under 64 MiB with the"
+echo "  16 MB checkout)"
 extra=""
 [ "$student" = qwen-1.5b ] && extra="MODEL=$model TEACHER=$model "
 [ -n "${RECIPE_NAME:-}" ] && extra+="RECIPE_NAME=$RECIPE_NAME "
@@ -82,7 +86,11 @@ echo "        < /dev/null &)"
 echo "        (the mixed hinted rows from the committed hinted chains, no teacher: RECIPE_SYNTH_LIMIT=1000 RECIPE_LANES=
         RECIPE_ROWS=sft_mix_hinted,sft_mix_hinted_dpo RECIPE_SET=\"--earlier /tmp/src/benchmarks/results/recipe_small_gpu.json
         --hinted-synthesis /tmp/src/benchmarks/results/recipe_small_gpu_hinted_synthesis --no-maj sft_mix_hinted\")"
-echo "  and every watch call (in the same batch, one after another; each returns as soon as the run is done), results"
-echo "  first and bounded to what comes back (one file < 16 MiB):"
-echo "        for i in \$(seq 57); do [ -f /tmp/bg/done ] && break; sleep 10; done; tail -5 /tmp/bg/driver.log;"
-echo "        bash benchmarks/gpu/collect.sh $run /tmp/bg \$OUT/res.tgz"
+echo "  and three watch calls in the same batch, each returning when the run is done, after 560 s, or at 1620 s after the"
+echo "  first call (so that the last one lands inside the 1800 s of device time), results first and bounded to what"
+echo "  comes back (one file < 16 MiB):"
+echo "        d=\$(( \$(cat /tmp/t0) + 1620 )); e=\$(( \$(date +%s) + 560 )); while [ ! -f /tmp/bg/done ] &&"
+echo "        [ \$(date +%s) -lt \$d ] && [ \$(date +%s) -lt \$e ]; do sleep 10; done; grep -h -E '^=== |recipe: '"
+echo "        /tmp/bg/*.log | tail -30; bash benchmarks/gpu/collect.sh $run /tmp/bg \$OUT/res.tgz"
+echo "  (2026-12-04 the run ended 20 s after that deadline: a fourth, short call waiting <= 50 s for /tmp/bg/done and"
+echo "  collecting again took 9 s; then give the machine back)"
