@@ -502,8 +502,11 @@ def run_recipe(args) -> dict:
     done = {}
     for row in (by_name[n] for n in wanted):
         maj_row = row.maj and row.name not in args.no_maj
-        entries = [(row.name, row.label, False)] + ([(f"{row.name}_maj{args.maj_k}", f"{row.label} + maj@{args.maj_k}",
-                                                      True)] if maj_row else [])
+        # a DPO row trained with RPO's NLL term says so in its label (the plain-DPO row of an earlier table keeps its own)
+        label = row.label + (f" (RPO, NLL weight {args.dpo_sft_weight})"
+                             if row.name in DPO_START and args.dpo_sft_weight else "")
+        entries = [(row.name, label, False)] + ([(f"{row.name}_maj{args.maj_k}", f"{label} + maj@{args.maj_k}",
+                                                  True)] if maj_row else [])
         results = {e[0]: {} for e in entries}
         model = model_for(row.model)
         for bench in BENCHMARKS:

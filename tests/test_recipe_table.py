@@ -321,6 +321,7 @@ def test_the_on_policy_dpo_row_trains_on_its_sft_model_s_own_pairs(recipe_run):
     assert manifest["data"]["dpo"]["pairs_trained"] == 4
     row = next(r for r in summary["rows"] if r["row"] == "sft_mix_hinted_dpo")
     assert row["cot"] and row["model"].startswith(str(run / "train" / "mix_hinted_dpo"))
+    assert row["label"] == "CoT + no-CoT SFT, hinted chains + on-policy DPO (RPO, NLL weight 0.5)"
     assert row["bird"]["n_scored"] == 4 and row["spider"]["note"] == "not run"  # --benchmarks bird
     assert summary["dpo_pairs"] == {}  # the teacher-pair row did not run here
     md = (recipe_run["tmp"] / "results" / "mixed.md").read_text()

@@ -86,6 +86,8 @@ echo "        < /dev/null &)"
 echo "        (the mixed hinted rows from the committed hinted chains, no teacher: RECIPE_SYNTH_LIMIT=1000 RECIPE_LANES=
         RECIPE_ROWS=sft_mix_hinted,sft_mix_hinted_dpo RECIPE_SET=\"--earlier /tmp/src/benchmarks/results/recipe_small_gpu.json
         --hinted-synthesis /tmp/src/benchmarks/results/recipe_small_gpu_hinted_synthesis --no-maj sft_mix_hinted\")"
+echo "        (the same with RPO, a table of its own: RECIPE_NAME=recipe_small_gpu_rpo for this script and the launch, and"
+echo "        --dpo-sft-weight 1 added to that RECIPE_SET)"
 echo "  and three watch calls in the same batch, each returning when the run is done, after 560 s, or at 1620 s after the"
 echo "  first call (so that the last one lands inside the 1800 s of device time), results first and bounded to what"
 echo "  comes back (one file < 16 MiB):"
