@@ -720,7 +720,11 @@ def table_markdown(s: dict) -> str:
         lines += [
             (f"{'DPO' if key == 'dpo_pairs' else 'On-policy DPO'} pairs ({whose}): {d.get('pairs')} pairs from "
              f"{q.get('paired', '?')} questions (" + ", ".join(f"{k} {v}" for k, v in q.items() if k != "paired")
-             + f"); {d.get('samples_in_pairs')} of {d.get('samples')} samples in a pair. Training: "
+             + f"); {d.get('samples_in_pairs')} of {d.get('samples')} samples in a pair"
+             + (f"; answers {d['answer_chars']['chosen_mean']:.0f} chars chosen vs "
+                f"{d['answer_chars']['rejected_mean']:.0f} rejected on average, the chosen one shorter in "
+                f"{100 * d['answer_chars']['chosen_shorter_fraction']:.0f}% of pairs" if d.get("answer_chars") else "")
+             + ". Training: "
              f"{d.get('training') or s.get('dpo_train', '')}. Policy: {d.get('policy', '')}."),
             "",
         ]

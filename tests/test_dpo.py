@@ -466,6 +466,10 @@ def test_dpo_run_accounts_for_every_question_sample_and_pair(dpo_run, tokenizer)
     too_long = [r for r in rejected if "pair" in r]
     assert acc["samples"] == samples == acc["samples_in_pairs"] + acc["samples_unused"] and len(unused) == acc["samples_unused"]
     assert len(pairs) == 16 == data["rows"] == acc["pairs"] == data["trained"] + data["rejected"]
+    # the length gap DPO could learn instead of correctness, from the pairs file by hand
+    c, r = [len(p["chosen"]) for p in pairs], [len(p["rejected"]) for p in pairs]
+    assert acc["answer_chars"] == {"chosen_mean": round(sum(c) / 16, 1), "rejected_mean": round(sum(r) / 16, 1),
+                                   "chosen_shorter_fraction": round(sum(a < b for a, b in zip(c, r)) / 16, 4)}
     assert len(too_long) == 1 and too_long[0]["question_id"] == 7 and too_long[0]["member"] == "rejected"
     assert all(r["reason"] == "too_long" and r["n_tokens"] > MAX_LENGTH for r in too_long)
     assert {r["pair"] for r in too_long} == {

@@ -18,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from fastapi import Request  # module level: the handler's annotation is resolved by name
 from local_http import LocalServer
@@ -327,6 +328,10 @@ def test_the_on_policy_dpo_row_trains_on_its_sft_model_s_own_pairs(recipe_run):
     md = (recipe_run["tmp"] / "results" / "mixed.md").read_text()
     assert "On-policy DPO pairs (the SFT model's own samples on Spider train, its own CoT prompt): 4 pairs" in md
     assert "+ 0.5 x the chosen answer's NLL per token (RPO)" in md and d["training"].endswith("(RPO)")
+    pairs = pq.read_table(run / "dpo_mix_hinted_dpo" / "pairs.parquet").to_pylist()
+    chosen, rejected = (sum(len(p[k]) for p in pairs) / len(pairs) for k in ("chosen", "rejected"))
+    assert d["answer_chars"]["chosen_mean"] == round(chosen, 1) and d["answer_chars"]["rejected_mean"] == round(rejected, 1)
+    assert f"answers {chosen:.0f} chars chosen vs {rejected:.0f} rejected on average" in md
 
 
 def test_the_students_record_the_prompts_they_were_trained_on(recipe_run):
