@@ -193,45 +193,46 @@ def dpo_steps(tmp_path_factory, tiny_llama_dir, tokenizer, hand_pairs):
     tmp = tmp_path_factory.mktemp("dpo_steps")
     sft = _sft_adapter(tiny_llama_dir, tmp / "sft")
     start = T.starting_model(str(sft), tmp / "out")
-    cfg = TrainConfig(method="dpo", lora_dropout=0.0, dpo_beta=0.1)
-    wrapper, _ = T.build_training_model(cfg, start, torch.float32, "cpu")
     b = _batch(tokenizer, hand_pairs)
     m = len(hand_pairs)
 
-    def reference():
-        with torch.no_grad(), wrapper.lm.disable_adapter():
-            return wrapper.sequence_logprobs(**_inputs(b))
+    def build(sft_weight: float):
+        """A new LoRA on `start` (B = 0: the policy equals the reference until a step)."""
+        cfg = TrainConfig(method="dpo", lora_dropout=0.0, dpo_beta=0.1, dpo_sft_weight=sft_weight)
+        return T.build_training_model(cfg, start, torch.float32, "cpu")[0]
+
+    def six_steps(model, sft_weight: float) -> list[float]:
+        """Six AdamW steps through train's forward_backward; each step's mean margin."""
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        margins = []
+        for _ in range(6):
+            sums = T.forward_backward(model, [b], 1.0 / m, None, torch.device("cpu"), dpo=(0.1, 0.0, sft_weight))
+            margins.append(float(sums[1]) / m)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return margins
+
+    def reference(model):
+        with torch.no_grad(), model.lm.disable_adapter():
+            return model.sequence_logprobs(**_inputs(b))
 
     with torch.no_grad():
         sft_logp = _hand_logprobs(load_causal_lm(str(sft), dtype="float32"), b)
         base_logp = _hand_logprobs(load_causal_lm(str(tiny_llama_dir), dtype="float32"), b)
-    ref_before = reference()
-    trainable = [p for p in wrapper.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=3e-3)
-    margins = []
-    for _ in range(6):
-        sums = T.forward_backward(wrapper, [b], 1.0 / m, None, torch.device("cpu"), dpo=(cfg.dpo_beta, 0.0, 0.0))
-        margins.append(float(sums[1]) / m)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    wrapper = build(0.0)  # plain DPO
+    ref_before = reference(wrapper)
+    margins = six_steps(wrapper, 0.0)
     with torch.no_grad():
         policy_after = wrapper.sequence_logprobs(**_inputs(b))
-        margins.append(float(D.dpo_sums(policy_after, reference(), cfg.dpo_beta, 0.0,
+        margins.append(float(D.dpo_sums(policy_after, reference(wrapper), 0.1, 0.0,
                                         n_tokens=torch.ones_like(policy_after))[1]) / m)
     # the same six steps from the same start with RPO's NLL term on the chosen answers (weight 1)
-    cfg_rpo = TrainConfig(method="dpo", lora_dropout=0.0, dpo_beta=0.1, dpo_sft_weight=1.0)
-    rpo, _ = T.build_training_model(cfg_rpo, start, torch.float32, "cpu")
-    opt = torch.optim.AdamW([p for p in rpo.parameters() if p.requires_grad], lr=3e-3)
-    rpo_margins = []
-    for _ in range(6):
-        sums = T.forward_backward(rpo, [b], 1.0 / m, None, torch.device("cpu"), dpo=(0.1, 0.0, 1.0))
-        rpo_margins.append(float(sums[1]) / m)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    rpo = build(1.0)
+    rpo_margins = six_steps(rpo, 1.0)
     with torch.no_grad():
         rpo_after = rpo.sequence_logprobs(**_inputs(b))
     return {"start": start, "out": tmp / "out", "sft_logp": sft_logp, "base_logp": base_logp,
-            "ref_before": ref_before, "ref_after": reference(), "policy_after": policy_after, "margins": margins,
+            "ref_before": ref_before, "ref_after": reference(wrapper), "policy_after": policy_after, "margins": margins,
             "rpo_after": rpo_after, "rpo_margins": rpo_margins, "m": m}
 
 
