@@ -26,7 +26,10 @@ the fields below replaced; `--set stage.field=value` overrides any field of a se
    no-CoT SFT model (SQL only), the CoT SFT models and the CoT + no-CoT SFT models (CoT prompt), the CoT SFT + DPO model
    (a new LoRA on the merged CoT SFT model, trained on pairs from the synthesis' verdicts, `--dpo-*`; CoT prompt,
    greedy), the CoT + no-CoT SFT, hinted chains + on-policy DPO model (the same on pairs of that SFT model's own
-   samples of Spider train, drawn with its own CoT prompt: `synthesize.student_prompt`, `--onpolicy-samples`); the
+   samples of Spider train, drawn with its own CoT prompt: `synthesize.student_prompt`, `--onpolicy-samples`), the
+   CoT SFT, hinted chains + on-policy DPO model (the same from the hinted CoT SFT model, with pairs on BIRD train too:
+   BIRD train has no databases here, so chosen = a final SQL equal to the gold after sqlglot canonicalisation,
+   rejected = one that does not compile against the schema, synthesize's `schema_error`); the
    SFT rows greedy and maj@k from one run (`--maj-k`, temperature `--maj-temperature`; with vllm one engine
    execution); `--nocot-engine` picks another backend for the greedy-only SQL rows (the baselines); `--benchmarks`
    limits the dev sets;
@@ -105,6 +108,12 @@ ROWS = (
     Row("sft_mix_hinted_dpo", "CoT + no-CoT SFT, hinted chains + on-policy DPO", "sft_mix_hinted_dpo", {"cot": True},
         "DPO (a new LoRA on the merged CoT + no-CoT SFT, hinted chains model, the reference) on that model's own "
         "pairs: k samples per Spider train question with its own CoT prompt, verified vs wrong or failing"),
+    Row("sft_cot_hinted_dpo", "CoT SFT, hinted chains + on-policy DPO, Spider + BIRD pairs", "sft_cot_hinted_dpo",
+        {"cot": True},
+        "DPO (a new LoRA on the merged CoT SFT, hinted chains model, the reference) on that model's own pairs: k samples "
+        "per Spider train and BIRD train question with its own CoT prompt; Spider: verified vs wrong or failing; BIRD "
+        "train (no databases here): final SQL equal to the gold after sqlglot canonicalisation vs SQL that does not "
+        "compile against the schema (schema_error)"),
 )
 
 
@@ -161,7 +170,8 @@ def parse_args(argv):
     p.add_argument("--dpo-lora-r", type=int, default=64, help="DPO row: rank of the new LoRA (alpha = 2 r)")
     p.add_argument("--dpo-pairs-per-question", type=int, default=2, help="DPO row: pairs per question at most")
     p.add_argument("--onpolicy-samples", type=int, default=4,
-                   help="on-policy DPO row: samples per Spider train question from its SFT model itself "
+                   help="on-policy DPO rows: samples per training question (Spider train; BIRD train too for "
+                        "sft_cot_hinted_dpo) from its SFT model itself "
                         "(its own prompt, synthesize.engine's temperature; the questions of synthesize.limit)")
     p.add_argument("--earlier", default="",
                    help="an earlier table's STEM.json (its predictions beside it in STEM/): rows not run now are taken "
@@ -197,7 +207,37 @@ def parse_args(argv):
 
 
 # the DPO rows: the SFT model each starts from (its reference model)
-DPO_START = {"sft_cot_dpo": {"sft_cot"}, "sft_mix_hinted_dpo": {"sft_mix_hinted"}}
+DPO_START = {"sft_cot_dpo": {"sft_cot"}, "sft_mix_hinted_dpo": {"sft_mix_hinted"},
+             "sft_cot_hinted_dpo": {"sft_cot_hinted"}}
+# the on-policy DPO rows: the training splits their SFT model samples (with its own CoT prompt) for pairs. BIRD train
+# has no databases here: its chosen answers are canonical matches with the gold, its rejected ones schema errors
+ONPOLICY_SOURCES = {"sft_mix_hinted_dpo": ("spider_train",), "sft_cot_hinted_dpo": ("spider_train", "bird_train")}
+# the summary key of each DPO row's pair counts, and the words the table says whose samples they are
+DPO_PAIR_KEYS = {
+    "sft_cot_dpo": ("dpo_pairs", "DPO pairs (teacher samples of the synthesis)"),
+    "sft_mix_hinted_dpo": ("dpo_pairs_onpolicy", "On-policy DPO pairs (the SFT model's own samples on Spider train, "
+                                                 "its own CoT prompt)"),
+    "sft_cot_hinted_dpo": ("dpo_pairs_onpolicy_cot_hinted",
+                           "On-policy DPO pairs of the CoT SFT, hinted chains model (its own samples on Spider train "
+                           "and BIRD train, its own CoT prompt; BIRD: canonical match vs schema error)"),
+}
+
+
+def merge_pairs(parts: dict[str, "dpo.Pairs"]) -> "dpo.Pairs":
+    """The pairs of several training splits as one set: each pair tagged with its split (`source`; question ids
+    repeat across splits), the question outcomes, samples and unused reasons summed. One split: its pairs as built."""
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    pairs, unused, questions, by_reason = [], [], {}, {}
+    for src, b in parts.items():
+        pairs += [{**p, "source": src} for p in b.pairs]
+        unused += [{**u, "source": src} for u in b.unused]
+        for k, v in b.questions.items():
+            questions[k] = questions.get(k, 0) + v
+        for k, v in b.unused_by_reason.items():
+            by_reason[k] = by_reason.get(k, 0) + v
+    return dpo.Pairs(pairs, unused, questions, samples=sum(b.samples for b in parts.values()),
+                     unused_by_reason=by_reason)
 
 
 def parse_lanes(text: str) -> list[list[str]]:
@@ -457,24 +497,38 @@ def run_recipe(args) -> dict:
         kind = name.removeprefix("sft_")
         # the teacher row keeps the paths of the runs before the on-policy row existed (a resumed run stays valid)
         pair_dir = run_dir / ("dpo" if name == "sft_cot_dpo" else f"dpo_{kind}")
-        samples_dir, after = syn_dir, (f"train_{start_row}",)
-        if name != "sft_cot_dpo":
-            o_cfg = rep(syn_t, input=str(conv["spider_train_cot"]), data=args.spider, mode="blind", student_prompt=True,
-                        samples=args.onpolicy_samples, sft_canonical_match=False, include_unverified=False,
-                        engine=rep(syn_t.engine, model=start), out=str(run_dir / "synthesize" / "spider_train_onpolicy"))
-            samples_dir = steps.run("synthesize_spider_train_onpolicy", synthesize, o_cfg, after=after)
-            after = after + ("synthesize_spider_train_onpolicy",)
+        after = (f"train_{start_row}",)
+        sources = [("spider_train", syn_dir)]  # (split, samples dir): the teacher's samples for sft_cot_dpo
+        if name in ONPOLICY_SOURCES:
+            sources = []
+            for src in ONPOLICY_SOURCES[name]:
+                # the first on-policy row keeps its step and dir names (a resumed run stays valid)
+                tag = "" if name == "sft_mix_hinted_dpo" else "_" + start_row.removeprefix("sft_")
+                o_cfg = rep(syn_t, input=str(conv[f"{src}_cot"]), data=args.spider if src == "spider_train"
+                            else args.bird_train, mode="blind", student_prompt=True, samples=args.onpolicy_samples,
+                            sft_canonical_match=False, include_unverified=False, no_db_check="canonical",
+                            schema_check=True, engine=rep(syn_t.engine, model=start),
+                            out=str(run_dir / "synthesize" / f"{src}_onpolicy{tag}"))
+                step = f"synthesize_{src}_onpolicy{tag}"
+                sources.append((src, steps.run(step, synthesize, o_cfg, after=after)))
+                after = after + (step,)
         t = rep(train_t, method="dpo", input=str(pair_dir / "pairs.parquet"), model=start,
                 out=str(run_dir / "train" / kind), packing=False, lr=args.dpo_lr, epochs=args.dpo_epochs,
                 max_steps=0, schedule="cosine", warmup_ratio=0.1, lora_r=args.dpo_lora_r, lora_alpha=2 * args.dpo_lora_r,
                 dpo_beta=args.dpo_beta, dpo_sft_weight=args.dpo_sft_weight,
-                dpo_pairs_per_question=args.dpo_pairs_per_question)
-        conv_file = conv["spider_train_cot"] / "train.parquet"
-        built = dpo.read_input([samples_dir / "samples.parquet", conv_file], t)
+                dpo_pairs_per_question=args.dpo_pairs_per_question,
+                # BIRD train has no databases: a canonical match with the gold is its only chosen answer
+                dpo_chosen="verified,canonical_match" if "bird_train" in dict(sources) else train_t.dpo_chosen)
+        parts = {src: dpo.read_input([d / "samples.parquet", conv[f"{src}_cot"] / "train.parquet"], t)
+                 for src, d in sources}
+        built = merge_pairs(parts)
         counts = dpo_counts.setdefault(name, {})
         counts.update(dpo.manifest_section(built, len(built.pairs), t, from_samples=True))
         counts["pairs_file"] = str(pair_dir / "pairs.parquet")
-        counts["samples_from"] = str(samples_dir)
+        counts["samples_from"] = ", ".join(str(d) for _, d in sources)
+        if len(parts) > 1:
+            counts["by_source"] = {src: {k: v for k, v in dpo.manifest_section(b, len(b.pairs), t, True).items()
+                                         if k not in ("pairs_file", "pairs_trained", "source", "policy")} for src, b in parts.items()}
         write_json(pair_dir / "pairs.json", counts)
         if not built.pairs:
             not_trained[name] = "no preference pairs (no question has both a verified and a failing chain)"
@@ -553,9 +607,8 @@ def run_recipe(args) -> dict:
                  f"{args.dpo_pairs_per_question} pairs per question"
                  + (f", + {args.dpo_sft_weight} x the chosen answer's NLL per token (RPO)" if args.dpo_sft_weight
                     else ""))
-    dpo_pairs = {"dpo_pairs": dpo_counts.get("sft_cot_dpo", {}),
-                 "dpo_pairs_onpolicy": dpo_counts.get("sft_mix_hinted_dpo", {})}
-    for key, name in (("dpo_pairs", "sft_cot_dpo"), ("dpo_pairs_onpolicy", "sft_mix_hinted_dpo")):
+    dpo_pairs = {key: dpo_counts.get(name, {}) for name, (key, _) in DPO_PAIR_KEYS.items()}
+    for name, (key, _) in DPO_PAIR_KEYS.items():
         if dpo_pairs[key]:  # each DPO row's own words on how it was trained (the rows may come from two runs)
             dpo_pairs[key] = {**dpo_pairs[key], "training": dpo_train}
         elif name in took:  # an earlier row keeps the words on what it was trained on
@@ -711,16 +764,18 @@ def table_markdown(s: dict) -> str:
          "Training (every SFT row): " + ", ".join(f"{k} {v}" for k, v in s["train"].items()) + "."),
         "",
     ]
-    for key, whose in (("dpo_pairs", "teacher samples of the synthesis"),
-                       ("dpo_pairs_onpolicy", "the SFT model's own samples on Spider train, its own CoT prompt")):
+    for key, what in DPO_PAIR_KEYS.values():
         d = s.get(key) or {}
         if not d:
             continue
         q = d.get("questions", {})
+        by_source = "".join(
+            f"; {src}: {b.get('pairs')} pairs from {b.get('questions', {}).get('paired', '?')} of "
+            f"{b.get('questions', {}).get('total', '?')} questions" for src, b in (d.get("by_source") or {}).items())
         lines += [
-            (f"{'DPO' if key == 'dpo_pairs' else 'On-policy DPO'} pairs ({whose}): {d.get('pairs')} pairs from "
+            (f"{what}: {d.get('pairs')} pairs from "
              f"{q.get('paired', '?')} questions (" + ", ".join(f"{k} {v}" for k, v in q.items() if k != "paired")
-             + f"); {d.get('samples_in_pairs')} of {d.get('samples')} samples in a pair"
+             + f"){by_source}; {d.get('samples_in_pairs')} of {d.get('samples')} samples in a pair"
              + (f"; answers {d['answer_chars']['chosen_mean']:.0f} chars chosen vs "
                 f"{d['answer_chars']['rejected_mean']:.0f} rejected on average, the chosen one shorter in "
                 f"{100 * d['answer_chars']['chosen_shorter_fraction']:.0f}% of pairs" if d.get("answer_chars") else "")

@@ -356,6 +356,25 @@ def test_pair_building_options_change_the_pairs_as_documented():
         TrainConfig(method="dpo", packing=True)
 
 
+def test_without_a_database_canonical_matches_pair_with_schema_errors_under_the_defaults():
+    """A question without a database (BIRD train here): its canonical match is chosen only when dpo_chosen allows it,
+    its schema_error (SQL that does not compile against the schema) is rejected by default, an unverified sample
+    is never either side."""
+    conv = {1: _conv(1)}
+    samples = [_sample(1, 0, "canonical_match", _cot("SELECT 1"), "SELECT 1"),
+               _sample(1, 1, "schema_error", _cot("SELECT nope FROM t"), "SELECT nope FROM t"),
+               _sample(1, 2, "unverified", _cot("SELECT 1 + 0"), "SELECT 1 + 0")]
+    defaults = TrainConfig(method="dpo")
+    assert "schema_error" in D.statuses(defaults.dpo_rejected)
+    built = D.build_pairs(samples, conv, 2, ("verified", "canonical_match"), D.statuses(defaults.dpo_rejected))
+    assert [(p["chosen_sample_index"], p["rejected_sample_index"], p["rejected_status"]) for p in built.pairs] == [
+        (0, 1, "schema_error")]
+    assert [(u["sample_index"], u["reason"]) for u in built.unused] == [(2, "status_not_used")]
+    strict = D.build_pairs(samples, conv, 2, D.statuses(defaults.dpo_chosen), D.statuses(defaults.dpo_rejected))
+    assert strict.pairs == [] and strict.questions["only_rejected"] == 1  # canonical matches: not chosen by default
+    TrainConfig(method="dpo", dpo_chosen="verified,canonical_match", dpo_rejected="schema_error")  # accepted
+
+
 def test_hinted_chains_that_mention_the_hint_are_never_chosen():
     conv = {1: _conv(1)}
     samples = [_sample(1, 0, "verified", "As the reference query shows:\n```sql\nSELECT 1\n```", "SELECT 1"),

@@ -78,6 +78,8 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
 
     tmp = tmp_path_factory.mktemp("recipe")
     gold = {q["question"]: q["SQL"] for q in bird.load_split(SPIDER, "train").questions[:50]}
+    # the demo's BIRD train questions too: the hinted CoT SFT model's on-policy samples of them (sft_cot_hinted_dpo)
+    gold.update({q["question"]: q["SQL"] for q in bird.load_split(bird.resolve_data("", "train")).questions})
     with HintCopyingTeacher(gold) as teacher:
         argv = ["--config", str(REPO / "jobs" / "recipe_tiny_cpu.yaml"), "--student", str(tiny_llama_dir),
                 "--teacher", "stand-in-teacher", "--bird", "demo", "--spider", str(SPIDER), "--maj-k", "2",
@@ -100,12 +102,15 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "two"), "--rows", "base_ours,base_seed",
                                               "--benchmarks", "bird,spider"] + argv[-6:]) == 0
         # an earlier Spider synthesis reused (no Spider teacher request); only the hinted row asked: its BIRD train
-        # chains are made (the teacher shown the gold SQL) and its student is trained on them + the reused chains
-        before = teacher.requests
-        assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "reuse"), "--rows", "sft_cot_hinted",
+        # chains are made (the teacher shown the gold SQL) and its student is trained on them + the reused chains;
+        # then its on-policy DPO row: that student samples Spider train and BIRD train itself (its own CoT prompt)
+        before = len(teacher.asked)
+        assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "reuse"), "--rows",
+                                              "sft_cot_hinted,sft_cot_hinted_dpo", "--onpolicy-samples", "2",
                                               "--synthesis", str(tmp / "run" / "synthesize" / "spider_train"),
                                               "--benchmarks", "bird"] + argv[-6:]) == 0
-        rerun["reuse_requests"] = teacher.requests - before
+        rerun["reuse_asked"] = teacher.asked[before:]
+        rerun["reuse_requests"] = sum(a["model"] == "stand-in-teacher" for a in rerun["reuse_asked"])
         # the mixed hinted row from that hinted synthesis, reused (--hinted-synthesis): no teacher request at all;
         # then its on-policy DPO row: the mixed model samples Spider train itself, with its own CoT prompt. Greedy
         # only (--no-maj), as on the GPU where the row's maj@k costs minutes
@@ -138,9 +143,9 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
 
 MAIN_ROWS = ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_dpo"]
 # the main table: the other rows read "not run" (one line each, no maj@k line)
-NOT_IN_MAIN = ("sft_cot_hinted", "sft_mix", "sft_mix_hinted", "sft_mix_hinted_dpo")
+NOT_IN_MAIN = ("sft_cot_hinted", "sft_mix", "sft_mix_hinted", "sft_mix_hinted_dpo", "sft_cot_hinted_dpo")
 ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_nocot_maj2", "sft_cot", "sft_cot_maj2", "sft_cot_hinted",
-             "sft_mix", "sft_mix_hinted", "sft_cot_dpo", "sft_mix_hinted_dpo"]
+             "sft_mix", "sft_mix_hinted", "sft_cot_dpo", "sft_mix_hinted_dpo", "sft_cot_hinted_dpo"]
 RAN = [r for r in ROW_NAMES if r not in NOT_IN_MAIN]
 
 
@@ -155,7 +160,7 @@ def test_the_table_has_every_row_with_the_scored_counts(recipe_run):
             continue
         assert r["bird"]["n_scored"] == 4 and r["bird"]["n_questions"] == 4, r["row"]
         assert 0.0 <= r["bird"]["ex"] <= 100.0
-    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 2 + ["greedy"] * 5
+    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 2 + ["greedy"] * 6
     # the rerun (same --results) wrote this table: it ran nothing, so no time is called its own; the first run's
     # times of every step are kept, said apart
     assert summary["step_seconds"] == {}
@@ -254,7 +259,8 @@ def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
     results = recipe_run["tmp"] / "results"
     two = json.loads((results / "two.json").read_text())
     assert [r["row"] for r in two["rows"]] == ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_hinted",
-                                               "sft_mix", "sft_mix_hinted", "sft_cot_dpo", "sft_mix_hinted_dpo"]
+                                               "sft_mix", "sft_mix_hinted", "sft_cot_dpo", "sft_mix_hinted_dpo",
+                                               "sft_cot_hinted_dpo"]
     # only the Spider evaluations ran in that run: their times are its own; the steps done before keep theirs, apart
     assert set(two["step_seconds"]) == {"eval_base_seed_spider", "eval_base_ours_spider"}
     assert two["step_seconds_before"] == recipe_run["first_state"]["_seconds"]
@@ -332,6 +338,41 @@ def test_the_on_policy_dpo_row_trains_on_its_sft_model_s_own_pairs(recipe_run):
     chosen, rejected = (sum(len(p[k]) for p in pairs) / len(pairs) for k in ("chosen", "rejected"))
     assert d["answer_chars"]["chosen_mean"] == round(chosen, 1) and d["answer_chars"]["rejected_mean"] == round(rejected, 1)
     assert f"answers {chosen:.0f} chars chosen vs {rejected:.0f} rejected on average" in md
+
+
+def test_the_hinted_cot_dpo_row_pairs_its_own_samples_of_spider_train_and_bird_train(recipe_run):
+    """sft_cot_hinted_dpo: the hinted CoT SFT model samples Spider train and BIRD train (k 2 each, its own CoT prompt,
+    under its own name); the pairs of both splits, tagged with their split, train one new LoRA on it. (The demo's
+    BIRD train has databases, so its pairs here are execution-verified; on the real BIRD train the same step keeps
+    canonical matches as chosen and schema errors as rejected: dpo_chosen allows canonical_match.)"""
+    run = recipe_run["tmp"] / "run"
+    summary = json.loads((recipe_run["tmp"] / "results" / "reuse.json").read_text())
+    start = next(r for r in summary["rows"] if r["row"] == "sft_cot_hinted")["model"]
+    asked = [a for a in recipe_run["rerun"]["reuse_asked"] if a["model"] == start]
+    assert len(asked) == 4 + 4 and not any(a["hinted"] for a in asked)  # 4 questions of each split (synthesize.limit)
+    for src, data in (("spider_train", str(SPIDER)), ("bird_train", bird.resolve_data("", "train"))):
+        syn = json.loads((run / "synthesize" / f"{src}_onpolicy_cot_hinted" / "manifest.json").read_text())
+        assert syn["config"]["student_prompt"] is True and syn["config"]["engine"]["model"] == start
+        assert syn["config"]["input"] == str(run / "convert" / f"{src}_cot") and syn["config"]["data"] == data
+        assert syn["config"]["schema_check"] is True and syn["counts"]["samples"] == 4 * 2
+    d = summary["dpo_pairs_onpolicy_cot_hinted"]
+    assert d["pairs"] == 8 and d["questions"]["paired"] == 8 and d["samples"] == 16 and d["samples_in_pairs"] == 16
+    assert {src: b["pairs"] for src, b in d["by_source"].items()} == {"spider_train": 4, "bird_train": 4}
+    assert d["questions"]["total"] == 16 and "pairs_trained" not in d["by_source"]["bird_train"]
+    pairs = pq.read_table(run / "dpo_cot_hinted_dpo" / "pairs.parquet").to_pylist()
+    assert sorted(p["source"] for p in pairs) == ["bird_train"] * 4 + ["spider_train"] * 4
+    manifest = json.loads((run / "train" / "cot_hinted_dpo" / "manifest.json").read_text())
+    assert manifest["config"]["model"] == start and manifest["config"]["dpo_chosen"] == "verified,canonical_match"
+    assert manifest["data"]["dpo"]["pairs_trained"] == 8
+    row = next(r for r in summary["rows"] if r["row"] == "sft_cot_hinted_dpo")
+    assert row["model"].startswith(str(run / "train" / "cot_hinted_dpo")) and row["bird"]["n_scored"] == 4
+    md = (recipe_run["tmp"] / "results" / "reuse.md").read_text()
+    assert ("On-policy DPO pairs of the CoT SFT, hinted chains model (its own samples on Spider train and BIRD train, "
+            "its own CoT prompt; BIRD: canonical match vs schema error): 8 pairs from 8 questions") in md
+    # of the 8 converted questions of each split, the first 4 were sampled (synthesize.limit): 4 without samples
+    assert "; spider_train: 4 pairs from 4 of 8 questions; bird_train: 4 pairs from 4 of 8 questions;" in md
+    assert d["by_source"]["bird_train"]["questions"] == {"no_samples": 4, "no_usable_samples": 0, "only_chosen": 0,
+                                                         "only_rejected": 0, "paired": 4, "total": 8}
 
 
 def test_the_students_record_the_prompts_they_were_trained_on(recipe_run):

@@ -71,6 +71,8 @@ def canned(kind: str, gold: str) -> str:
         return f"Short.\n```sql\nSELECT * FROM ({gold})\n```"
     if kind == "wrong":
         return cot("SELECT 'no such answer'")
+    if kind == "nocol":  # compiles nowhere: the column does not exist in the gold query's result
+        return cot(f"SELECT no_such_column_t2s FROM ({gold})")
     if kind == "syntax":
         return cot("SELEC title FROM book WHERE")
     if kind == "runaway":
@@ -337,6 +339,60 @@ def test_no_db_check_touches_only_samples_without_execution_and_never_sets_corre
     assert samples[0]["status"] == "unverified"  # inputs untouched
 
 
+# a tables.json entry as BIRD writes them: a table and a column name with spaces, odd types, a '*' pseudo-column
+SHOP = {"db_id": "shop", "table_names_original": ["orders", "Order Lines"],
+        "column_names_original": [[-1, "*"], [0, "id"], [0, "Customer Name"], [1, "order_id"], [1, "qty"],
+                                  [1, "QTY"]],
+        "column_types": ["text", "integer", "text", "integer", "number", "number"],
+        "primary_keys": [1], "foreign_keys": [[3, 1]]}
+
+
+def test_schema_check_marks_only_sql_that_cannot_compile_on_the_schema():
+    """No database: a sample whose SQL names a column or table the schema lacks, or does not parse, is a
+    schema_error (known wrong, correct False, the reason kept); a query that compiles stays unverified, a canonical
+    match stays one; nothing is concluded where the gold SQL itself does not compile, or without a schema."""
+    def s(qid, j, sql, db="shop", gen_error=None):
+        return {"question_id": qid, "db_id": db, "sample_index": j, "sql": sql, "status": "unverified",
+                "correct": None, "gen_error": gen_error, "exec_error": None}
+
+    gold = {1: 'SELECT "Customer Name" FROM orders', 2: "SELECT nope FROM orders", 3: "SELECT 1"}
+    samples = [s(1, 0, "select `Customer Name` from ORDERS"),            # the gold, spelled otherwise
+               s(1, 1, "SELECT o.id, SUM(l.qty) FROM orders o JOIN `Order Lines` l ON l.order_id = o.id GROUP BY o.id"),
+               s(1, 2, "SELECT customer_name FROM orders"),              # no such column
+               s(1, 3, "SELECT id FROM customers"),                      # no such table
+               s(1, 4, "SELEC id FROM orders"),                          # syntax
+               s(1, 5, "SELECT id FROM orders; SELECT 2"),               # two statements
+               s(1, 6, "SELECT nope FROM orders", gen_error="cut off"),  # generation failed: not judged
+               s(2, 0, "SELECT nope2 FROM orders"),                      # the gold fails too: nothing concluded
+               s(3, 0, "SELECT x FROM orders", db="other")]              # no schema for this database
+    got = apply_no_db_check(samples, gold, "canonical", {"shop": SHOP})
+    assert [r["status"] for r in got] == ["canonical_match", "unverified", "schema_error", "schema_error",
+                                          "schema_error", "schema_error", "unverified", "unverified", "unverified"]
+    assert [r["correct"] for r in got] == [None, None, False, False, False, False, None, None, None]
+    assert "no such column: customer_name" in got[2]["exec_error"] and "no such table: customers" in got[3]["exec_error"]
+    assert all(r["exec_error"] is None for r in got if r["status"] != "schema_error")
+    # without tables (schema_check off) the same samples are only canonical matches or unverified; re-applying the
+    # check to its own output gives the same verdicts
+    assert [r["status"] for r in apply_no_db_check(samples, gold, "canonical")].count("schema_error") == 0
+    assert apply_no_db_check(got, gold, "canonical", {"shop": SHOP}) == got
+    assert "schema_error" in NO_DB_STATUSES and "schema_error" in STATUSES
+
+
+def test_real_bird_train_gold_sql_compiles_on_its_schema_only_database(bird_train):
+    """Every gold query of the real BIRD train text (no databases here) compiles against an empty database built
+    from train_tables.json (one that did not would leave its question's samples unjudged); the same query with one
+    column misspelled does not."""
+    from text2sql_ray.synthesize import schema_compile_error, schema_database
+
+    split = bird.load_split(bird_train)
+    dbs = {d: schema_database(split.tables[d]) for d in split.db_ids}
+    failing = [q for q in split.questions if schema_compile_error(dbs[q["db_id"]], q["SQL"]) is not None]
+    assert len(split.questions) == 6601 and failing == [], [(q["db_id"], q["SQL"][:80]) for q in failing[:5]]
+    q = next(q for q in split.questions if q["db_id"] == "movie_platform" and "movie_title" in q["SQL"])
+    broken = q["SQL"].replace("movie_title", "movie_titel", 1)
+    assert "no such column" in schema_compile_error(dbs["movie_platform"], broken)
+
+
 def test_done_questions_retries_only_fully_failed_generations():
     samples = [{"question_id": 1, "gen_error": None}, {"question_id": 1, "gen_error": "x"},
                {"question_id": 2, "gen_error": "x"}, {"question_id": 2, "gen_error": "y"}]
@@ -517,6 +573,42 @@ def test_cli_canonical_matches_enter_the_sft_set_only_when_allowed_and_counted_a
     q = manifest["report"]["questions"]
     assert (q["with_verified_sample"], q["with_canonical_match"], q["yield"]) == (2, 2, 0.3333)  # yield: execution only
     assert "Canonical matches may enter the SFT set" in (out / "report.md").read_text()
+
+
+def test_cli_schema_check_rejects_sql_that_cannot_run_on_a_database_that_is_not_there(
+        ray_local, tmp_path, teacher, plan_input, bookstore_only, monkeypatch):
+    """Clinic has no database here but its schema is in train_tables.json: a sample naming a column that does not
+    exist is a schema_error (counted, reason kept, never an SFT target); one that compiles stays unverified; with
+    --schema-check false both stay unverified."""
+    import json
+
+    from text2sql_ray.cli import main
+
+    monkeypatch.setitem(PLAN, 30, ["nocol", "gold"])
+    monkeypatch.setitem(PLAN, 31, ["wrong", "nocol"])
+    got = {}
+    for check in ("true", "false"):
+        out = tmp_path / f"synth_schema_{check}"
+        assert main(["synthesize", "--input", str(plan_input), "--data", str(bookstore_only), "--out", str(out),
+                     "--samples", str(K), "--db-ids", "clinic", "--include-unverified", "--schema-check", check,
+                     "--exec-actors", "1", "--engine.backend", "openai", "--engine.endpoint", teacher.endpoint,
+                     "--engine.model", "fake-teacher", "--engine.temperature", "0.8", "--engine.max-retries", "0",
+                     "--timeout-s", "1"]) == 0
+        got[check] = {(r["question_id"], r["sample_index"]): r for r in rows_of(out, "samples.parquet")}
+        if check == "true":
+            sft = rows_of(out, "sft.parquet")
+            manifest = json.loads((out / "manifest.json").read_text())
+            md = (out / "report.md").read_text()
+    assert {k: r["status"] for k, r in got["true"].items()} == {
+        (30, 0): "schema_error", (30, 1): "canonical_match", (31, 0): "unverified", (31, 1): "schema_error"}
+    assert {r["status"] for r in got["false"].values()} == {"unverified", "canonical_match"}
+    bad = got["true"][(30, 0)]
+    assert bad["correct"] is False and "no such column: no_such_column_t2s" in bad["exec_error"]
+    # --include-unverified takes a chain with SQL of each question, never a schema error
+    assert [(r["question_id"], r["sample_index"], r["status"]) for r in sft] == [
+        (30, 1, "canonical_match"), (31, 0, "unverified")]
+    assert manifest["report"]["samples"]["by_status"]["schema_error"] == 2 and manifest["config"]["schema_check"]
+    assert "Schema check: 2 samples do not compile against an empty database of their schema" in md
 
 
 # --------------------------------------------------------------------------------------------------

@@ -249,7 +249,11 @@ class SynthesizeConfig:
     include_unverified: bool = False
     """Put questions without a database (unverifiable) into the SFT set (a sample with SQL, chosen by `select`)."""
     no_db_check: str = "canonical"
-    """Questions without a database: 'canonical' marks samples whose SQL equals the gold after sqlglot canonicalisation 'canonical_match' (weaker than execution, counted apart); 'none' leaves all 'unverified'."""
+    """Questions without a database: 'canonical' marks samples whose SQL equals the gold after sqlglot canonicalisation 'canonical_match' (weaker than execution, counted apart); 'none' makes no canonical match (see schema_check for the rest)."""
+    schema_check: bool = True
+    """Questions without a database: compile each sample's SQL (EXPLAIN, nothing runs) against an empty database built
+    from the split's tables.json; one that fails there while the gold SQL compiles (no such table or column, a syntax
+    error) is 'schema_error', known wrong on any data (a DPO rejected answer); false leaves it 'unverified'."""
     sft_canonical_match: bool = False
     """Let 'canonical_match' chains (questions without a database) into the SFT set; their rows keep that status."""
     student_prompt: bool = False
@@ -392,8 +396,8 @@ class TrainConfig:
     """DPO: at most this many (chosen, rejected) pairs per question, distinct samples first."""
     dpo_chosen: str = "verified"
     """DPO: comma-separated sample statuses that may be chosen: 'verified' (execution), 'canonical_match' (no database; weaker)."""
-    dpo_rejected: str = "wrong,exec_error,no_sql"
-    """DPO: comma-separated sample statuses that may be rejected: 'wrong', 'exec_error' (not when the gold SQL failed), 'no_sql'."""
+    dpo_rejected: str = "wrong,exec_error,no_sql,schema_error"
+    """DPO: comma-separated sample statuses that may be rejected: 'wrong', 'exec_error' (not when the gold SQL failed), 'no_sql', 'schema_error' (no database: the SQL does not compile against its schema)."""
     dpo_dedup: bool = True
     """DPO: identical answer texts of one question count once (the others go to rejected.jsonl as duplicate_text)."""
 
@@ -420,7 +424,7 @@ class TrainConfig:
             if self.dpo_pairs_per_question < 1:
                 raise ConfigError("train.dpo_pairs_per_question must be >= 1.")
             for name, value, allowed in (("dpo_chosen", self.dpo_chosen, ("verified", "canonical_match")),
-                                         ("dpo_rejected", self.dpo_rejected, ("wrong", "exec_error", "no_sql"))):
+                                         ("dpo_rejected", self.dpo_rejected, ("wrong", "exec_error", "no_sql", "schema_error"))):
                 got = [x.strip() for x in value.split(",") if x.strip()]
                 if not got or any(x not in allowed for x in got):
                     raise ConfigError(f"train.{name}={value!r}: give a comma-separated subset of {', '.join(allowed)}.")

@@ -33,10 +33,13 @@ time, so throughput covers killed runs too. At the end:
   failed; the row says why) or, for a question whose database is not on disk (nothing can be executed),
   ``canonical_match`` (``no_db_check`` 'canonical': the final SQL equals the gold SQL after sqlglot
   canonicalisation, ``canonical_sql``; a weaker verdict than execution: it shows the teacher wrote the
-  gold query, and a different correct query stays unrecognised) or ``unverified`` (every other sample of
-  such a question, whatever its text; ``gen_error`` / ``sql`` still say what happened). ``correct`` is
-  None for both: only execution sets it. The parts hold the execution verdicts; the canonical verdict
-  is applied when samples.parquet is written (``apply_no_db_check``), so changing it needs no regeneration.
+  gold query, and a different correct query stays unrecognised), ``schema_error`` (``schema_check``: the
+  final SQL does not compile against an empty database built from the split's tables.json, e.g. "no such
+  column", while the gold SQL does: wrong on any data; ``correct`` False, the reason in ``exec_error``) or
+  ``unverified`` (every other sample of such a question, whatever its text; ``gen_error`` / ``sql`` still
+  say what happened; ``correct`` None: only execution or a failed compile sets it). The parts hold the
+  execution verdicts; the no-database verdicts are applied when samples.parquet is written
+  (``apply_no_db_check``), so changing them needs no regeneration.
 * ``sft.parquet``: one row per question with a verified sample (``select``: shortest / first / random),
   in the convert output's columns (+ ``sample_index``, ``sql``, ``status``); ``messages`` = the convert
   row's system and user turns + the verified chain as the assistant turn, normalised to end with exactly
@@ -66,9 +69,10 @@ from .common import ensure_ray, log, pct, read_manifest, write_json, write_manif
 from .config import ConvertConfig, SynthesizeConfig
 from .prompts import _fences, extract_sql, format_answer, prompt_turns, strip_sql, teacher_messages_for
 
-STATUSES = ("verified", "wrong", "exec_error", "no_sql", "gen_error", "canonical_match", "unverified")
-NO_DB_STATUSES = ("canonical_match", "unverified")
-"""The statuses of samples of questions without a database (never execution-verified)."""
+STATUSES = ("verified", "wrong", "exec_error", "no_sql", "gen_error", "canonical_match", "schema_error", "unverified")
+NO_DB_STATUSES = ("canonical_match", "schema_error", "unverified")
+"""The statuses of samples of questions without a database (never execution-verified; a schema_error is known wrong:
+its SQL does not compile against the database's schema, so it fails on any data)."""
 INPUT_COLUMNS = ("question_id", "db_id", "gold_sql", "messages")
 """Columns the input Parquet must have (convert's output has these and more)."""
 PARTS_DIR = "samples"
@@ -177,30 +181,100 @@ def matches_gold_canonically(sql: str, gold_sql: str) -> bool:
     return a is not None and a == canonical_sql(gold_sql)
 
 
-def apply_no_db_check(samples: list[dict], gold_by_qid: dict[int, str], method: str) -> list[dict]:
-    """Give the samples of questions without a database their verdict: 'canonical_match' or 'unverified'.
+def schema_database(entry: dict):
+    """An empty in-memory SQLite database with the tables and columns of a tables.json entry (no rows, no keys):
+    what a query needs to compile. Column types are kept as declared (any word is a valid SQLite type); a name
+    repeated in a table (case-insensitively, as SQLite compares them) is created once."""
+    import sqlite3
+
+    from .schema import double_quoted, read_tables_json_schema
+
+    conn = sqlite3.connect(":memory:")
+    tables_seen: set[str] = set()
+    for t in read_tables_json_schema(entry).tables:
+        if t.name.lower() in tables_seen or not t.columns:
+            continue
+        tables_seen.add(t.name.lower())
+        cols, seen = [], set()
+        for c in t.columns:
+            if c.name.lower() not in seen:
+                seen.add(c.name.lower())
+                typ = c.type if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_ ]*", c.type or "") else ""
+                cols.append(f"{double_quoted(c.name)} {typ}".rstrip())
+        conn.execute(f"CREATE TABLE {double_quoted(t.name)} ({', '.join(cols)})")
+    return conn
+
+
+def schema_compile_error(conn, sql: str) -> str | None:
+    """Why `sql` does not compile against the schema in `conn` (no such table or column, a syntax error, more than
+    one statement, ...), or None when it does. Compiled with EXPLAIN: nothing runs, so no query can loop or write."""
+    import sqlite3
+
+    text = strip_sql(sql)
+    if not text:
+        return "empty SQL"
+    try:
+        conn.execute("EXPLAIN " + text).fetchall()
+    except (sqlite3.Error, ValueError) as e:  # ProgrammingError (two statements) is a sqlite3.Error too
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def apply_no_db_check(samples: list[dict], gold_by_qid: dict[int, str], method: str,
+                      tables: dict[str, dict] | None = None) -> list[dict]:
+    """Give the samples of questions without a database their verdict: 'canonical_match', 'schema_error' or
+    'unverified'.
 
     Only rows whose status is one of NO_DB_STATUSES change (they carry no execution verdict); with
     method 'canonical' a row with SQL, no generation error and a known gold SQL that matches it
-    (`matches_gold_canonically`) becomes 'canonical_match', every other such row 'unverified'.
-    Method 'none': all 'unverified'. `correct` stays None either way. Returns new dicts.
+    (`matches_gold_canonically`) becomes 'canonical_match'. With `tables` (db_id -> tables.json entry: the
+    schema check), a row with SQL that is no canonical match and does not compile against an empty database of
+    its schema (`schema_compile_error`) becomes 'schema_error' (`correct` False, the reason in `exec_error`): wrong
+    on any data. Only where the question's gold SQL compiles there (else the schema on file is not the one the gold
+    was written for, and nothing is concluded). Every other such row 'unverified' (`correct` None).
+    Method 'none': no canonical match (the schema check still applies). Returns new dicts.
     """
     if method not in ("canonical", "none"):
         raise ValueError(f"no_db_check={method!r} is not 'canonical' or 'none'.")
     cache: dict[tuple[str, str], bool] = {}
+    dbs: dict[str, object] = {}
+    compiled: dict[tuple[str, str], str | None] = {}
+
+    def compile_error(db_id: str, sql: str) -> str | None:
+        key = (db_id, sql)
+        if key not in compiled:
+            if db_id not in dbs:
+                dbs[db_id] = schema_database(tables[db_id])
+            compiled[key] = schema_compile_error(dbs[db_id], sql)
+        return compiled[key]
+
     out = []
-    for smp in samples:
-        if smp["status"] not in NO_DB_STATUSES:
-            out.append(smp)
-            continue
-        gold = gold_by_qid.get(int(smp["question_id"]))
-        match = False
-        if method == "canonical" and gold and smp["sql"] and not smp["gen_error"]:
-            key = (smp["sql"], gold)
-            if key not in cache:
-                cache[key] = matches_gold_canonically(smp["sql"], gold)
-            match = cache[key]
-        out.append({**smp, "status": "canonical_match" if match else "unverified", "correct": None})
+    try:
+        for smp in samples:
+            if smp["status"] not in NO_DB_STATUSES:
+                out.append(smp)
+                continue
+            gold = gold_by_qid.get(int(smp["question_id"]))
+            usable = bool(smp["sql"]) and not smp["gen_error"]
+            match = False
+            if method == "canonical" and gold and usable:
+                key = (smp["sql"], gold)
+                if key not in cache:
+                    cache[key] = matches_gold_canonically(smp["sql"], gold)
+                match = cache[key]
+            if match:
+                out.append({**smp, "status": "canonical_match", "correct": None, "exec_error": None})
+                continue
+            db_id = smp.get("db_id")
+            if tables and usable and gold and db_id in tables and compile_error(db_id, gold) is None:
+                error = compile_error(db_id, smp["sql"])
+                if error is not None:
+                    out.append({**smp, "status": "schema_error", "correct": False, "exec_error": f"schema check: {error}"})
+                    continue
+            out.append({**smp, "status": "unverified", "correct": None, "exec_error": None})
+    finally:
+        for conn in dbs.values():
+            conn.close()
     return out
 
 
@@ -445,7 +519,7 @@ def yield_report(samples: list[dict], sft_rows: list[dict]) -> dict:
             "by_status": by_status,
             "verified_fraction": _rate(by_status["verified"], n_s),
             "verified_fraction_of_verifiable": _rate(
-                by_status["verified"], n_s - by_status["unverified"] - by_status["canonical_match"]),
+                by_status["verified"], n_s - sum(by_status[k] for k in NO_DB_STATUSES)),
             "generation_failed": sum(1 for s in samples if s["gen_error"]),
             "tokens_generated": sum(tokens),
             "mean_tokens": round(sum(tokens) / len(tokens), 1) if tokens else None,
@@ -520,7 +594,11 @@ def report_markdown(report: dict) -> str:
              + ("Canonical matches may enter the SFT set (sft_canonical_match on)."
                 if allowed else "Canonical matches stay out of the SFT set (sft_canonical_match off).")
              + (" Mode 'hinted': the teacher saw the gold SQL, so a canonical match may just copy the hint."
-                if report.get("mode") == "hinted" and check == "canonical" else "")),
+                if report.get("mode") == "hinted" and check == "canonical" else "")
+             + (f" Schema check: {s['by_status'].get('schema_error', 0)} samples do not compile against an empty "
+                "database of their schema (tables.json) while the gold SQL does (status `schema_error`: wrong on any "
+                "data, e.g. a column that does not exist); they never enter the SFT set."
+                if report.get("schema_check") else " No schema check (schema_check off).")),
         ]
     if g and g["samples"]:
         lines += [
@@ -826,7 +904,8 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
             return out
 
     t0 = time.time()
-    samples = apply_no_db_check(read_parts(parts_dir), gold_by_qid, cfg.no_db_check)
+    schemas = split.tables if (split is not None and cfg.schema_check) else None
+    samples = apply_no_db_check(read_parts(parts_dir), gold_by_qid, cfg.no_db_check, schemas)
     sft_rows = build_sft(samples, conv_by_qid, cfg.select, cfg.engine.seed, cfg.include_unverified,
                          hinted=cfg.mode == "hinted", canonical=cfg.sft_canonical_match)
     write_parquet(out / "samples.parquet", pa.Table.from_pylist(samples, schema=samples_schema()))
@@ -835,7 +914,8 @@ def run(cfg: SynthesizeConfig, *, _stop_after_parts: int = 0) -> Path:
     report = yield_report(samples, sft_rows)
     report.update(
         teacher=_teacher_name(cfg), backend=cfg.engine.backend, mode=cfg.mode, samples_per_question=cfg.samples,
-        select=cfg.select, no_db_check=cfg.no_db_check, sft_canonical_match=cfg.sft_canonical_match,
+        select=cfg.select, no_db_check=cfg.no_db_check, schema_check=cfg.schema_check,
+        sft_canonical_match=cfg.sft_canonical_match,
         generation={
             "questions": len(work), "samples": new_samples, "tokens": new_tokens, "seconds": round(gen_s, 3),
             "samples_per_s": round(new_samples / gen_s, 3) if gen_s else None,
