@@ -453,7 +453,7 @@ def test_yield_report_counts_exactly(resumed):
     }
     s = report["samples"]
     assert s["by_status"] == {"verified": 3, "wrong": 3, "exec_error": 2, "no_sql": 2, "gen_error": 2,
-                              "canonical_match": 3, "unverified": 1}
+                              "canonical_match": 3, "schema_error": 0, "unverified": 1}
     assert (s["total"], s["verified_fraction"], s["verified_fraction_of_verifiable"]) == (16, 0.1875, 0.25)
     assert s["tokens_generated"] == 14 * 7  # usage.completion_tokens 7 per sample; the 500 question has none
     assert report["sft"] == {"rows": 2, "verified": 2, "canonical_match": 0, "unverified": 0, "verified_left_out": 0,
