@@ -215,15 +215,15 @@ ONPOLICY_SOURCES = {"sft_mix_hinted_dpo": ("spider_train",), "sft_cot_hinted_dpo
 # the summary key of each DPO row's pair counts, and the words the table says whose samples they are
 DPO_PAIR_KEYS = {
     "sft_cot_dpo": ("dpo_pairs", "DPO pairs (teacher samples of the synthesis)"),
-    "sft_mix_hinted_dpo": ("dpo_pairs_onpolicy", "On-policy DPO pairs (the SFT model's own samples on Spider train, "
-                                                 "its own CoT prompt)"),
+    "sft_mix_hinted_dpo": ("dpo_pairs_onpolicy", ("On-policy DPO pairs (the SFT model's own samples on Spider "
+                                                  "train, its own CoT prompt)")),
     "sft_cot_hinted_dpo": ("dpo_pairs_onpolicy_cot_hinted",
-                           "On-policy DPO pairs of the CoT SFT, hinted chains model (its own samples on Spider train "
-                           "and BIRD train, its own CoT prompt; BIRD: canonical match vs schema error)"),
+                           ("On-policy DPO pairs of the CoT SFT, hinted chains model (its own samples on Spider train "
+                            "and BIRD train, its own CoT prompt; BIRD: canonical match vs schema error)")),
 }
 
 
-def merge_pairs(parts: dict[str, "dpo.Pairs"]) -> "dpo.Pairs":
+def merge_pairs(parts: dict[str, dpo.Pairs]) -> dpo.Pairs:
     """The pairs of several training splits as one set: each pair tagged with its split (`source`; question ids
     repeat across splits), the question outcomes, samples and unused reasons summed. One split: its pairs as built."""
     if len(parts) == 1:
@@ -526,9 +526,10 @@ def run_recipe(args) -> dict:
         counts.update(dpo.manifest_section(built, len(built.pairs), t, from_samples=True))
         counts["pairs_file"] = str(pair_dir / "pairs.parquet")
         counts["samples_from"] = ", ".join(str(d) for _, d in sources)
-        if len(parts) > 1:
+        if len(parts) > 1:  # each split's own counts (the words and files are the row's)
+            skip = ("pairs_file", "pairs_trained", "source", "policy")
             counts["by_source"] = {src: {k: v for k, v in dpo.manifest_section(b, len(b.pairs), t, True).items()
-                                         if k not in ("pairs_file", "pairs_trained", "source", "policy")} for src, b in parts.items()}
+                                         if k not in skip} for src, b in parts.items()}
         write_json(pair_dir / "pairs.json", counts)
         if not built.pairs:
             not_trained[name] = "no preference pairs (no question has both a verified and a failing chain)"

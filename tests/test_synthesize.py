@@ -376,6 +376,10 @@ def test_schema_check_marks_only_sql_that_cannot_compile_on_the_schema():
     assert [r["status"] for r in apply_no_db_check(samples, gold, "canonical")].count("schema_error") == 0
     assert apply_no_db_check(got, gold, "canonical", {"shop": SHOP}) == got
     assert "schema_error" in NO_DB_STATUSES and "schema_error" in STATUSES
+    # a tables.json entry that does not build (a column of a table that is not there) leaves its samples unjudged
+    broken = {**SHOP, "column_names_original": SHOP["column_names_original"] + [[7, "x"]]}
+    assert [r["status"] for r in apply_no_db_check(samples[:3], gold, "canonical", {"shop": broken})] == [
+        "canonical_match", "unverified", "unverified"]
 
 
 def test_real_bird_train_gold_sql_compiles_on_its_schema_only_database(bird_train):

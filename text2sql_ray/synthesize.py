@@ -60,6 +60,7 @@ import json
 import math
 import random
 import re
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,8 +186,6 @@ def schema_database(entry: dict):
     """An empty in-memory SQLite database with the tables and columns of a tables.json entry (no rows, no keys):
     what a query needs to compile. Column types are kept as declared (any word is a valid SQLite type); a name
     repeated in a table (case-insensitively, as SQLite compares them) is created once."""
-    import sqlite3
-
     from .schema import double_quoted, read_tables_json_schema
 
     conn = sqlite3.connect(":memory:")
@@ -208,8 +207,6 @@ def schema_database(entry: dict):
 def schema_compile_error(conn, sql: str) -> str | None:
     """Why `sql` does not compile against the schema in `conn` (no such table or column, a syntax error, more than
     one statement, ...), or None when it does. Compiled with EXPLAIN: nothing runs, so no query can loop or write."""
-    import sqlite3
-
     text = strip_sql(sql)
     if not text:
         return "empty SQL"
@@ -241,11 +238,17 @@ def apply_no_db_check(samples: list[dict], gold_by_qid: dict[int, str], method: 
     compiled: dict[tuple[str, str], str | None] = {}
 
     def compile_error(db_id: str, sql: str) -> str | None:
+        """Why `sql` does not compile on db_id's schema; "" when that schema could not be built (no verdict)."""
         key = (db_id, sql)
         if key not in compiled:
             if db_id not in dbs:
-                dbs[db_id] = schema_database(tables[db_id])
-            compiled[key] = schema_compile_error(dbs[db_id], sql)
+                try:
+                    dbs[db_id] = schema_database(tables[db_id])
+                except (sqlite3.Error, KeyError, IndexError, TypeError, ValueError) as e:  # a malformed entry
+                    log.warning("synthesize: no schema check for database %s: its tables.json entry does not build "
+                                "(%s: %s)", db_id, type(e).__name__, e)
+                    dbs[db_id] = None
+            compiled[key] = "" if dbs[db_id] is None else schema_compile_error(dbs[db_id], sql)
         return compiled[key]
 
     out = []
@@ -268,13 +271,14 @@ def apply_no_db_check(samples: list[dict], gold_by_qid: dict[int, str], method: 
             db_id = smp.get("db_id")
             if tables and usable and gold and db_id in tables and compile_error(db_id, gold) is None:
                 error = compile_error(db_id, smp["sql"])
-                if error is not None:
+                if error:
                     out.append({**smp, "status": "schema_error", "correct": False, "exec_error": f"schema check: {error}"})
                     continue
             out.append({**smp, "status": "unverified", "correct": None, "exec_error": None})
     finally:
         for conn in dbs.values():
-            conn.close()
+            if conn is not None:
+                conn.close()
     return out
 
 
