@@ -17,7 +17,8 @@ the fields below replaced; `--set stage.field=value` overrides any field of a se
    canonicalisation (BIRD train has no databases here; `canonical_match`, counted apart) or executes to its result;
 3. train from the student (`train:` section, same hyper-parameters every time): no-CoT SFT on the gold SQL of
    BIRD train + Spider train; CoT SFT on the execution-verified chains; CoT SFT on the hinted BIRD chains + those
-   chains; CoT + no-CoT SFT on both sets at once (each row with its own system turn), with the Spider chains or
+   chains; CoT SFT on chains written by rule from the gold SQL of every BIRD train + Spider train question (no
+   teacher: the schema linking spelt out, `synthesize.gold_chain`); CoT + no-CoT SFT on both sets at once (each row with its own system turn), with the Spider chains or
    with the hinted BIRD chains added (`--hinted-synthesis` reuses an earlier hinted synthesis); each when the first
    row that needs it runs (its `merged/` model is what gets evaluated, if written);
 4. evaluate nine models x two benchmarks (`evaluate:`), rows in `--rows` order (so a GPU budget goes to the rows
@@ -96,6 +97,10 @@ ROWS = (
         "LoRA on teacher chains written with the gold SQL shown (the seed's way) for BIRD train (final SQL equal to "
         "the gold after sqlglot canonicalisation where no database exists, else execution-verified) + the verified "
         "Spider train chains", maj=True),
+    Row("sft_cot_gold", "CoT SFT, chains written from the gold SQL (no teacher)", "sft_cot_gold", {"cot": True},
+        "LoRA on every BIRD train + Spider train question with a chain written by rule from its gold SQL (tables and "
+        "joins, columns, conditions, grouping, order, what is returned; then the gold SQL): the schema linking spelt "
+        "out, no teacher", maj=True),
     Row("sft_mix", "CoT + no-CoT SFT", "sft_mix", {"cot": True},
         "LoRA on the verified chains and the gold SQL of BIRD train + Spider train at once (each with its own "
         "system turn)", maj=True),
@@ -405,6 +410,16 @@ def hinted_note(s: dict) -> str:
             f"{h.get('sft_execution_verified', '?')} execution-verified; plus the Spider chains)" + mixed)
 
 
+def gold_chain_note(g: dict) -> str:
+    """The gold-chain row's SFT set in words."""
+    no_chain = g.get("no_chain") or {}
+    return (f"; CoT SFT, chains written from the gold SQL {g['rows']} rows (every converted BIRD train and Spider "
+            "train question: " + ", ".join(f"{v['rows']} {k.removesuffix('_gold_chains')}" for k, v in
+                                          g.get("sources", {}).items())
+            + (", no chain for " + ", ".join(f"{v['questions']} {k}" for k, v in no_chain.items() if v["questions"])
+               + " (gold SQL sqlglot cannot read)" if any(v["questions"] for v in no_chain.values()) else "") + ")")
+
+
 def run_recipe(args) -> dict:
     cfgs = section_configs(args)
     conv_t, syn_t, train_t, eval_t = cfgs["convert"], cfgs["synthesize"], cfgs["train"], cfgs["evaluate"]
@@ -453,6 +468,8 @@ def run_recipe(args) -> dict:
             return dpo_model(name)
         if name in ("sft_cot_hinted", "sft_mix_hinted") and name not in mixes:
             hinted_sets()
+        if name == "sft_cot_gold" and name not in mixes:
+            gold_chain_set()
         if mixes[name]["rows"] == 0:
             not_trained[name] = "no training rows (the teacher verified no chain)"
             log.warning("recipe: %s has no training rows; its table row is left empty", name)
@@ -460,7 +477,8 @@ def run_recipe(args) -> dict:
         kind = name.removeprefix("sft_")
         t = rep(train_t, input=str(run_dir / "sft" / kind), out=str(run_dir / "train" / kind))
         after = ("convert_bird_train_nocot", "convert_spider_train_nocot") + (
-            ("synthesize_spider_train",) if kind != "nocot" else ()) + (
+            ("synthesize_spider_train",) if kind not in ("nocot", "cot_gold") else ()) + (
+            ("convert_bird_train_cot", "convert_spider_train_cot") if kind == "cot_gold" else ()) + (
             ("synthesize_bird_train_hinted",) if kind.endswith("_hinted") else ())
         models[name] = evaluated(steps.run(f"train_{name}", train, t, after=after))
         return models[name]
@@ -484,6 +502,36 @@ def run_recipe(args) -> dict:
         mixes["sft_cot_hinted"] = write_mix(run_dir / "sft" / "cot_hinted", hinted, conv["spider_train_cot"])
         mixes["sft_mix_hinted"] = write_mix(run_dir / "sft" / "mix_hinted", hinted + gold_sources,
                                             conv["spider_train_cot"])
+
+    def gold_chain_set() -> None:
+        """The gold-chain row's SFT set: every question of BIRD train and Spider train (their CoT conversions) with
+        the answer replaced by a chain written by rule from its gold SQL (`synthesize.gold_chain`). A gold query
+        sqlglot cannot read gets no chain: counted and named in the set's counts, not trained on."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from text2sql_ray.convert import output_schema
+        from text2sql_ray.prompts import prompt_turns
+
+        sources, left_out = [], {}
+        for src in ("bird_train", "spider_train"):
+            rows, missing = [], []
+            for r in pq.read_table(conv[f"{src}_cot"] / "train.parquet", columns=output_schema().names).to_pylist():
+                chain = synthesize.gold_chain(r["gold_sql"] or "")
+                if chain is None:
+                    missing.append(int(r["question_id"]))
+                    continue
+                rows.append({**r, "messages": prompt_turns(r["messages"]) + [{"role": "assistant", "content": chain}]})
+            path = run_dir / "sft" / "cot_gold_chains" / f"{src}.parquet"
+            write_parquet(path, pa.Table.from_pylist(rows, schema=output_schema()))
+            sources.append((f"{src}_gold_chains", path, "cot"))
+            left_out[src] = missing
+        mixes["sft_cot_gold"] = write_mix(run_dir / "sft" / "cot_gold", sources, conv["spider_train_cot"])
+        mixes["sft_cot_gold"]["no_chain"] = {src: {"questions": len(q), "question_ids": q[:50]}
+                                             for src, q in left_out.items()}
+        if any(left_out.values()):
+            log.warning("recipe: gold chains: no chain for %s (gold SQL sqlglot cannot read)",
+                        ", ".join(f"{len(q)} {src} questions" for src, q in left_out.items() if q))
 
     def dpo_model(name: str) -> str | None:
         """A DPO row's model: a new LoRA on its SFT model (the reference), trained on pairs of one Spider train question
@@ -615,7 +663,7 @@ def run_recipe(args) -> dict:
         elif name in took:  # an earlier row keeps the words on what it was trained on
             e = earlier_summary.get(key) or {}
             dpo_pairs[key] = {**e, "training": e.get("training") or earlier_summary.get("dpo_train", "")} if e else {}
-    for name in ("sft_cot_hinted", "sft_mix_hinted"):
+    for name in ("sft_cot_hinted", "sft_mix_hinted", "sft_cot_gold"):
         if name in took and name not in mixes and name in earlier_summary.get("sft_sets", {}):
             mixes[name] = earlier_summary["sft_sets"][name]
             hinted_counts = hinted_counts or earlier_summary.get("synthesis_bird_hinted") or {}
@@ -761,7 +809,8 @@ def table_markdown(s: dict) -> str:
          + (f", CoT + no-CoT {s['sft_sets']['sft_mix']['rows']} rows" if "sft_mix" in s["sft_sets"] else "") + " "
          f"(teacher synthesis on Spider train: {syn.get('selected_questions', '?')} questions, "
          f"{syn.get('samples', '?')} samples, {syn.get('sft_execution_verified', '?')} execution-verified chains kept)"
-         + (hinted_note(s) if "sft_cot_hinted" in s["sft_sets"] else "") + ". "
+         + (hinted_note(s) if "sft_cot_hinted" in s["sft_sets"] else "")
+         + (gold_chain_note(s["sft_sets"]["sft_cot_gold"]) if "sft_cot_gold" in s["sft_sets"] else "") + ". "
          "Training (every SFT row): " + ", ".join(f"{k} {v}" for k, v in s["train"].items()) + "."),
         "",
     ]

@@ -116,8 +116,8 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         # only (--no-maj), as on the GPU where the row's maj@k costs minutes
         before = len(teacher.asked)
         assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "mixed"), "--rows",
-                                              "sft_mix_hinted,sft_mix_hinted_dpo", "--onpolicy-samples", "2",
-                                              "--no-maj", "sft_mix_hinted", "--dpo-sft-weight", "0.5",
+                                              "sft_mix_hinted,sft_mix_hinted_dpo,sft_cot_gold", "--onpolicy-samples",
+                                              "2", "--no-maj", "sft_mix_hinted,sft_cot_gold", "--dpo-sft-weight", "0.5",
                                               "--synthesis", str(tmp / "run" / "synthesize" / "spider_train"),
                                               "--hinted-synthesis", str(tmp / "run" / "synthesize" / "bird_train_hinted"),
                                               "--benchmarks", "bird"] + argv[-6:]) == 0
@@ -143,9 +143,10 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
 
 MAIN_ROWS = ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_dpo"]
 # the main table: the other rows read "not run" (one line each, no maj@k line)
-NOT_IN_MAIN = ("sft_cot_hinted", "sft_mix", "sft_mix_hinted", "sft_mix_hinted_dpo", "sft_cot_hinted_dpo")
+NOT_IN_MAIN = ("sft_cot_hinted", "sft_cot_gold", "sft_mix", "sft_mix_hinted", "sft_mix_hinted_dpo",
+               "sft_cot_hinted_dpo")
 ROW_NAMES = ["base_seed", "base_ours", "sft_nocot", "sft_nocot_maj2", "sft_cot", "sft_cot_maj2", "sft_cot_hinted",
-             "sft_mix", "sft_mix_hinted", "sft_cot_dpo", "sft_mix_hinted_dpo", "sft_cot_hinted_dpo"]
+             "sft_cot_gold", "sft_mix", "sft_mix_hinted", "sft_cot_dpo", "sft_mix_hinted_dpo", "sft_cot_hinted_dpo"]
 RAN = [r for r in ROW_NAMES if r not in NOT_IN_MAIN]
 
 
@@ -160,7 +161,7 @@ def test_the_table_has_every_row_with_the_scored_counts(recipe_run):
             continue
         assert r["bird"]["n_scored"] == 4 and r["bird"]["n_questions"] == 4, r["row"]
         assert 0.0 <= r["bird"]["ex"] <= 100.0
-    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 2 + ["greedy"] * 6
+    assert [r["decoding"] for r in summary["rows"]] == ["greedy"] * 2 + ["greedy", "maj@2, T=0.8"] * 2 + ["greedy"] * 7
     # the rerun (same --results) wrote this table: it ran nothing, so no time is called its own; the first run's
     # times of every step are kept, said apart
     assert summary["step_seconds"] == {}
@@ -252,14 +253,42 @@ def test_the_mixed_hinted_row_reuses_the_hinted_chains_beside_the_gold_rows(reci
     assert "CoT + no-CoT SFT, hinted chains 28 rows" in (recipe_run["tmp"] / "results" / "mixed.md").read_text()
     # only the mixed rows' steps ran in that run (the conversions and Spider chains were there)
     assert set(summary["step_seconds"]) == {"train_sft_mix_hinted", "eval_sft_mix_hinted_bird", "synthesize_spider_train_onpolicy",
-                                            "train_sft_mix_hinted_dpo", "eval_sft_mix_hinted_dpo_bird"}
+                                            "train_sft_mix_hinted_dpo", "eval_sft_mix_hinted_dpo_bird",
+                                            "train_sft_cot_gold", "eval_sft_cot_gold_bird"}
+
+
+def test_the_gold_chain_row_trains_on_every_question_with_a_chain_written_from_its_gold_sql(recipe_run):
+    """sft_cot_gold (the mixed run, no teacher): every converted BIRD train and Spider train question, its answer a
+    chain written by rule from its gold SQL that ends in that query, under the CoT system turn; evaluated with the
+    CoT prompt (greedy only there: --no-maj)."""
+    from text2sql_ray.prompts import extract_sql, strip_sql
+
+    run = recipe_run["tmp"] / "run"
+    summary = json.loads((recipe_run["tmp"] / "results" / "mixed.json").read_text())
+    g = summary["sft_sets"]["sft_cot_gold"]
+    assert g["rows"] == g["cot"] == 8 + 8 and g["no_cot"] == 0
+    assert {k: v["rows"] for k, v in g["sources"].items()} == {"bird_train_gold_chains": 8, "spider_train_gold_chains": 8}
+    assert g["no_chain"] == {"bird_train": {"questions": 0, "question_ids": []},
+                             "spider_train": {"questions": 0, "question_ids": []}}
+    rows = pq.read_table(run / "sft" / "cot_gold" / "sft.parquet").to_pylist()
+    cot_system = pq.read_table(run / "sft" / "cot" / "sft.parquet").to_pylist()[0]["messages"][0]["content"]
+    for r in rows:
+        answer = r["messages"][-1]["content"]
+        assert answer.startswith("1. Tables: ") and extract_sql(answer) == strip_sql(r["gold_sql"])
+        assert r["messages"][0] == {"role": "system", "content": cot_system} and r["target"] == "cot"
+    row = next(r for r in summary["rows"] if r["row"] == "sft_cot_gold")
+    assert row["cot"] and row["model"].startswith(str(run / "train" / "cot_gold")) and row["bird"]["n_scored"] == 4
+    assert row["decoding"] == "greedy" and "sft_cot_gold_maj2" not in {r["row"] for r in summary["rows"]}
+    md = (recipe_run["tmp"] / "results" / "mixed.md").read_text()
+    assert ("CoT SFT, chains written from the gold SQL 16 rows (every converted BIRD train and Spider train question: "
+            "8 bird_train, 8 spider_train)") in md
 
 
 def test_rows_run_in_the_order_asked_and_the_others_read_not_run(recipe_run):
     results = recipe_run["tmp"] / "results"
     two = json.loads((results / "two.json").read_text())
     assert [r["row"] for r in two["rows"]] == ["base_seed", "base_ours", "sft_nocot", "sft_cot", "sft_cot_hinted",
-                                               "sft_mix", "sft_mix_hinted", "sft_cot_dpo", "sft_mix_hinted_dpo",
+                                               "sft_cot_gold", "sft_mix", "sft_mix_hinted", "sft_cot_dpo", "sft_mix_hinted_dpo",
                                                "sft_cot_hinted_dpo"]
     # only the Spider evaluations ran in that run: their times are its own; the steps done before keep theirs, apart
     assert set(two["step_seconds"]) == {"eval_base_seed_spider", "eval_base_ours_spider"}

@@ -9,6 +9,7 @@ The hf path runs the tiny random Llama on CPU through Ray Data.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sqlite3
@@ -42,6 +43,7 @@ from text2sql_ray.synthesize import (
     yield_report,
 )
 
+SPIDER_DATA = Path(os.environ.get("T2S_SPIDER_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "spider"))
 K = 2
 RUNAWAY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
 # question_id -> what the fake teacher answers (one entry per sample, or "500")
@@ -395,6 +397,34 @@ def test_real_bird_train_gold_sql_compiles_on_its_schema_only_database(bird_trai
     q = next(q for q in split.questions if q["db_id"] == "movie_platform" and "movie_title" in q["SQL"])
     broken = q["SQL"].replace("movie_title", "movie_titel", 1)
     assert "no such column" in schema_compile_error(dbs["movie_platform"], broken)
+
+
+def test_gold_chains_spell_out_the_schema_linking_and_end_in_the_gold_query(bird_train):
+    """Every gold query of the real BIRD train and Spider train gets a chain by rule: its numbered steps name the
+    tables, joins, columns, conditions and what is returned, and its one final SQL block is the gold query itself."""
+    import doctest
+
+    from text2sql_ray import synthesize
+    from text2sql_ray.prompts import extract_sql, strip_sql
+    from text2sql_ray.synthesize import gold_chain
+
+    assert doctest.testmod(synthesize).failed == 0
+    questions = bird.load_split(bird_train).questions + bird.load_split(SPIDER_DATA, "train").questions
+    assert len(questions) == 6601 + 7000
+    chains = [gold_chain(q["SQL"]) for q in questions]
+    assert all(c is not None and extract_sql(c) == strip_sql(q["SQL"]) and c.count("```sql") == 1
+               for c, q in zip(chains, questions))
+    assert sum(c.startswith("1. Tables: ") for c in chains) == len(questions)
+    chain = gold_chain("SELECT T2.name, COUNT(*) FROM a AS T1 JOIN b AS T2 ON T1.b_id = T2.id WHERE T1.x > 1 "
+                       "GROUP BY T2.name HAVING COUNT(*) > 2 ORDER BY COUNT(*) DESC LIMIT 3")
+    assert chain.splitlines()[:6] == [
+        "1. Tables: a (as T1), b (as T2); joined on T1.b_id = T2.id.",
+        "2. Columns: T2.name, T1.b_id, T2.id, T1.x.",
+        "3. Keep the rows where T1.x > 1.",
+        "4. Group by T2.name, keeping groups where COUNT(*) > 2.",
+        "5. Order by COUNT(*) DESC; take the first 3.",
+        "6. Return T2.name, COUNT(*)."]
+    assert gold_chain("SELEC x") is None and gold_chain("SELECT 1; SELECT 2") is None
 
 
 def test_done_questions_retries_only_fully_failed_generations():

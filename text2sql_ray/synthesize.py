@@ -390,6 +390,80 @@ _HINT_MENTION = re.compile(
 )
 
 
+def gold_chain(gold_sql: str) -> str | None:
+    """A chain of thought written by rule from the gold SQL (no teacher): the schema linking spelt out, then the query.
+
+    Steps, each only when the query has it: the tables (with their aliases) and how they are joined; every column
+    the query names, as written there; the row conditions (WHERE); grouping and group conditions; ordering and
+    limit; what is returned (the SELECT list); then the gold SQL as the one final ```sql block (`format_answer`).
+    Nested queries and set operations are read whole (their tables and columns listed with the rest). None when the
+    gold SQL is not exactly one query sqlglot reads as SQLite (the caller counts those).
+
+    >>> print(gold_chain("SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id WHERE T2.year > 2000"))
+    1. Tables: singer (as T1), song (as T2); joined on T1.id = T2.singer_id.
+    2. Columns: T1.name, T1.id, T2.singer_id, T2.year.
+    3. Keep the rows where T2.year > 2000.
+    4. Return T1.name.
+    <BLANKLINE>
+    ```sql
+    SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id WHERE T2.year > 2000
+    ```
+    """
+    import sqlglot
+    from sqlglot import expressions as exp
+    from sqlglot.errors import ParseError, TokenError
+
+    try:
+        statements = [t for t in sqlglot.parse(strip_sql(gold_sql), read="sqlite") if t is not None]
+    except (ParseError, TokenError, ValueError):
+        return None
+    if len(statements) != 1 or not isinstance(statements[0], exp.Query):
+        return None
+    tree = statements[0]
+
+    def sql(node) -> str:
+        return node.sql(dialect="sqlite")
+
+    def unique(items) -> list[str]:
+        return list(dict.fromkeys(items))
+
+    steps = []
+    ctes = {c.alias_or_name for c in tree.find_all(exp.CTE)}
+    tables = unique(f"{t.name} (as {t.alias})" if t.alias else t.name for t in tree.find_all(exp.Table)
+                    if t.name and t.name not in ctes)
+    joins = unique(sql(j.args["on"]) for j in tree.find_all(exp.Join) if j.args.get("on"))
+    if tables:
+        steps.append(f"Tables: {', '.join(tables)}" + (f"; joined on {'; '.join(joins)}" if joins else "") + ".")
+    columns = unique(sql(c) for c in tree.find_all(exp.Column) if not isinstance(c.this, exp.Star))
+    if columns:
+        steps.append(f"Columns: {', '.join(columns)}.")
+    wheres = unique(sql(w.this) for w in tree.find_all(exp.Where))
+    if wheres:
+        steps.append(f"Keep the rows where {'; and, in the inner query, '.join(wheres)}.")
+    groups = unique(", ".join(sql(e) for e in g.expressions) for g in tree.find_all(exp.Group) if g.expressions)
+    havings = unique(sql(h.this) for h in tree.find_all(exp.Having))
+    if groups:
+        steps.append(f"Group by {'; '.join(groups)}" + (f", keeping groups where {'; '.join(havings)}" if havings
+                                                          else "") + ".")
+    order = tree.args.get("order")
+    limit = tree.args.get("limit")
+    if order is not None or limit is not None:
+        parts = ([f"order by {', '.join(sql(o) for o in order.expressions)}"] if order is not None else []) + (
+            [f"take the first {sql(limit.expression)}"] if limit is not None and limit.expression is not None else [])
+        if parts:
+            text = "; ".join(parts)
+            steps.append(text[0].upper() + text[1:] + ".")
+    select = tree if isinstance(tree, exp.Select) else next(tree.find_all(exp.Select), None)
+    if select is not None and select.expressions:
+        distinct = "distinct " if select.args.get("distinct") else ""
+        steps.append(f"Return {distinct}{', '.join(sql(e) for e in select.expressions)}.")
+    if isinstance(tree, exp.SetOperation):
+        steps.append(f"Combine the two queries with {tree.key.upper()}" + ("" if tree.args.get("distinct", True)
+                                                                              else " ALL") + ".")
+    chain = "\n".join(f"{i}. {step}" for i, step in enumerate(steps, 1))
+    return format_answer(gold_sql, cot=chain)
+
+
 def mentions_hint(text: str) -> bool:
     """Whether a chain talks about the hinted query ("the reference query", "the gold SQL", "the hint").
 
