@@ -107,17 +107,18 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         before = len(teacher.asked)
         assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "reuse"), "--rows",
                                               "sft_cot_hinted,sft_cot_hinted_dpo", "--onpolicy-samples", "2",
+                                              "--dpo-sft-weight", "0.5",
                                               "--synthesis", str(tmp / "run" / "synthesize" / "spider_train"),
                                               "--benchmarks", "bird"] + argv[-6:]) == 0
         rerun["reuse_asked"] = teacher.asked[before:]
         rerun["reuse_requests"] = sum(a["model"] == "stand-in-teacher" for a in rerun["reuse_asked"])
         # the mixed hinted row from that hinted synthesis, reused (--hinted-synthesis): no teacher request at all;
-        # then its on-policy DPO row: the mixed model samples Spider train itself, with its own CoT prompt. Greedy
-        # only (--no-maj), as on the GPU where the row's maj@k costs minutes
+        # and the gold-chain row (no teacher either). Greedy only (--no-maj), as on the GPU where a row's maj@k costs
+        # minutes. (Its on-policy DPO row, sft_mix_hinted_dpo, runs the same code as sft_cot_hinted_dpo above with
+        # Spider train alone: not rerun here, to keep CI time)
         before = len(teacher.asked)
         assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "mixed"), "--rows",
-                                              "sft_mix_hinted,sft_mix_hinted_dpo,sft_cot_gold", "--onpolicy-samples",
-                                              "2", "--no-maj", "sft_mix_hinted,sft_cot_gold", "--dpo-sft-weight", "0.5",
+                                              "sft_mix_hinted,sft_cot_gold", "--no-maj", "sft_mix_hinted,sft_cot_gold",
                                               "--synthesis", str(tmp / "run" / "synthesize" / "spider_train"),
                                               "--hinted-synthesis", str(tmp / "run" / "synthesize" / "bird_train_hinted"),
                                               "--benchmarks", "bird"] + argv[-6:]) == 0
@@ -135,7 +136,8 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         with pytest.raises(SystemExit, match="not a `t2s synthesize` output"):
             recipe_table.main(argv[:-6] + ["--synthesis", str(tmp / "run" / "sft" / "cot")] + argv[-6:])
         with pytest.raises(SystemExit, match="a synthesis in mode 'blind', not 'hinted'"):  # the on-policy samples
-            recipe_table.main(argv[:-6] + ["--hinted-synthesis", str(tmp / "run" / "synthesize" / "spider_train_onpolicy")]
+            recipe_table.main(argv[:-6] + ["--hinted-synthesis",
+                                           str(tmp / "run" / "synthesize" / "spider_train_onpolicy_cot_hinted")]
                               + argv[-6:])
     return {"tmp": tmp, "first_state": first_state, "first_requests": requests, "rerun": rerun,
             "student": tiny_llama_dir}
@@ -252,8 +254,7 @@ def test_the_mixed_hinted_row_reuses_the_hinted_chains_beside_the_gold_rows(reci
     assert rows["sft_cot_hinted"]["bird"]["note"] == "not run"
     assert "CoT + no-CoT SFT, hinted chains 28 rows" in (recipe_run["tmp"] / "results" / "mixed.md").read_text()
     # only the mixed rows' steps ran in that run (the conversions and Spider chains were there)
-    assert set(summary["step_seconds"]) == {"train_sft_mix_hinted", "eval_sft_mix_hinted_bird", "synthesize_spider_train_onpolicy",
-                                            "train_sft_mix_hinted_dpo", "eval_sft_mix_hinted_dpo_bird",
+    assert set(summary["step_seconds"]) == {"train_sft_mix_hinted", "eval_sft_mix_hinted_bird",
                                             "train_sft_cot_gold", "eval_sft_cot_gold_bird"}
 
 
@@ -329,56 +330,22 @@ def test_a_reused_synthesis_asks_the_teacher_nothing_for_spider(recipe_run):
     assert reuse["base_seed"]["bird"]["note"] == "not run" and reuse["sft_cot"]["bird"]["note"] == "not run"
 
 
-def test_the_on_policy_dpo_row_trains_on_its_sft_model_s_own_pairs(recipe_run):
-    """The mixed hinted SFT model samples Spider train (k 2) with the CoT prompt it was trained on (its system turn,
-    no hint), under its own name; the pairs (gold vs failing) train a new LoRA on it, evaluated with the CoT prompt."""
-    from text2sql_ray.config import PromptConfig
-    from text2sql_ray.prompts import recorded_prompt, system_prompt
-
-    run = recipe_run["tmp"] / "run"
-    summary = json.loads((recipe_run["tmp"] / "results" / "mixed.json").read_text())
-    start = next(r for r in summary["rows"] if r["row"] == "sft_mix_hinted")["model"]
-    syn = json.loads((run / "synthesize" / "spider_train_onpolicy" / "manifest.json").read_text())
-    assert syn["config"]["student_prompt"] is True and syn["config"]["mode"] == "blind"
-    assert syn["config"]["engine"]["model"] == start and syn["counts"]["samples"] == 4 * 2
-    onpolicy = recipe_run["rerun"]["mixed_asked"]
-    trained_prompt = recorded_prompt(run / "train" / "mix_hinted")["config"]
-    assert onpolicy and all(a["model"] == start and not a["hinted"] for a in onpolicy)
-    assert {a["system"] for a in onpolicy} == {system_prompt(PromptConfig(**trained_prompt))}
-    d = summary["dpo_pairs_onpolicy"]
-    assert d["pairs"] == 4 and d["questions"]["paired"] == 4 and d["samples"] == 8 and d["samples_in_pairs"] == 8
-    assert d["samples_from"] == str(run / "synthesize" / "spider_train_onpolicy")
-    manifest = json.loads((run / "train" / "mix_hinted_dpo" / "manifest.json").read_text())
-    assert manifest["config"]["method"] == "dpo" and manifest["config"]["model"] == start
-    # --dpo-sft-weight: RPO's NLL term on the chosen answers, in the config, the loss words and every step's stats
-    assert manifest["config"]["dpo_sft_weight"] == 0.5 and "0.5 x the chosen answer's mean NLL" in manifest["model"]["loss"]
-    steps = [json.loads(line) for line in (run / "train" / "mix_hinted_dpo" / "steps.jsonl").read_text().splitlines()]
-    assert steps and all(s["dpo_chosen_nll"] > 0 for s in steps)
-    assert manifest["data"]["dpo"]["pairs_trained"] == 4
-    row = next(r for r in summary["rows"] if r["row"] == "sft_mix_hinted_dpo")
-    assert row["cot"] and row["model"].startswith(str(run / "train" / "mix_hinted_dpo"))
-    assert row["label"] == "CoT + no-CoT SFT, hinted chains + on-policy DPO (RPO, NLL weight 0.5)"
-    assert row["bird"]["n_scored"] == 4 and row["spider"]["note"] == "not run"  # --benchmarks bird
-    assert summary["dpo_pairs"] == {}  # the teacher-pair row did not run here
-    md = (recipe_run["tmp"] / "results" / "mixed.md").read_text()
-    assert "On-policy DPO pairs (the SFT model's own samples on Spider train, its own CoT prompt): 4 pairs" in md
-    assert "+ 0.5 x the chosen answer's NLL per token (RPO)" in md and d["training"].endswith("(RPO)")
-    pairs = pq.read_table(run / "dpo_mix_hinted_dpo" / "pairs.parquet").to_pylist()
-    chosen, rejected = (sum(len(p[k]) for p in pairs) / len(pairs) for k in ("chosen", "rejected"))
-    assert d["answer_chars"]["chosen_mean"] == round(chosen, 1) and d["answer_chars"]["rejected_mean"] == round(rejected, 1)
-    assert f"answers {chosen:.0f} chars chosen vs {rejected:.0f} rejected on average" in md
-
-
 def test_the_hinted_cot_dpo_row_pairs_its_own_samples_of_spider_train_and_bird_train(recipe_run):
     """sft_cot_hinted_dpo: the hinted CoT SFT model samples Spider train and BIRD train (k 2 each, its own CoT prompt,
     under its own name); the pairs of both splits, tagged with their split, train one new LoRA on it. (The demo's
     BIRD train has databases, so its pairs here are execution-verified; on the real BIRD train the same step keeps
     canonical matches as chosen and schema errors as rejected: dpo_chosen allows canonical_match.)"""
+    from text2sql_ray.config import PromptConfig
+    from text2sql_ray.prompts import recorded_prompt, system_prompt
+
     run = recipe_run["tmp"] / "run"
     summary = json.loads((recipe_run["tmp"] / "results" / "reuse.json").read_text())
     start = next(r for r in summary["rows"] if r["row"] == "sft_cot_hinted")["model"]
     asked = [a for a in recipe_run["rerun"]["reuse_asked"] if a["model"] == start]
     assert len(asked) == 4 + 4 and not any(a["hinted"] for a in asked)  # 4 questions of each split (synthesize.limit)
+    # asked with the CoT prompt it was trained on (its system turn, no hint), under its own name
+    trained_prompt = recorded_prompt(run / "train" / "cot_hinted")["config"]
+    assert {a["system"] for a in asked} == {system_prompt(PromptConfig(**trained_prompt))}
     for src, data in (("spider_train", str(SPIDER)), ("bird_train", bird.resolve_data("", "train"))):
         syn = json.loads((run / "synthesize" / f"{src}_onpolicy_cot_hinted" / "manifest.json").read_text())
         assert syn["config"]["student_prompt"] is True and syn["config"]["engine"]["model"] == start
@@ -391,11 +358,21 @@ def test_the_hinted_cot_dpo_row_pairs_its_own_samples_of_spider_train_and_bird_t
     pairs = pq.read_table(run / "dpo_cot_hinted_dpo" / "pairs.parquet").to_pylist()
     assert sorted(p["source"] for p in pairs) == ["bird_train"] * 4 + ["spider_train"] * 4
     manifest = json.loads((run / "train" / "cot_hinted_dpo" / "manifest.json").read_text())
-    assert manifest["config"]["model"] == start and manifest["config"]["dpo_chosen"] == "verified,canonical_match"
-    assert manifest["data"]["dpo"]["pairs_trained"] == 8
+    assert manifest["config"]["method"] == "dpo" and manifest["config"]["model"] == start
+    assert manifest["config"]["dpo_chosen"] == "verified,canonical_match" and manifest["data"]["dpo"]["pairs_trained"] == 8
+    # --dpo-sft-weight: RPO's NLL term on the chosen answers, in the config, the loss words and every step's stats
+    assert manifest["config"]["dpo_sft_weight"] == 0.5 and "0.5 x the chosen answer's mean NLL" in manifest["model"]["loss"]
+    steps = [json.loads(line) for line in (run / "train" / "cot_hinted_dpo" / "steps.jsonl").read_text().splitlines()]
+    assert steps and all(s["dpo_chosen_nll"] > 0 for s in steps)
+    assert d["training"].endswith("(RPO)") and summary["dpo_pairs"] == {}  # the teacher-pair row did not run here
     row = next(r for r in summary["rows"] if r["row"] == "sft_cot_hinted_dpo")
     assert row["model"].startswith(str(run / "train" / "cot_hinted_dpo")) and row["bird"]["n_scored"] == 4
+    assert row["cot"] and row["label"] == "CoT SFT, hinted chains + on-policy DPO, Spider + BIRD pairs (RPO, NLL weight 0.5)"
     md = (recipe_run["tmp"] / "results" / "reuse.md").read_text()
+    assert "+ 0.5 x the chosen answer's NLL per token (RPO)" in md
+    chosen, rejected = (sum(len(p[k]) for p in pairs) / len(pairs) for k in ("chosen", "rejected"))
+    assert d["answer_chars"]["chosen_mean"] == round(chosen, 1) and d["answer_chars"]["rejected_mean"] == round(rejected, 1)
+    assert f"answers {chosen:.0f} chars chosen vs {rejected:.0f} rejected on average" in md
     assert ("On-policy DPO pairs of the CoT SFT, hinted chains model (its own samples on Spider train and BIRD train, "
             "its own CoT prompt; BIRD: canonical match vs schema error): 8 pairs from 8 questions") in md
     # of the 8 converted questions of each split, the first 4 were sampled (synthesize.limit): 4 without samples
