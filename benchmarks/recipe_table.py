@@ -410,6 +410,38 @@ def hinted_note(s: dict) -> str:
             f"{h.get('sft_execution_verified', '?')} execution-verified; plus the Spider chains)" + mixed)
 
 
+def gold_chain_mix(run_dir: Path, conv: dict[str, Path]) -> dict:
+    """The gold-chain row's SFT set (<run_dir>/sft/cot_gold): every question of BIRD train and Spider train (their CoT
+    conversions, conv['bird_train_cot'] / conv['spider_train_cot']) with the answer replaced by a chain written by rule
+    from its gold SQL (`synthesize.gold_chain`). A gold query sqlglot cannot read gets no chain: counted and named in
+    the set's counts (`no_chain`), not trained on. Returns write_mix's counts + no_chain."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from text2sql_ray.convert import output_schema
+    from text2sql_ray.prompts import prompt_turns
+
+    sources, left_out = [], {}
+    for src in ("bird_train", "spider_train"):
+        rows, missing = [], []
+        for r in pq.read_table(conv[f"{src}_cot"] / "train.parquet", columns=output_schema().names).to_pylist():
+            chain = synthesize.gold_chain(r["gold_sql"] or "")
+            if chain is None:
+                missing.append(int(r["question_id"]))
+                continue
+            rows.append({**r, "messages": prompt_turns(r["messages"]) + [{"role": "assistant", "content": chain}]})
+        path = run_dir / "sft" / "cot_gold_chains" / f"{src}.parquet"
+        write_parquet(path, pa.Table.from_pylist(rows, schema=output_schema()))
+        sources.append((f"{src}_gold_chains", path, "cot"))
+        left_out[src] = missing
+    counts = write_mix(run_dir / "sft" / "cot_gold", sources, conv["spider_train_cot"])
+    counts["no_chain"] = {src: {"questions": len(q), "question_ids": q[:50]} for src, q in left_out.items()}
+    if any(left_out.values()):
+        log.warning("recipe: gold chains: no chain for %s (gold SQL sqlglot cannot read)",
+                    ", ".join(f"{len(q)} {src} questions" for src, q in left_out.items() if q))
+    return counts
+
+
 def gold_chain_note(g: dict) -> str:
     """The gold-chain row's SFT set in words."""
     no_chain = g.get("no_chain") or {}
@@ -469,7 +501,7 @@ def run_recipe(args) -> dict:
         if name in ("sft_cot_hinted", "sft_mix_hinted") and name not in mixes:
             hinted_sets()
         if name == "sft_cot_gold" and name not in mixes:
-            gold_chain_set()
+            mixes[name] = gold_chain_mix(run_dir, conv)
         if mixes[name]["rows"] == 0:
             not_trained[name] = "no training rows (the teacher verified no chain)"
             log.warning("recipe: %s has no training rows; its table row is left empty", name)
@@ -502,36 +534,6 @@ def run_recipe(args) -> dict:
         mixes["sft_cot_hinted"] = write_mix(run_dir / "sft" / "cot_hinted", hinted, conv["spider_train_cot"])
         mixes["sft_mix_hinted"] = write_mix(run_dir / "sft" / "mix_hinted", hinted + gold_sources,
                                             conv["spider_train_cot"])
-
-    def gold_chain_set() -> None:
-        """The gold-chain row's SFT set: every question of BIRD train and Spider train (their CoT conversions) with
-        the answer replaced by a chain written by rule from its gold SQL (`synthesize.gold_chain`). A gold query
-        sqlglot cannot read gets no chain: counted and named in the set's counts, not trained on."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from text2sql_ray.convert import output_schema
-        from text2sql_ray.prompts import prompt_turns
-
-        sources, left_out = [], {}
-        for src in ("bird_train", "spider_train"):
-            rows, missing = [], []
-            for r in pq.read_table(conv[f"{src}_cot"] / "train.parquet", columns=output_schema().names).to_pylist():
-                chain = synthesize.gold_chain(r["gold_sql"] or "")
-                if chain is None:
-                    missing.append(int(r["question_id"]))
-                    continue
-                rows.append({**r, "messages": prompt_turns(r["messages"]) + [{"role": "assistant", "content": chain}]})
-            path = run_dir / "sft" / "cot_gold_chains" / f"{src}.parquet"
-            write_parquet(path, pa.Table.from_pylist(rows, schema=output_schema()))
-            sources.append((f"{src}_gold_chains", path, "cot"))
-            left_out[src] = missing
-        mixes["sft_cot_gold"] = write_mix(run_dir / "sft" / "cot_gold", sources, conv["spider_train_cot"])
-        mixes["sft_cot_gold"]["no_chain"] = {src: {"questions": len(q), "question_ids": q[:50]}
-                                             for src, q in left_out.items()}
-        if any(left_out.values()):
-            log.warning("recipe: gold chains: no chain for %s (gold SQL sqlglot cannot read)",
-                        ", ".join(f"{len(q)} {src} questions" for src, q in left_out.items() if q))
 
     def dpo_model(name: str) -> str | None:
         """A DPO row's model: a new LoRA on its SFT model (the reference), trained on pairs of one Spider train question
