@@ -551,9 +551,9 @@ def run_recipe(args) -> dict:
         sources = [("spider_train", syn_dir)]  # (split, samples dir): the teacher's samples for sft_cot_dpo
         if name in ONPOLICY_SOURCES:
             sources = []
+            # the first on-policy row keeps its step and dir names (a resumed run stays valid)
+            tag = "" if name == "sft_mix_hinted_dpo" else "_" + start_row.removeprefix("sft_")
             for src in ONPOLICY_SOURCES[name]:
-                # the first on-policy row keeps its step and dir names (a resumed run stays valid)
-                tag = "" if name == "sft_mix_hinted_dpo" else "_" + start_row.removeprefix("sft_")
                 o_cfg = rep(syn_t, input=str(conv[f"{src}_cot"]), data=args.spider if src == "spider_train"
                             else args.bird_train, mode="blind", student_prompt=True, samples=args.onpolicy_samples,
                             sft_canonical_match=False, include_unverified=False, no_db_check="canonical",

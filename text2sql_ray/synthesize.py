@@ -143,6 +143,20 @@ def verdict(sql: str, gen_error: str | None, has_db: bool, pair=None) -> Verdict
                    bool(pair.timed_out))
 
 
+def one_query(sql: str):
+    """`sql` as sqlglot reads it as SQLite (a `sqlglot.expressions.Query`), or None when it is not exactly one query
+    ("SELEC x" parses as a column alias: not a query)."""
+    import sqlglot
+    from sqlglot import expressions as exp
+    from sqlglot.errors import ParseError, TokenError
+
+    try:
+        statements = [t for t in sqlglot.parse(strip_sql(sql), read="sqlite") if t is not None]
+    except (ParseError, TokenError, ValueError):
+        return None
+    return statements[0] if len(statements) == 1 and isinstance(statements[0], exp.Query) else None
+
+
 def canonical_sql(sql: str) -> str | None:
     """One query as sqlglot prints it after reading it as SQLite, or None when it is not exactly one query.
 
@@ -155,17 +169,11 @@ def canonical_sql(sql: str) -> str | None:
     >>> canonical_sql("SELECT a FROM t WHERE n = 'Bob'") == canonical_sql("SELECT a FROM t WHERE n = 'bob'")
     False
     """
-    import sqlglot
     from sqlglot import expressions as exp
-    from sqlglot.errors import ParseError, TokenError
 
-    try:
-        statements = [t for t in sqlglot.parse(strip_sql(sql), read="sqlite") if t is not None]
-    except (ParseError, TokenError, ValueError):
+    tree = one_query(sql)
+    if tree is None:
         return None
-    if len(statements) != 1 or not isinstance(statements[0], exp.Query):  # "SELEC x" parses as a column alias
-        return None
-    tree = statements[0]
     for ident in tree.find_all(exp.Identifier):
         if not ident.quoted:
             ident.set("this", ident.this.lower())
@@ -409,17 +417,11 @@ def gold_chain(gold_sql: str) -> str | None:
     SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id WHERE T2.year > 2000
     ```
     """
-    import sqlglot
     from sqlglot import expressions as exp
-    from sqlglot.errors import ParseError, TokenError
 
-    try:
-        statements = [t for t in sqlglot.parse(strip_sql(gold_sql), read="sqlite") if t is not None]
-    except (ParseError, TokenError, ValueError):
+    tree = one_query(gold_sql)
+    if tree is None:
         return None
-    if len(statements) != 1 or not isinstance(statements[0], exp.Query):
-        return None
-    tree = statements[0]
 
     def sql(node) -> str:
         return node.sql(dialect="sqlite")
