@@ -508,14 +508,6 @@ def test_deepspeed_zero3_changes_every_weight(zero3_run, tiny_llama_dir):
 
 
 @pytest.mark.timeout(900)
-def test_deepspeed_zero2_changes_every_weight(ray_local, tmp_path, tiny_llama_dir, sft_parquet):
-    out = T.run(_cfg(tmp_path / "out", tiny_llama_dir, sft_parquet, method="full", deepspeed="zero2", lr=1e-3,
-                     max_steps=2, checkpoint_every=0))
-    _assert_every_weight_changed(out, tiny_llama_dir)
-    assert json.loads((out / "manifest.json").read_text())["training"]["steps_run"] == 2
-
-
-@pytest.mark.timeout(900)
 def test_a_step_with_nan_gradients_makes_no_update_and_too_many_stop_the_run(ray_local, tmp_path, tiny_llama_dir,
                                                                               sft_parquet):
     """NaN gradients injected after backward (T.NAN_ENV: the stand-in for the poisoned batches that the recipe's
@@ -525,21 +517,23 @@ def test_a_step_with_nan_gradients_makes_no_update_and_too_many_stop_the_run(ray
     import torch
     from safetensors.torch import load_file
 
-    def run(name, steps, nan_at):
-        os.environ[T.NAN_ENV] = nan_at
-        try:
-            return T.run(_cfg(tmp_path / name, tiny_llama_dir, sft_parquet, max_steps=steps, schedule="constant"))
-        finally:
-            os.environ.pop(T.NAN_ENV, None)
-
-    run("three", 3, "")
-    run("four_last_nan", 4, "4")
-    manifest = json.loads((tmp_path / "four_last_nan" / "manifest.json").read_text())
+    os.environ[T.NAN_ENV] = "4"
+    try:  # a checkpoint after step 3 (the weights before the bad step), then step 4 with NaN gradients
+        out = T.run(_cfg(tmp_path / "out", tiny_llama_dir, sft_parquet, max_steps=4, checkpoint_every=3,
+                         schedule="constant"))
+    finally:
+        os.environ.pop(T.NAN_ENV, None)
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["nonfinite_steps"] == [4] and manifest["training"]["total_steps"] == 4
-    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("three", "four_last_nan"))
-    assert a.keys() == b.keys() and all(torch.isfinite(t).all() for t in b.values())
-    # steps 1-3 draw the same batches with the same constant lr; step 4 skipped: the very same weights
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    (ckpt,) = [d for d in (out / "ray_train" / "train").glob("checkpoint_*")  # the other one: the final save
+               if d.is_dir() and json.loads((d / "state.json").read_text())["step"] == 3]
+    before = load_file(ckpt / "hf" / "adapter_model.safetensors")
+    final = load_file(out / "adapter_model.safetensors")
+    lora_b = [k for k in before if "lora_B" in k]
+    assert before.keys() == final.keys() and all(torch.isfinite(t).all() for t in final.values())
+    assert lora_b and any(before[k].abs().sum() > 0 for k in lora_b)  # steps 1-3 did move the adapter
+    # step 4 skipped: the very same weights as after step 3
+    assert all(torch.equal(before[k], final[k]) for k in before)
     # the stop rule: more than max(3, fraction x total) bad steps
     assert T.nonfinite_error([1, 2, 3], 3, 10, 0.05, [7]) is None
     assert "4 of 4 steps had a NaN/inf" in T.nonfinite_error([1, 2, 3, 4], 4, 10, 0.05, [7])
