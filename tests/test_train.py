@@ -436,6 +436,22 @@ def test_resumed_run_sees_exactly_the_examples_and_losses_of_an_uninterrupted_ru
     assert {tuple(s["example_ids"]) for s in b[:spe]} != {tuple(s["example_ids"]) for s in b[spe : 2 * spe]}
 
 
+@pytest.mark.timeout(900)
+def test_train_writes_tensorboard_events_from_rank_0_only(lora_uninterrupted):
+    """TensorBoard is on by default: two workers, one writer (rank 0), every step's loss as the manifest has it."""
+    from test_tracking import read_scalars
+
+    events = list((lora_uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    scalars = read_scalars(lora_uninterrupted / "tensorboard")
+    manifest = json.loads((lora_uninterrupted / "manifest.json").read_text())
+    assert manifest["config"]["num_workers"] == 2 and manifest["config"]["report_to"] == "tensorboard"
+    history = manifest["loss_history"]
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([h["loss"] for h in history], rel=1e-6)
+    assert {"train/lr", "train/tokens_per_s", "train/grad_norm", "train/label_tokens"} <= set(scalars)
+
+
 def test_too_many_rejected_rows_fail_the_run_with_a_clear_message(ray_local, tmp_path, tiny_llama_dir, sft_parquet):
     with pytest.raises(ValueError, match=r"would be rejected, more than train.max_rejected_fraction=1.0%.*--max-length"):
         T.run(_cfg(tmp_path / "out", tiny_llama_dir, sft_parquet, max_length=64, max_rejected_fraction=0.01))
