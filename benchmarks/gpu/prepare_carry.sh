@@ -64,7 +64,9 @@ grep '"convert_' "$run/recipe_state.json" | grep -v ': [0-9.]*,\?$' || true
 echo
 echo "Device calls, in order (each: carry the one file; the first starts the machine). Send the FIRST call alone: when"
 echo "no machine can start, every call of a batch is refused and each still costs device time (2026-12-07: a batch of 24"
-echo "calls sent while none could start cost 601 of the session's 1800 s). Once it has answered, the machine is given"
+echo "calls sent while none could start cost 601 of the session's 1800 s; later that day seven lone first calls that"
+echo "found no machine cost ~90 s each: stop trying once what is left is under the run's need, benchmarks/README.md)."
+echo "Once it has answered, the machine is given"
 echo "back 30 s after a call ends: send every other call below, the launch and the watch calls in ONE batch of calls (a"
 echo "pause between batches, or a cut-off reply, lost the machine five times on 2026-12-02); each call does mkdir -p."
 first="[ -f /tmp/t0 ] || date +%s > /tmp/t0; "  # the first call marks the hold's start: the watch calls' deadline
