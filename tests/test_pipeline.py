@@ -154,13 +154,17 @@ def test_rerun_after_finishing_redoes_nothing(finished_run):
     assert json.loads((run_dir / "manifest.json").read_text())["ran"] == []
 
 
+def _eval_limit_3(cfg):
+    """The fixture's options with one evaluation option changed (the test below starts from them too)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, limit=3))
+
+
 @pytest.mark.timeout(600)
 def test_changed_eval_option_reruns_only_evaluation(finished_run):
     run_dir, cfg = finished_run
-    import dataclasses
-
-    changed = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, limit=3))
-    pipeline.run(changed)
+    pipeline.run(_eval_limit_3(cfg))
     ran = json.loads((run_dir / "manifest.json").read_text())["ran"]
     assert ran == ["eval_base", "eval_finetuned", "report"]
     assert json.loads((run_dir / "eval_base" / "report.json").read_text())["n_questions"] == 3
@@ -172,7 +176,7 @@ def test_changed_train_option_retrains_from_scratch_and_keeps_the_base_evaluatio
     import dataclasses
 
     # the evaluation options of the test above (up to date when it ran first: no evaluation is redone for it)
-    cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, limit=3))
+    cfg = _eval_limit_3(cfg)
     pipeline.run(cfg)
     base_before = (run_dir / "eval_base" / "report.json").stat().st_mtime_ns
     changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr / 2))
