@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -237,24 +238,39 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients_without_rerunning
     assert (len(runs), len(cached.prefix_cache)) == (2, 2)
 
 
-def test_training_with_frozen_prefix_cache_logs_the_plain_run_s_losses_and_leaves_no_cache(
-        ray_local, tmp_path, tiny_llama_dir, sft_parquet):
-    """Two workers, 3 epochs, LoRA on the last of 2 layers: the same examples and losses at every step as without the
-    cache (workers trade sequences between epochs through the shared dir), and the cache is gone afterwards."""
-    args = ["--max-length", str(MAX_LENGTH), "--packing", "--micro-batch-size", "2", "--max-rejected-fraction", "0.9",
-            "--lr", "1e-2", "--lora-layers", "1", "--lora-targets", "q_proj,v_proj", "--epochs", "3",
-            "--checkpoint-every", "0", "--lora-dropout", "0", "--num-workers", "2", "--cpus-per-worker", "0.5"]
+@pytest.fixture(scope="module")
+def frozen_prefix_runs(ray_local, tmp_path_factory, tiny_llama_dir, sft_parquet):
+    """Two 2-worker LoRA runs, 3 epochs of 5 steps, LoRA on the last of 2 layers: "plain", then "cached" (the frozen
+    prefix cache on). Both get NaN gradients injected at steps 8 and 15 (T.NAN_ENV: the stand-in for the poisoned
+    batches that the recipe's no-CoT SFT met on the H200, which a tiny CPU model does not produce) and keep a
+    checkpoint after step 14, the weights before the last bad step. (One pair of runs serves both tests below.)"""
     from text2sql_ray.cli import main
 
-    for name, extra in (("plain", []), ("cached", ["--frozen-prefix-cache", "true"])):
-        assert main(["train", "--input", str(sft_parquet), "--model", str(tiny_llama_dir), "--out",
-                     str(tmp_path / name), *args, *extra]) == 0
-    plain, cached = (_read_jsonl(tmp_path / n / "steps.jsonl") for n in ("plain", "cached"))
-    assert len(plain) == len(cached) >= 6 and len({s["epoch"] for s in plain}) == 3
+    tmp = tmp_path_factory.mktemp("frozen")
+    args = ["--max-length", str(MAX_LENGTH), "--packing", "--micro-batch-size", "2", "--max-rejected-fraction", "0.9",
+            "--lr", "1e-2", "--lora-layers", "1", "--lora-targets", "q_proj,v_proj", "--epochs", "3",
+            "--checkpoint-every", "14", "--lora-dropout", "0", "--num-workers", "2", "--cpus-per-worker", "0.5"]
+    os.environ[T.NAN_ENV] = "8,15"
+    try:
+        for name, extra in (("plain", []), ("cached", ["--frozen-prefix-cache", "true"])):
+            assert main(["train", "--input", str(sft_parquet), "--model", str(tiny_llama_dir), "--out",
+                         str(tmp / name), *args, *extra]) == 0
+    finally:
+        os.environ.pop(T.NAN_ENV, None)
+    return tmp / "plain", tmp / "cached"
+
+
+def test_training_with_frozen_prefix_cache_logs_the_plain_run_s_losses_and_leaves_no_cache(frozen_prefix_runs):
+    """The same examples and losses at every step as without the cache (workers trade sequences between epochs
+    through the shared dir; both runs skip the same NaN steps), and the cache is gone afterwards."""
+    plain_dir, cached_dir = frozen_prefix_runs
+    plain, cached = (_read_jsonl(d / "steps.jsonl") for d in frozen_prefix_runs)
+    assert len(plain) == len(cached) == 15 and len({s["epoch"] for s in plain}) == 3
     assert [s["example_ids"] for s in plain] == [s["example_ids"] for s in cached]
     assert [s["loss"] for s in cached] == pytest.approx([s["loss"] for s in plain], rel=1e-6, abs=1e-7)
-    assert not (tmp_path / "cached" / ".frozen_prefix_cache").exists()
-    assert json.loads((tmp_path / "cached" / "manifest.json").read_text())["config"]["frozen_prefix_cache"] is True
+    assert not (cached_dir / ".frozen_prefix_cache").exists()
+    assert json.loads((cached_dir / "manifest.json").read_text())["config"]["frozen_prefix_cache"] is True
+    assert json.loads((plain_dir / "manifest.json").read_text())["config"]["frozen_prefix_cache"] is False
 
 
 def test_frozen_prefix_cache_needs_lora_on_the_last_layers_only():
@@ -524,31 +540,27 @@ def test_deepspeed_zero3_changes_every_weight(zero3_run, tiny_llama_dir):
 
 
 @pytest.mark.timeout(900)
-def test_a_step_with_nan_gradients_makes_no_update_and_too_many_stop_the_run(ray_local, tmp_path, tiny_llama_dir,
-                                                                              sft_parquet):
-    """NaN gradients injected after backward (T.NAN_ENV: the stand-in for the poisoned batches that the recipe's
-    no-CoT SFT met on the H200, which a tiny CPU model does not produce): the step makes no update, the run
-    goes on and lists it; more than max(3, max_nonfinite_fraction x steps) of them stop the run.
-    Two data-parallel workers: both skip the same step."""
+def test_a_step_with_nan_gradients_makes_no_update_and_too_many_stop_the_run(frozen_prefix_runs):
+    """NaN gradients at steps 8 and 15 of the plain frozen_prefix_runs run (two data-parallel workers: both skip the
+    same steps): a bad step makes no update, the run goes on and lists it; more than
+    max(3, max_nonfinite_fraction x steps) of them stop the run."""
     import torch
     from safetensors.torch import load_file
 
-    os.environ[T.NAN_ENV] = "4"
-    try:  # a checkpoint after step 3 (the weights before the bad step), then step 4 with NaN gradients
-        out = T.run(_cfg(tmp_path / "out", tiny_llama_dir, sft_parquet, max_steps=4, checkpoint_every=3,
-                         schedule="constant"))
-    finally:
-        os.environ.pop(T.NAN_ENV, None)
+    out = frozen_prefix_runs[0]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["data"]["nonfinite_steps"] == [4] and manifest["training"]["total_steps"] == 4
+    assert manifest["data"]["nonfinite_steps"] == [8, 15] and manifest["training"]["total_steps"] == 15
+    steps = _read_jsonl(out / "steps.jsonl")
+    assert [s["step"] for s in steps] == list(range(1, 16))  # the run went on after step 8
+    assert all(math.isfinite(s["loss"]) for s in steps)  # the NaN is in the gradients, not the losses
     (ckpt,) = [d for d in (out / "ray_train" / "train").glob("checkpoint_*")  # the other one: the final save
-               if d.is_dir() and json.loads((d / "state.json").read_text())["step"] == 3]
+               if d.is_dir() and json.loads((d / "state.json").read_text())["step"] == 14]
     before = load_file(ckpt / "hf" / "adapter_model.safetensors")
     final = load_file(out / "adapter_model.safetensors")
     lora_b = [k for k in before if "lora_B" in k]
     assert before.keys() == final.keys() and all(torch.isfinite(t).all() for t in final.values())
-    assert lora_b and any(before[k].abs().sum() > 0 for k in lora_b)  # steps 1-3 did move the adapter
-    # step 4 skipped: the very same weights as after step 3
+    assert lora_b and any(before[k].abs().sum() > 0 for k in lora_b)  # the good steps did move the adapter
+    # step 15 skipped: the very same weights as after step 14
     assert all(torch.equal(before[k], final[k]) for k in before)
     # the stop rule: more than max(3, fraction x total) bad steps
     assert T.nonfinite_error([1, 2, 3], 3, 10, 0.05, [7]) is None
