@@ -14,9 +14,16 @@
 # No teacher file travels: h200.sh RECIPE_SYNTHESIS reuses the committed chains (the 1.5B teacher's); with the 1.5B
 # as the student, the printed calls pass TEACHER=MODEL (the same file) for a synthesis that is not reused.
 # Then it prints the device calls in order. Needs the project's venv (VENV, default .venv) for step 4.
+# 0. First the recipe script's end-to-end CPU test (opt-in, not in CI: `pytest -m recipe tests/test_recipe_table.py`,
+#    ~7 min on 2 cores): no GPU time goes to a script that fails on CPU. SKIP_RECIPE_TEST=1 skips it (only for a
+#    checkout whose recipe test passed already).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
+if [ -z "${SKIP_RECIPE_TEST:-}" ]; then
+  "${VENV:-$root/.venv}/bin/python" -m pytest -q -p no:cacheprovider -m recipe tests/test_recipe_table.py \
+    || { echo "prepare_carry: the recipe test failed (above); fix it before spending GPU time" >&2; exit 1; }
+fi
 shared=${SHARED:-$root/../shared}
 models=${MODELS:-$HOME/.cache/t2s-models}
 student=${STUDENT:-qwen-0.5b}
