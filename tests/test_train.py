@@ -260,11 +260,12 @@ def frozen_prefix_runs(ray_local, tmp_path_factory, tiny_llama_dir, sft_parquet)
     return tmp / "plain", tmp / "cached"
 
 
+@pytest.mark.timeout(900)  # the fixture's two runs happen in whichever of its tests comes first
 def test_training_with_frozen_prefix_cache_logs_the_plain_run_s_losses_and_leaves_no_cache(frozen_prefix_runs):
     """The same examples and losses at every step as without the cache (workers trade sequences between epochs
     through the shared dir; both runs skip the same NaN steps), and the cache is gone afterwards."""
     plain_dir, cached_dir = frozen_prefix_runs
-    plain, cached = (_read_jsonl(d / "steps.jsonl") for d in frozen_prefix_runs)
+    plain, cached = _read_jsonl(plain_dir / "steps.jsonl"), _read_jsonl(cached_dir / "steps.jsonl")
     assert len(plain) == len(cached) == 15 and len({s["epoch"] for s in plain}) == 3
     assert [s["example_ids"] for s in plain] == [s["example_ids"] for s in cached]
     assert [s["loss"] for s in cached] == pytest.approx([s["loss"] for s in plain], rel=1e-6, abs=1e-7)
