@@ -172,6 +172,9 @@ def parse_args(argv):
     p.add_argument("--dpo-sft-weight", type=float, default=0.0,
                    help="DPO rows: train.dpo_sft_weight, an NLL term on the chosen answer (RPO); 0 = plain DPO, the "
                         "committed rows' setting")
+    p.add_argument("--dpo-max-length-gap", type=float, default=0.0,
+                   help="DPO rows: train.dpo_max_length_gap, pair answers whose lengths differ by at most this fraction "
+                        "of the longer one (closest first); 0 = no limit, the committed rows' setting")
     p.add_argument("--dpo-lora-r", type=int, default=64, help="DPO row: rank of the new LoRA (alpha = 2 r)")
     p.add_argument("--dpo-pairs-per-question", type=int, default=2, help="DPO row: pairs per question at most")
     p.add_argument("--onpolicy-samples", type=int, default=4,
@@ -566,7 +569,7 @@ def run_recipe(args) -> dict:
                 out=str(run_dir / "train" / kind), packing=False, lr=args.dpo_lr, epochs=args.dpo_epochs,
                 max_steps=0, schedule="cosine", warmup_ratio=0.1, lora_r=args.dpo_lora_r, lora_alpha=2 * args.dpo_lora_r,
                 dpo_beta=args.dpo_beta, dpo_sft_weight=args.dpo_sft_weight,
-                dpo_pairs_per_question=args.dpo_pairs_per_question,
+                dpo_pairs_per_question=args.dpo_pairs_per_question, dpo_max_length_gap=args.dpo_max_length_gap,
                 # BIRD train has no databases: a canonical match with the gold is its only chosen answer
                 dpo_chosen="verified,canonical_match" if "bird_train" in dict(sources) else train_t.dpo_chosen)
         parts = {src: dpo.read_input([d / "samples.parquet", conv[f"{src}_cot"] / "train.parquet"], t)
@@ -607,9 +610,11 @@ def run_recipe(args) -> dict:
     done = {}
     for row in (by_name[n] for n in wanted):
         maj_row = row.maj and row.name not in args.no_maj
-        # a DPO row trained with RPO's NLL term says so in its label (the plain-DPO row of an earlier table keeps its own)
-        label = row.label + (f" (RPO, NLL weight {args.dpo_sft_weight})"
-                             if row.name in DPO_START and args.dpo_sft_weight else "")
+        # a DPO row trained with RPO's NLL term or length-matched pairs says so in its label (the plain-DPO rows of an
+        # earlier table keep their own)
+        dpo_tags = [f"RPO, NLL weight {args.dpo_sft_weight}"] if args.dpo_sft_weight else []
+        dpo_tags += [f"pairs at most {args.dpo_max_length_gap:g} apart in length"] if args.dpo_max_length_gap else []
+        label = row.label + (f" ({'; '.join(dpo_tags)})" if row.name in DPO_START and dpo_tags else "")
         entries = [(row.name, label, False)] + ([(f"{row.name}_maj{args.maj_k}", f"{label} + maj@{args.maj_k}",
                                                   True)] if maj_row else [])
         results = {e[0]: {} for e in entries}
@@ -657,7 +662,9 @@ def run_recipe(args) -> dict:
                  f"cosine (10% warmup), beta {args.dpo_beta}, {args.dpo_epochs} epoch(s), at most "
                  f"{args.dpo_pairs_per_question} pairs per question"
                  + (f", + {args.dpo_sft_weight} x the chosen answer's NLL per token (RPO)" if args.dpo_sft_weight
-                    else ""))
+                    else "")
+                 + (f", chosen and rejected answers at most {args.dpo_max_length_gap:g} apart in length (closest "
+                    "first)" if args.dpo_max_length_gap else ""))
     dpo_pairs = {key: dpo_counts.get(name, {}) for name, (key, _) in DPO_PAIR_KEYS.items()}
     for name, (key, _) in DPO_PAIR_KEYS.items():
         if dpo_pairs[key]:  # each DPO row's own words on how it was trained (the rows may come from two runs)

@@ -322,7 +322,7 @@ def test_pair_building_accounts_for_every_question_and_sample():
     conv = {q: _conv(q) for q in range(1, 8)}
     built = D.build_pairs(samples, conv, 2, ("verified",), ("wrong", "exec_error", "no_sql"))
     assert built.questions == {"no_samples": 1, "only_chosen": 1, "only_rejected": 1, "no_usable_samples": 2,
-                               "paired": 2, "total": 7}
+                               "length_gap": 0, "paired": 2, "total": 7}
     assert sum(v for k, v in built.questions.items() if k != "total") == len(conv)
     _assert_every_sample_once(built, samples)
     reasons = {(u["question_id"], u["sample_index"]): u["reason"] for u in built.unused}
@@ -373,6 +373,61 @@ def test_without_a_database_canonical_matches_pair_with_schema_errors_under_the_
     strict = D.build_pairs(samples, conv, 2, D.statuses(defaults.dpo_chosen), D.statuses(defaults.dpo_rejected))
     assert strict.pairs == [] and strict.questions["only_rejected"] == 1  # canonical matches: not chosen by default
     TrainConfig(method="dpo", dpo_chosen="verified,canonical_match", dpo_rejected="schema_error")  # accepted
+
+
+def test_a_length_gap_limit_pairs_answers_of_similar_length_and_accounts_for_the_rest():
+    """dpo_max_length_gap: only (chosen, rejected) answers whose lengths differ by at most that fraction of the longer
+    are paired, the closest first; a sample with no partner that close is unused as length_gap, a question whose
+    every combination is too far apart is counted as length_gap; the pairs' length gap shrinks."""
+    def answer(sql: str, words: int) -> str:
+        return "Reasoning. " * words + f"\n```sql\n{sql}\n```"
+
+    conv = {q: _conv(q) for q in (1, 2, 3)}
+    samples = [
+        # 1: a short verified chain, a long one, and two wrong ones: one as long as each chosen, one far longer
+        _sample(1, 0, "verified", answer("SELECT 1", 10), "SELECT 1"),
+        _sample(1, 1, "verified", answer("SELECT 1 AS a", 40), "SELECT 1 AS a"),
+        _sample(1, 2, "wrong", answer("SELECT 2", 200), "SELECT 2"),
+        _sample(1, 3, "wrong", answer("SELECT 3", 41), "SELECT 3"),
+        _sample(1, 4, "exec_error", answer("SELECT x", 11), "SELECT x"),
+        # 2: chosen and rejected, but far apart in length: no pair
+        _sample(2, 0, "verified", answer("SELECT 1", 5), "SELECT 1"),
+        _sample(2, 1, "wrong", answer("SELECT 2", 80), "SELECT 2"),
+        # 3: as long as each other: paired
+        _sample(3, 0, "verified", answer("SELECT 1", 20), "SELECT 1"),
+        _sample(3, 1, "no_sql", "Reasoning. " * 21),
+    ]
+    rejected = ("wrong", "exec_error", "no_sql")
+    plain = D.build_pairs(samples, conv, 2, ("verified",), rejected)
+    near = D.build_pairs(samples, conv, 2, ("verified",), rejected, max_length_gap=0.2)
+    by_q = {}
+    for p in near.pairs:
+        by_q.setdefault(p["question_id"], []).append((p["chosen_sample_index"], p["rejected_sample_index"]))
+    assert by_q == {1: [(1, 3), (0, 4)], 3: [(0, 1)]}
+    assert all(D.length_gap(p["chosen"], p["rejected"]) <= 0.2 for p in near.pairs)
+    assert near.questions == {**plain.questions, "paired": 2, "length_gap": 1}
+    assert near.questions["length_gap"] + near.questions["paired"] == plain.questions["paired"] == 3
+    _assert_every_sample_once(near, samples)
+    assert {(u["question_id"], u["sample_index"]): u["reason"] for u in near.unused} == {
+        (1, 2): "length_gap", (2, 0): "length_gap", (2, 1): "length_gap"}
+    assert near.unused_by_reason["length_gap"] == 3
+    # without the limit question 1 pairs its shortest chosen chain with the first rejected one, 200 words long
+    assert [(p["chosen_sample_index"], p["rejected_sample_index"]) for p in plain.pairs if p["question_id"] == 1] == [
+        (0, 2), (1, 3)]
+    gap = {name: D.answer_lengths(b.pairs) for name, b in (("plain", plain), ("near", near))}
+    assert gap["plain"]["rejected_mean"] - gap["plain"]["chosen_mean"] > 300
+    assert abs(gap["near"]["rejected_mean"] - gap["near"]["chosen_mean"]) < 20
+    # a tighter limit than the closest pair: nothing pairs, every question with both sides counted
+    none = D.build_pairs(samples, conv, 2, ("verified",), rejected, max_length_gap=0.001)
+    assert none.pairs == [] and none.questions["length_gap"] == 3
+    _assert_every_sample_once(none, samples)
+    assert "answer lengths at most 0.2 apart" in D.manifest_section(
+        near, len(near.pairs), TrainConfig(method="dpo", dpo_max_length_gap=0.2), True)["policy"]
+    with pytest.raises(ConfigError, match="dpo_max_length_gap"):
+        TrainConfig(method="dpo", dpo_max_length_gap=1.0)
+    # the docstring's example: only combinations within 0.2, the closest first, unused samples before reused ones
+    assert D.length_matched_order(["x" * 100, "x" * 60], ["x" * 95, "x" * 200, "x" * 62, "x" * 90], 3, 0.2) == [
+        (1, 2), (0, 0), (0, 3)]
 
 
 def test_hinted_chains_that_mention_the_hint_are_never_chosen():
@@ -478,7 +533,7 @@ def test_dpo_run_accounts_for_every_question_sample_and_pair(dpo_run, tokenizer)
     data = json.loads((out / "manifest.json").read_text())["data"]
     acc = data["dpo"]
     assert acc["questions"] == {"no_samples": 1, "no_usable_samples": 1, "only_chosen": 1, "only_rejected": 1,
-                                "paired": 8, "total": 12}
+                                "length_gap": 0, "paired": 8, "total": 12}
     samples = pq.read_table(synth / "samples.parquet").num_rows
     pairs = pq.read_table(out / "pairs.parquet").to_pylist()
     rejected = _read_jsonl(out / "rejected.jsonl")

@@ -27,7 +27,7 @@ import pytest
 from fastapi import Request  # module level: the handler's annotation is resolved by name
 from local_http import LocalServer
 
-from text2sql_ray import bird
+from text2sql_ray import bird, dpo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # ~17 stage runs (each starts its own actors)
 
@@ -111,7 +111,8 @@ def recipe_run(ray_local, tmp_path_factory, tiny_llama_dir):
         before = len(teacher.asked)
         assert recipe_table.main(argv[:-6] + ["--results", str(tmp / "results" / "reuse"), "--rows",
                                               "sft_cot_hinted,sft_cot_hinted_dpo", "--onpolicy-samples", "2",
-                                              "--dpo-sft-weight", "0.5", "--no-maj", "sft_cot_hinted",
+                                              "--dpo-sft-weight", "0.5", "--dpo-max-length-gap", "0.9",
+                                              "--no-maj", "sft_cot_hinted",
                                               "--synthesis", str(tmp / "run" / "synthesize" / "spider_train"),
                                               "--benchmarks", "bird"] + argv[-6:]) == 0
         rerun["reuse_asked"] = teacher.asked[before:]
@@ -378,12 +379,17 @@ def test_the_hinted_cot_dpo_row_pairs_its_own_samples_of_spider_train_and_bird_t
     assert manifest["config"]["dpo_sft_weight"] == 0.5 and "0.5 x the chosen answer's mean NLL" in manifest["model"]["loss"]
     steps = [json.loads(line) for line in (run / "train" / "cot_hinted_dpo" / "steps.jsonl").read_text().splitlines()]
     assert steps and all(s["dpo_chosen_nll"] > 0 for s in steps)
-    assert d["training"].endswith("(RPO)") and summary["dpo_pairs"] == {}  # the teacher-pair row did not run here
+    assert "(RPO)" in d["training"] and d["training"].endswith("(closest first)")
+    assert summary["dpo_pairs"] == {}  # the teacher-pair row did not run here
     row = next(r for r in summary["rows"] if r["row"] == "sft_cot_hinted_dpo")
     assert row["model"].startswith(str(run / "train" / "cot_hinted_dpo")) and row["bird"]["n_scored"] == 4
-    assert row["cot"] and row["label"] == "CoT SFT, hinted chains + on-policy DPO, Spider + BIRD pairs (RPO, NLL weight 0.5)"
+    assert row["cot"] and row["label"] == ("CoT SFT, hinted chains + on-policy DPO, Spider + BIRD pairs (RPO, NLL "
+                                           "weight 0.5; pairs at most 0.9 apart in length)")
     md = (recipe_run["tmp"] / "results" / "reuse.md").read_text()
-    assert "+ 0.5 x the chosen answer's NLL per token (RPO)" in md
+    assert "+ 0.5 x the chosen answer's NLL per token (RPO), chosen and rejected answers at most 0.9 apart" in md
+    # --dpo-max-length-gap: in the config and the policy words, and every pair within it
+    assert manifest["config"]["dpo_max_length_gap"] == 0.9 and "answer lengths at most 0.9 apart" in d["policy"]
+    assert all(dpo.length_gap(p["chosen"], p["rejected"]) <= 0.9 for p in pairs)
     chosen, rejected = (sum(len(p[k]) for p in pairs) / len(pairs) for k in ("chosen", "rejected"))
     assert d["answer_chars"]["chosen_mean"] == round(chosen, 1) and d["answer_chars"]["rejected_mean"] == round(rejected, 1)
     assert f"answers {chosen:.0f} chars chosen vs {rejected:.0f} rejected on average" in md
@@ -392,7 +398,8 @@ def test_the_hinted_cot_dpo_row_pairs_its_own_samples_of_spider_train_and_bird_t
     # of the 8 converted questions of each split, the first 4 were sampled (synthesize.limit): 4 without samples
     assert "; spider_train: 4 pairs from 4 of 8 questions; bird_train: 4 pairs from 4 of 8 questions;" in md
     assert d["by_source"]["bird_train"]["questions"] == {"no_samples": 4, "no_usable_samples": 0, "only_chosen": 0,
-                                                         "only_rejected": 0, "paired": 4, "total": 8}
+                                                         "only_rejected": 0, "length_gap": 0, "paired": 4,
+                                                         "total": 8}
 
 
 @pytest.mark.recipe
@@ -449,7 +456,8 @@ def test_earlier_rows_come_with_their_predictions_and_are_marked(recipe_run):
 @pytest.mark.recipe
 def test_lanes_run_rows_in_parallel_processes_and_the_state_keeps_every_lane_s_steps(recipe_run):
     """--lanes on the real run dir: two evaluations redone at once, one per lane process (each its own local Ray);
-    both lanes' fingerprints and times land in the one state file, and the table is the sequential run's."""
+    both lanes' fingerprints and times land in the one state file, and the table is the sequential run's. Lane 1 also
+    trains and evaluates the gold-chain row (sft_cot_gold, run nowhere else on CPU), as the next GPU run would."""
     import recipe_table
 
     tmp = recipe_run["tmp"]
@@ -462,7 +470,8 @@ def test_lanes_run_rows_in_parallel_processes_and_the_state_keeps_every_lane_s_s
     state_path.write_text(json.dumps(state))
     argv = ["--config", str(REPO / "jobs" / "recipe_tiny_cpu.yaml"), "--student", str(recipe_run["student"]),
             "--teacher", "stand-in-teacher", "--bird", "demo", "--spider", str(SPIDER), "--maj-k", "2",
-            "--out", str(tmp / "run"), "--results", str(tmp / "results" / "lanes"), "--lanes", "base_ours;base_seed",
+            "--out", str(tmp / "run"), "--results", str(tmp / "results" / "lanes"),
+            "--lanes", "sft_cot_gold,base_ours;base_seed",
             # the synthesis the last fixture run reused (its fingerprint is in the state): the teacher is gone
             "--synthesis", str(tmp / "run" / "synthesize" / "spider_train")]
     assert recipe_table.main(argv) == 0
@@ -472,16 +481,27 @@ def test_lanes_run_rows_in_parallel_processes_and_the_state_keeps_every_lane_s_s
     logs = {i: (tmp / "run" / "lanes" / f"lane{i}.log").read_text() for i in (1, 2)}
     assert "recipe: eval_base_ours_bird ->" in logs[1] and "recipe: eval_base_seed" not in logs[1]
     assert "recipe: eval_base_seed_spider ->" in logs[2] and "recipe: eval_base_seed_bird is up to date" in logs[2]
+    assert "recipe: train_sft_cot_gold ->" in logs[1] and "recipe: train_sft_cot_gold" not in logs[2]
     summary = json.loads((tmp / "results" / "lanes.json").read_text())
     assert {k: (v["rows"], v["rc"]) for k, v in summary["lanes"].items()} == {
-        "lane1": (["base_ours"], 0), "lane2": (["base_seed"], 0)}
+        "lane1": (["sft_cot_gold", "base_ours"], 0), "lane2": (["base_seed"], 0)}
     full = {r["row"]: r for r in json.loads((tmp / "results" / "two.json").read_text())["rows"]}  # both benchmarks
     for r in summary["rows"]:
         for bench in ("bird", "spider"):
             if r["row"].startswith("base_"):
                 assert r[bench]["ex"] == full[r["row"]][bench]["ex"] and r[bench]["n_scored"] == 4
+            elif r["row"].startswith("sft_cot_gold"):  # greedy and maj@2, scored on both benchmarks
+                assert r[bench]["n_scored"] == 4 and 0 <= r[bench]["ex"] <= 100
+                assert (tmp / "results" / r[bench]["predictions"]).is_file()
             else:
                 assert r[bench]["note"] == "not run"
+    assert [r["row"] for r in summary["rows"] if r["row"].startswith("sft_cot_gold")] == ["sft_cot_gold",
+                                                                                          "sft_cot_gold_maj2"]
+    # trained on the gold-chain set (16 rows: every converted BIRD train and Spider train question), CoT prompt
+    gold = json.loads((tmp / "run" / "train" / "cot_gold" / "manifest.json").read_text())
+    assert gold["config"]["input"] == str(tmp / "run" / "sft" / "cot_gold") and gold["data"]["rows"] == 16
+    assert summary["sft_sets"]["sft_cot_gold"]["rows"] == 16 and next(
+        r for r in summary["rows"] if r["row"] == "sft_cot_gold")["cot"]
     assert "Lanes (processes sharing the GPU" in (tmp / "results" / "lanes.md").read_text()
 
 

@@ -11,9 +11,12 @@ train.py runs DPO in its own Ray Train loop (the same checkpoints, resume, outpu
    format. Identical answers of one question count once (`dpo_dedup`); a rejected answer identical to a
    chosen one is never paired. Chosen in SFT's default order (shortest answer first), rejected in sample
    order (ties: lowest sample_index); up to `dpo_pairs_per_question` pairs, pairs of samples not used yet
-   first (`pair_order`). Every question is counted (no samples / no usable sample / only chosen / only
-   rejected / paired) and every sample is in a pair or listed with its reason (`UNUSED_REASONS`). A
-   question without a pair is not an error, only counted.
+   first (`pair_order`). With `dpo_max_length_gap` > 0 a chosen and a rejected answer are paired only when
+   their lengths differ by at most that fraction of the longer one, the closest lengths first
+   (`length_matched_order`): DPO learns whatever separates the two sides, and a length gap is the easiest
+   thing to learn (verified chains are shorter than wrong ones). Every question is counted (no samples /
+   no usable sample / only chosen / only rejected / length gap / paired) and every sample is in a pair or
+   listed with its reason (`UNUSED_REASONS`). A question without a pair is not an error, only counted.
 2. `read_input`: a synthesize output dir (its samples.parquet, and the convert rows its manifest names for
    the prompts) or a pairs Parquet (columns prompt, chosen, rejected, optional question_id; train writes
    one, `pairs.parquet`, into every DPO output).
@@ -39,16 +42,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-QUESTION_OUTCOMES = ("no_samples", "no_usable_samples", "only_chosen", "only_rejected", "paired")
+QUESTION_OUTCOMES = ("no_samples", "no_usable_samples", "only_chosen", "only_rejected", "length_gap", "paired")
 """What became of a question: no sample at all; samples, none usable as chosen or rejected; only chosen
-ones; only rejected ones; at least one pair."""
+ones; only rejected ones; both, but every (chosen, rejected) pair differs in length by more than
+dpo_max_length_gap; at least one pair."""
 UNUSED_REASONS = ("status_not_used", "gold_failed", "empty_answer", "mentions_hint", "duplicate_text",
-                  "same_as_chosen", "no_counterpart", "over_pairs_per_question")
+                  "same_as_chosen", "no_counterpart", "length_gap", "over_pairs_per_question")
 """Why a sample is in no pair: its status is neither chosen nor rejected in the config (e.g. gen_error,
 unverified); an exec_error of a question whose gold SQL failed (not known to be wrong); no answer text; a
 hinted chain that talks about the hint (never a target, as in SFT); an answer identical to an earlier one;
-a rejected answer identical to a chosen one; the question has no sample of the other side; the question
-already has dpo_pairs_per_question pairs."""
+a rejected answer identical to a chosen one; the question has no sample of the other side; no answer of the
+other side is within dpo_max_length_gap of its length; the question already has dpo_pairs_per_question pairs."""
 STAT_NAMES = ("loss", "margin", "accuracy", "chosen_reward", "rejected_reward", "chosen_nll")
 """The sums `dpo_sums` returns, in order (train divides them by the step's pairs). chosen_nll: the chosen
 answer's mean negative log-likelihood per token under the policy (plain DPO can raise it while the margin grows:
@@ -68,6 +72,32 @@ def pair_order(n_chosen: int, n_rejected: int, limit: int) -> list[tuple[int, in
     return combos[:limit]
 
 
+def length_gap(a: str, b: str) -> float:
+    """How much two answers differ in length: |len(a) - len(b)| / the longer length (characters; 0 for two
+    empty texts)."""
+    longer = max(len(a), len(b))
+    return abs(len(a) - len(b)) / longer if longer else 0.0
+
+
+def length_matched_order(chosen: list[str], rejected: list[str], limit: int, max_gap: float) -> list[tuple[int, int]]:
+    """(chosen index, rejected index) of one question's pairs under dpo_max_length_gap: only combinations whose
+    `length_gap` is at most max_gap, at most `limit`, each at most once; the closest lengths first (ties: lower
+    indices), and pairs of samples not used yet before the others, as in `pair_order`.
+
+    >>> length_matched_order(["x" * 100, "x" * 60], ["x" * 95, "x" * 200, "x" * 62, "x" * 90], 3, 0.2)
+    [(1, 2), (0, 0), (0, 3)]
+    """
+    combos = sorted((length_gap(c, r), i, j) for i, c in enumerate(chosen) for j, r in enumerate(rejected))
+    combos = [(i, j) for gap, i, j in combos if gap <= max_gap]
+    first, used_c, used_r = [], set(), set()
+    for i, j in combos:
+        if i not in used_c and j not in used_r:
+            first.append((i, j))
+            used_c.add(i)
+            used_r.add(j)
+    return (first + [p for p in combos if p not in first])[:limit]
+
+
 @dataclass
 class Pairs:
     """Pair building's result: the pairs, the samples in none (with reason), and per-question outcomes."""
@@ -81,7 +111,7 @@ class Pairs:
 
 def build_pairs(samples: list[dict], conv_by_qid: dict[int, dict], pairs_per_question: int,
                 chosen_statuses: tuple[str, ...], rejected_statuses: tuple[str, ...], dedup: bool = True,
-                hinted: bool = False) -> Pairs:
+                hinted: bool = False, max_length_gap: float = 0.0) -> Pairs:
     """Pairs (sorted by question, then `pair_order`) from synthesize's sample rows; see the module docstring.
 
     A pair: question_id, prompt (the convert row's system and user turns: what the student sees), chosen and
@@ -144,22 +174,38 @@ def build_pairs(samples: list[dict], conv_by_qid: dict[int, dict], pairs_per_que
             for s, _ in chosen + rejected:
                 drop(s, "no_counterpart", key)
             continue
+        if max_length_gap > 0:
+            order = length_matched_order([a for _, a in chosen], [a for _, a in rejected], pairs_per_question,
+                                         max_length_gap)
+            if not order:
+                outcomes["length_gap"] += 1
+                for s, _ in chosen + rejected:
+                    drop(s, "length_gap", f"no answer of the other side within {max_length_gap:g} of its length")
+                continue
+            close = [(i, j) for i, (_, c) in enumerate(chosen) for j, (_, r) in enumerate(rejected)
+                     if length_gap(c, r) <= max_length_gap]
+            partnered_c, partnered_r = {i for i, _ in close}, {j for _, j in close}
+        else:
+            order = pair_order(len(chosen), len(rejected), pairs_per_question)
+            partnered_c, partnered_r = set(range(len(chosen))), set(range(len(rejected)))
         outcomes["paired"] += 1
         prompt = prompt_turns(conv_by_qid[qid]["messages"])
         used_c, used_r = set(), set()
-        for i, j in pair_order(len(chosen), len(rejected), pairs_per_question):
+        for i, j in order:
             (c, c_text), (r, r_text) = chosen[i], rejected[j]
             used_c.add(i)
             used_r.add(j)
             pairs.append({"question_id": qid, "prompt": prompt, "chosen": c_text, "rejected": r_text,
                           "chosen_sample_index": int(c["sample_index"]), "rejected_sample_index": int(r["sample_index"]),
                           "rejected_status": r["status"]})
-        for k, (s, _) in enumerate(chosen):
-            if k not in used_c:
-                drop(s, "over_pairs_per_question", f"{pairs_per_question} pair(s) already")
-        for k, (s, _) in enumerate(rejected):
-            if k not in used_r:
-                drop(s, "over_pairs_per_question", f"{pairs_per_question} pair(s) already")
+        for side, used, partnered in ((chosen, used_c, partnered_c), (rejected, used_r, partnered_r)):
+            for k, (s, _) in enumerate(side):
+                if k in used:
+                    continue
+                if k in partnered:
+                    drop(s, "over_pairs_per_question", f"{pairs_per_question} pair(s) already")
+                else:
+                    drop(s, "length_gap", f"no answer of the other side within {max_length_gap:g} of its length")
     outcomes["total"] = len(conv_by_qid)
     unused.sort(key=lambda u: (u["question_id"], u["sample_index"]))
     return Pairs(pairs, unused, outcomes, samples=len(samples),
@@ -222,7 +268,8 @@ def read_input(files: list[Path], cfg) -> Pairs:
         conv_by_qid = {int(r["question_id"]): r for r in synthesize.read_input(files[1])}
         mode = ((read_manifest(files[0].parent) or {}).get("config") or {}).get("mode")
         return build_pairs(samples, conv_by_qid, cfg.dpo_pairs_per_question, statuses(cfg.dpo_chosen),
-                           statuses(cfg.dpo_rejected), cfg.dpo_dedup, hinted=mode == "hinted")
+                           statuses(cfg.dpo_rejected), cfg.dpo_dedup, hinted=mode == "hinted",
+                           max_length_gap=cfg.dpo_max_length_gap)
     names = pq.read_schema(files[0]).names
     missing = [c for c in PAIR_COLUMNS if c not in names]
     if missing:
@@ -245,7 +292,9 @@ def manifest_section(built: Pairs, trained: int, cfg, from_samples: bool) -> dic
             questions=built.questions, samples=built.samples, samples_in_pairs=built.samples - len(built.unused),
             samples_unused=len(built.unused), samples_unused_by_reason=built.unused_by_reason,
             policy=(f"chosen {cfg.dpo_chosen}; rejected {cfg.dpo_rejected} (not an exec_error whose gold SQL failed); "
-                    f"at most {cfg.dpo_pairs_per_question} pair(s) per question; identical answers "
+                    f"at most {cfg.dpo_pairs_per_question} pair(s) per question"
+                    + (f", answer lengths at most {cfg.dpo_max_length_gap:g} apart (closest first)"
+                       if cfg.dpo_max_length_gap else "") + "; identical answers "
                     f"{'count once' if cfg.dpo_dedup else 'all kept'}; a question without a pair is counted, not an error"),
         )
     return section

@@ -80,8 +80,9 @@ step_synth() {
 # rows that this run does not redo (with their predictions).
 # RECIPE_LANES (default: the CoT rows, the SQL-only rows, the mixed row) runs groups of rows at once, each its own process
 # and Ray instance on the one GPU: vLLM's ~100 s start and the hf rows' CPU-bound parts overlap the other lane's
-# GPU work. vLLM then takes a fixed share (30% of the memory, a 24 GiB KV cache: no profiling, which another
-# process freeing memory would break). RECIPE_LANES= (empty) runs RECIPE_ROWS one after another.
+# GPU work. vLLM then takes a fixed share (30% of the memory, a 24 GiB KV cache, 12 GiB on a card under 100 GB: no
+# profiling, which another process freeing memory would break), in evaluations and on-policy samplings alike.
+# RECIPE_LANES= (empty) runs RECIPE_ROWS one after another.
 # nvidia-smi logs the GPU's memory and use every 5 s to $OUT/gpu_mem.csv.
 # Another student: MODEL=<its .gguf> RECIPE_NAME=<stem> (run dir /tmp/runs/<stem>, table /tmp/runs/recipe_results/<stem>),
 # e.g. (benchmarks/results/recipe_15b_gpu.md, 1039 s on an H200; prepare_carry.sh STUDENT=qwen-1.5b puts the 1.5B GGUF in
@@ -95,7 +96,16 @@ step_recipe() {
     mkdir -p "$run" && tar -xzf "$RECIPE_RUN_TGZ" -C "$run" || return 1
   fi
   if [ -n "$lanes" ]; then
-    rows=(--lanes "$lanes" --set evaluate.engine.gpu_memory_utilization=0.3 --set evaluate.engine.kv_cache_gb=24)
+    # every vLLM engine of a lane (evaluations and on-policy samplings alike) takes a fixed share; on an 80 GB card a
+    # 12 GiB KV cache (~1M tokens of the 0.5B's KV), so that a vLLM lane fits beside a training lane (~35 GB for SFT,
+    # ~47 GB for DPO on an H200)
+    local kv=24 mem
+    mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+    [ -n "$mem" ] && [ "$mem" -lt 100000 ] && kv=12
+    rows=(--lanes "$lanes")
+    for stage in evaluate synthesize; do
+      rows+=(--set $stage.engine.gpu_memory_utilization=0.3 --set $stage.engine.kv_cache_gb=$kv)
+    done
   else
     rows=(--rows "${RECIPE_ROWS:-sft_cot,sft_cot_dpo,sft_nocot,sft_mix,base_ours,base_seed}")
   fi
