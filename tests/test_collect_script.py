@@ -33,6 +33,7 @@ def _layout(tmp: Path) -> tuple[Path, Path, Path, set[str]]:
         _write(run / "train" / "sft" / "loss_curve.png", b"png"),
         _write(logs / "driver.log", b"=== recipe rc=0"),
         _write(logs / "gpu_mem.csv", b"timestamp"),
+        _write(run / "lanes" / "lane1.log", b"recipe: train_sft_cot_gold ->"),  # a lane's own log
         _write(run / "dpo" / "pairs.parquet", os.urandom(2000)),
     }
     # what must stay behind: weights, merged models, checkpoints, conversions, tokenizers, big files

@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu/collect.sh RUN_DIR LOG_DIR DEST.tgz
 # Groups, most important first: 1. the results tables and every row's predictions (/tmp/runs/recipe_results);
 # 2. the run dir's small evidence (recipe_state.json, manifests, reports, steps.jsonl, loss curves, pair counts,
-# predictions; no weights, parquet, samples, merged models, checkpoints or conversions); 3. the logs in LOG_DIR;
-# 4. the DPO pairs and synthesis samples (pairs.parquet, samples.parquet under 8 MB each).
+# predictions; no weights, parquet, samples, merged models, checkpoints or conversions); 3. the logs in LOG_DIR, then
+# the lanes' logs (RUN_DIR/lanes/*.log); 4. the DPO pairs and synthesis samples (pairs.parquet, samples.parquet under 8 MB each).
 # A group that would take the tar past LIMIT_BYTES (default 15 MB) is left out, and the script says so.
 set -uo pipefail
 run=${1:?RUN_DIR}; logs=${2:?LOG_DIR}; dest=${3:?DEST.tgz}
@@ -28,6 +28,8 @@ add_group() {  # $1: group name; stdin: absolute paths
   -not -path '*/merged/*' -not -path '*/checkpoint*' -not -path "$run/convert/*" -not -name 'tokenizer*' \
   -not -name 'vocab.json' -not -name 'samples*' | add_group evidence
 [ -d "$logs" ] && find "$logs" -maxdepth 1 -type f \( -name '*.log' -o -name '*.csv' \) | add_group logs
+# each lane's own log (recipe_table.py --lanes: <run>/lanes/lane<i>.log, its stages' output), a group of its own
+[ -d "$run/lanes" ] && find "$run/lanes" -maxdepth 1 -type f -name '*.log' | add_group "lane logs"
 # 4. the DPO pairs and the synthesis samples (Parquet; the on-policy samples of 2026-12-04 stayed behind)
 [ -d "$run" ] && find "$run" -type f \( -name 'pairs.parquet' -o -name 'samples.parquet' \) -size -8M \
   -not -path "$run/convert/*" | add_group parquet
