@@ -399,7 +399,7 @@ class TrainConfig:
     of the longer one, the closest lengths first; a question with no such pair is counted as length_gap. 0 = no
     limit (chosen shortest first, rejected in sample order). Verified chains are shorter than wrong ones, and DPO
     learns the gap: on the 1.5B teacher's Spider train samples 66% of the default pairs had the shorter chosen
-    answer (925 vs 1085 characters); with 0.2, 1028 of those 1580 pairs remain, 56% (1043 vs 1065)."""
+    answer (926 vs 1085 characters); with 0.2, 1028 of those 1580 pairs remain, 56% (1043 vs 1065)."""
     dpo_chosen: str = "verified"
     """DPO: comma-separated sample statuses that may be chosen: 'verified' (execution), 'canonical_match' (no database; weaker)."""
     dpo_rejected: str = "wrong,exec_error,no_sql,schema_error"

@@ -112,7 +112,8 @@ class Pairs:
 def build_pairs(samples: list[dict], conv_by_qid: dict[int, dict], pairs_per_question: int,
                 chosen_statuses: tuple[str, ...], rejected_statuses: tuple[str, ...], dedup: bool = True,
                 hinted: bool = False, max_length_gap: float = 0.0) -> Pairs:
-    """Pairs (sorted by question, then `pair_order`) from synthesize's sample rows; see the module docstring.
+    """Pairs (sorted by question, then `pair_order` or `length_matched_order`) from synthesize's sample rows; see the
+    module docstring.
 
     A pair: question_id, prompt (the convert row's system and user turns: what the student sees), chosen and
     rejected (assistant texts), chosen_sample_index, rejected_sample_index, rejected_status.
