@@ -99,8 +99,8 @@ ROWS = (
         "Spider train chains", maj=True),
     Row("sft_cot_gold", "CoT SFT, chains written from the gold SQL (no teacher)", "sft_cot_gold", {"cot": True},
         "LoRA on every BIRD train + Spider train question with a chain written by rule from its gold SQL (tables and "
-        "joins, columns, conditions, grouping, order, what is returned; then the gold SQL): the schema linking spelt "
-        "out, no teacher", maj=True),
+        "joins, each column under its table, conditions, grouping, order, what is returned; then the gold SQL): the "
+        "schema linking spelt out, no teacher", maj=True),
     Row("sft_mix", "CoT + no-CoT SFT", "sft_mix", {"cot": True},
         "LoRA on the verified chains and the gold SQL of BIRD train + Spider train at once (each with its own "
         "system turn)", maj=True),

@@ -419,12 +419,32 @@ def test_gold_chains_spell_out_the_schema_linking_and_end_in_the_gold_query(bird
                        "GROUP BY T2.name HAVING COUNT(*) > 2 ORDER BY COUNT(*) DESC LIMIT 3")
     assert chain.splitlines()[:6] == [
         "1. Tables: a (as T1), b (as T2); joined on T1.b_id = T2.id.",
-        "2. Columns: T2.name, T1.b_id, T2.id, T1.x.",
+        "2. Columns: a: b_id, x; b: name, id.",
         "3. Keep the rows where T1.x > 1.",
         "4. Group by T2.name, keeping groups where COUNT(*) > 2.",
         "5. Order by COUNT(*) DESC; take the first 3.",
         "6. Return T2.name, COUNT(*)."]
     assert gold_chain("SELEC x") is None and gold_chain("SELECT 1; SELECT 2") is None
+    # columns under their tables, each resolved in its own SELECT: an unqualified column of a one-table SELECT is
+    # that table's, a result alias and a double-quoted string are no columns, an alias means the table its nearest
+    # SELECT gives it (T1 twice below; a correlated reference reaches the outer one); a derived table's columns and an
+    # unqualified column beside two tables stay as written
+    assert gold_chain("SELECT name, COUNT(*) AS cnt FROM singer GROUP BY name ORDER BY cnt").splitlines()[1] == (
+        "2. Columns: singer: name.")
+    assert gold_chain('SELECT T1.x FROM a AS T1 WHERE T1.y IN (SELECT T1.z FROM b AS T1 WHERE T1.w = "Davis")'
+                      ).splitlines()[1] == "2. Columns: a: x, y; b: z, w."
+    assert gold_chain("SELECT T1.x FROM a AS T1 WHERE EXISTS (SELECT 1 FROM b AS T2 WHERE T2.k = T1.k)"
+                      ).splitlines()[1] == "2. Columns: a: x, k; b: k."
+    assert gold_chain("SELECT T.n FROM (SELECT a.n FROM a) AS T").splitlines()[1] == "2. Columns: a: n; as written: T.n."
+    # an unqualified name one table's list already holds is that column again (ORDER BY a selected column; the outer
+    # SELECT of a derived table without an alias)
+    assert gold_chain('SELECT DISTINCT CustomerID, `Customer Names` FROM Customers WHERE `Customer Names` LIKE "W%" '
+                      'ORDER BY `Customer Names` DESC').splitlines()[1] == (
+        '2. Columns: Customers: CustomerID, "Customer Names".')
+    assert gold_chain("SELECT n FROM (SELECT T1.n, T2.m AS k FROM a AS T1 JOIN b AS T2 ON T1.id = T2.id) ORDER BY k"
+                      ).splitlines()[1] == "2. Columns: a: n, id; b: m, id."
+    assert gold_chain("SELECT name FROM a JOIN b ON a.id = b.a_id").splitlines()[1] == (
+        "2. Columns: a: id; b: a_id; as written: name.")
 
 
 def test_done_questions_retries_only_fully_failed_generations():

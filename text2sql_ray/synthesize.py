@@ -402,14 +402,17 @@ def gold_chain(gold_sql: str) -> str | None:
     """A chain of thought written by rule from the gold SQL (no teacher): the schema linking spelt out, then the query.
 
     Steps, each only when the query has it: the tables (with their aliases) and how they are joined; every column
-    the query names, as written there; the row conditions (WHERE); grouping and group conditions; ordering and
-    limit; what is returned (the SELECT list); then the gold SQL as the one final ```sql block (`format_answer`).
-    Nested queries and set operations are read whole (their tables and columns listed with the rest). None when the
-    gold SQL is not exactly one query sqlglot reads as SQLite (the caller counts those).
+    the query names, under the table it belongs to (an alias resolved to its table; a column of a derived table or
+    of an alias used for two tables stays as written): the schema linking a small model gets wrong most (on BIRD
+    dev most failing answers name a column that its table does not have); the row conditions (WHERE); grouping
+    and group conditions; ordering and limit; what is returned (the SELECT list); then the gold SQL as the one
+    final ```sql block (`format_answer`). Nested queries and set operations are read whole (their tables and
+    columns listed with the rest). None when the gold SQL is not exactly one query sqlglot reads as SQLite (the
+    caller counts those).
 
     >>> print(gold_chain("SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id WHERE T2.year > 2000"))
     1. Tables: singer (as T1), song (as T2); joined on T1.id = T2.singer_id.
-    2. Columns: T1.name, T1.id, T2.singer_id, T2.year.
+    2. Columns: singer: name, id; song: singer_id, year.
     3. Keep the rows where T2.year > 2000.
     4. Return T1.name.
     <BLANKLINE>
@@ -436,9 +439,31 @@ def gold_chain(gold_sql: str) -> str | None:
     joins = unique(sql(j.args["on"]) for j in tree.find_all(exp.Join) if j.args.get("on"))
     if tables:
         steps.append(f"Tables: {', '.join(tables)}" + (f"; joined on {'; '.join(joins)}" if joins else "") + ".")
-    columns = unique(sql(c) for c in tree.find_all(exp.Column) if not isinstance(c.this, exp.Star))
+    names = unique(t.name for t in tree.find_all(exp.Table) if t.name and t.name not in ctes)
+    owners = column_tables(tree, ctes)
+    by_table: dict[str, list[str]] = {n: [] for n in names}
+    as_written: list[str] = []
+    select_aliases = {a.alias.casefold() for a in tree.find_all(exp.Alias) if a.alias}
+    # a double-quoted "name" compared with a column is a string (SQLite reads it so; Spider writes strings that way)
+    literals = {id(v) for cmp in tree.find_all(exp.Binary) if isinstance(cmp.this, exp.Column)
+                for v in [cmp.expression] if isinstance(v, exp.Column) and not v.table and v.this.quoted}
+    literals |= {id(v) for cmp in tree.find_all(exp.In) if isinstance(cmp.this, exp.Column)
+                 for v in cmp.expressions if isinstance(v, exp.Column) and not v.table and v.this.quoted}
+    for c in tree.find_all(exp.Column):
+        if isinstance(c.this, exp.Star) or id(c) in literals or (not c.table and c.name.casefold() in select_aliases):
+            continue  # `*`, a quoted string, or a name the query gives a result column (ORDER BY cnt)
+        if owners.get(id(c)):
+            by_table[owners[id(c)]].append(sql(c.this))
+        else:
+            as_written.append(c)
+    # an unqualified name left over that one table's list already holds is that column again (ORDER BY a selected
+    # column; the outer SELECT of a derived table)
+    placed = [x.casefold() for cols in by_table.values() for x in unique(cols)]
+    as_written = [sql(c) for c in as_written if c.table or placed.count(sql(c.this).casefold()) != 1]
+    columns = [f"{n}: {', '.join(unique(cols))}" for n, cols in by_table.items() if cols] + (
+        [f"as written: {', '.join(unique(as_written))}"] if as_written else [])
     if columns:
-        steps.append(f"Columns: {', '.join(columns)}.")
+        steps.append(f"Columns: {'; '.join(columns)}.")
     wheres = unique(sql(w.this) for w in tree.find_all(exp.Where))
     if wheres:
         steps.append(f"Keep the rows where {'; and, in the inner query, '.join(wheres)}.")
@@ -464,6 +489,39 @@ def gold_chain(gold_sql: str) -> str | None:
                                                                               else " ALL") + ".")
     chain = "\n".join(f"{i}. {step}" for i, step in enumerate(steps, 1))
     return format_answer(gold_sql, cot=chain)
+
+
+def column_tables(tree, ctes: set[str]) -> dict[int, str]:
+    """id(column node) -> the table it belongs to, for the columns of `tree` whose table is known from the query
+    alone: qualified by an alias or name of a table in its own SELECT or an enclosing one (a correlated subquery),
+    or unqualified in a SELECT that reads exactly one table. Columns of derived tables and CTEs, and unqualified
+    ones beside two tables, are left out (nothing but the schema could say). Case-insensitive, as SQLite is."""
+    from sqlglot import expressions as exp
+    from sqlglot.optimizer.scope import traverse_scope
+
+    try:
+        scopes = traverse_scope(tree)
+    except Exception:  # noqa: BLE001 (sqlglot raises many kinds on odd SQL; then no column is placed)
+        return {}
+
+    def table_name(source) -> str | None:
+        return source.name if isinstance(source, exp.Table) and source.name and source.name not in ctes else None
+
+    owners: dict[int, str] = {}
+    for scope in scopes:
+        for c in scope.columns:
+            ref, s, name = c.table.casefold(), scope, None
+            if not ref:  # unqualified: the table when its SELECT reads exactly one
+                name = table_name(next(iter(scope.sources.values()))) if len(scope.sources) == 1 else None
+            while ref and s is not None:  # the nearest SELECT that defines the reference (correlated: an outer one)
+                found = {k.casefold(): v for k, v in s.sources.items()}.get(ref)
+                if found is not None:
+                    name = table_name(found)  # None for a derived table or a CTE
+                    break
+                s = s.parent
+            if name:
+                owners[id(c)] = name
+    return owners
 
 
 def mentions_hint(text: str) -> bool:
