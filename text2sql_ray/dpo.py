@@ -175,21 +175,14 @@ def build_pairs(samples: list[dict], conv_by_qid: dict[int, dict], pairs_per_que
             for s, _ in chosen + rejected:
                 drop(s, "no_counterpart", key)
             continue
-        if max_length_gap > 0:
-            order = length_matched_order([a for _, a in chosen], [a for _, a in rejected], pairs_per_question,
-                                         max_length_gap)
-            if not order:
-                outcomes["length_gap"] += 1
-                for s, _ in chosen + rejected:
-                    drop(s, "length_gap", f"no answer of the other side within {max_length_gap:g} of its length")
-                continue
-            close = [(i, j) for i, (_, c) in enumerate(chosen) for j, (_, r) in enumerate(rejected)
-                     if length_gap(c, r) <= max_length_gap]
-            partnered_c, partnered_r = {i for i, _ in close}, {j for _, j in close}
-        else:
-            order = pair_order(len(chosen), len(rejected), pairs_per_question)
-            partnered_c, partnered_r = set(range(len(chosen))), set(range(len(rejected)))
-        outcomes["paired"] += 1
+        # the combinations allowed (all, or those close enough in length) and the pairs taken from them
+        close = [(i, j) for i, (_, c) in enumerate(chosen) for j, (_, r) in enumerate(rejected)
+                 if not max_length_gap or length_gap(c, r) <= max_length_gap]
+        order = (length_matched_order([a for _, a in chosen], [a for _, a in rejected], pairs_per_question,
+                                      max_length_gap) if max_length_gap
+                 else pair_order(len(chosen), len(rejected), pairs_per_question))
+        outcomes["paired" if order else "length_gap"] += 1
+        partnered_c, partnered_r = {i for i, _ in close}, {j for _, j in close}
         prompt = prompt_turns(conv_by_qid[qid]["messages"])
         used_c, used_r = set(), set()
         for i, j in order:
